@@ -1,0 +1,44 @@
+# mlwb: the two quick-start commands are `make run` and `make test`; both set up the environment first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mlwb-installed
+PROJECT ?= fraud-detection
+
+.PHONY: setup run test test-notebooks test-pytest export clean-notebooks lock ui
+
+# Create the virtual environment and install mlwb with the exact versions of constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: the fraud-detection project's pipeline end to end, on the embedded MLflow store.
+run: setup
+	$(BIN)/mlwb run $(PROJECT)
+
+# Every test: the notebooks' own asserts (slow cells included), then pytest.
+test: setup test-notebooks test-pytest
+
+test-notebooks: setup
+	$(BIN)/nbdev-test --flags slow
+
+test-pytest: setup
+	$(BIN)/pytest
+
+# After editing a notebook in nbs/: regenerate mlwb/ and strip outputs and metadata.
+export: setup
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+	$(BIN)/nbdev-clean --fname projects
+
+# Serve the MLflow UI on the embedded store.
+ui: setup
+	$(BIN)/mlwb ui
+
+# Rewrite constraints.txt from the environment (after changing dependencies); update environment.yml to match.
+lock: setup
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt

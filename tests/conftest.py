@@ -1,0 +1,44 @@
+"""Shared fixtures: a temporary workspace with its own settings, runs folder and embedded MLflow store."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MLWB = Path(sys.executable).parent / "mlwb"
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    "A fresh workspace: the repo's settings.ini and an empty projects/ folder; MLWB_WORKSPACE points at it."
+    ws = tmp_path / "ws"
+    (ws / "projects").mkdir(parents=True)
+    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    monkeypatch.setenv("MLWB_WORKSPACE", str(ws))
+    for name in [n for n in os.environ if n.startswith("MLWB_") and n != "MLWB_WORKSPACE"] + ["MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"]:
+        monkeypatch.delenv(name, raising=False)
+    return ws
+
+
+def run_mlwb(*args, cwd=None, env=None, timeout=600):
+    "Run the `mlwb` command line; return the completed process (text output)."
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([str(MLWB), *map(str, args)], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def make_notebook(path, parameters="", *cells):
+    "Write a notebook: a cell tagged `parameters` (if given), then one code cell per string in `cells`."
+    nb_cells = []
+    if parameters:
+        cell = nbformat.v4.new_code_cell(parameters)
+        cell.metadata["tags"] = ["parameters"]
+        nb_cells.append(cell)
+    nb_cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    nb = nbformat.v4.new_notebook(cells=nb_cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
