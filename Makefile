@@ -10,7 +10,7 @@ PROJECT ?= fraud-detection
 # Create the virtual environment and install mlwb with the exact versions of constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,datasets]"
 	touch $(STAMP)
 
 setup: $(STAMP)
