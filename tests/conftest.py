@@ -12,6 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
 
 
+MLFLOW_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_state():
+    "Undo whatever a test did to MLflow's process-wide URIs (mlflow.set_tracking_uri also sets the environment)."
+    saved = {name: os.environ.get(name) for name in MLFLOW_STATE}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+        while mlflow.active_run(): mlflow.end_run()
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for name, value in saved.items():
+        if value is None: os.environ.pop(name, None)
+        else: os.environ[name] = value
+
+
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     "A fresh workspace: the repo's settings.ini and an empty projects/ folder; MLWB_WORKSPACE points at it."

@@ -198,19 +198,15 @@ def test_mlflow_pyfunc_round_trip(fitted, tmp_path):
     from mlflow.models import infer_signature
 
     from mlwb.config import load_settings
-    from mlwb.tracking import ensure_experiment, mlflow_client, tracking_uri
+    from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
     model, X = fitted
     settings = load_settings(tmp_path, environ={})
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri(settings, environ={}))
-    try:
+    with tracking_to(settings):
         for fmt, options in [("cloudpickle", {}), ("skops", {"skops_trusted_types": skops_trusted_types()})]:
             with mlflow.start_run(experiment_id=ensure_experiment(mlflow_client(settings), "features", settings)):
                 info = mlflow.sklearn.log_model(model, name="model", serialization_format=fmt, pyfunc_predict_fn="predict_proba",
                                                 signature=infer_signature(X, model.predict_proba(X)), pip_requirements=["scikit-learn"], **options)
             assert np.array_equal(np.asarray(mlflow.pyfunc.load_model(info.model_uri).predict(X)), model.predict_proba(X)), fmt
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 # --- clear errors for bad specs and inputs ---------------------------------------------------------------------------
