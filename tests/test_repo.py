@@ -62,6 +62,8 @@ def test_environment_yml_matches_constraints():
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     assert env["channels"] == ["conda-forge"]
     conda = dict(d.split("=", 1) for d in env["dependencies"] if isinstance(d, str) and "=" in d)
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda |= dict(d.split("==", 1) for d in pip_section if "==" in d)
     assert conda.pop("python") == "3.11"
     names = {"pytorch": "torch"}
     pins = constraint_pins()
