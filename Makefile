@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.mlwb-installed
 PROJECT ?= fraud-detection
 
-.PHONY: setup run test test-notebooks test-pytest export clean-notebooks lock ui
+.PHONY: setup services run test test-notebooks test-pytest export clean-notebooks lock ui
 
 # Create the virtual environment and install mlwb with the exact versions of constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,7 +25,12 @@ test: setup test-notebooks test-pytest
 test-notebooks: setup
 	$(BIN)/nbdev-test --flags slow
 
-test-pytest: setup
+# What the tests need beyond Python: Debian's PostgreSQL (team tracking server) and Chromium (browser tests).
+services:
+	.ci/postgres install
+	.ci/chromium
+
+test-pytest: setup services
 	$(BIN)/pytest
 
 # After editing a notebook in nbs/: regenerate mlwb/ and strip outputs and metadata.

@@ -11,7 +11,7 @@ from conftest import REPO, run_mlwb
 from mlwb.config import load_settings
 from mlwb.tracking import mlflow_client
 
-STAGES = ["ingest", "clean", "features", "train", "evaluate", "register"]
+STAGES = ["ingest", "clean", "features", "train", "evaluate", "register", "monitor"]
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,12 @@ print(json.dumps({"n": len(predictions), "columns": names}))
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 50 and "amount" in result["columns"]
+
+
+def test_monitoring_alarms_on_the_drifted_week_only(fraud_run):
+    ws, _, _ = fraud_run
+    folder = ws / "projects" / "fraud-detection" / "artifacts" / "monitoring"
+    weekly = json.loads((folder / "weekly.json").read_text())
+    assert [w["window"] for w in weekly if w["exit_code"] != 0] == ["week-3"] and weekly[2]["drift"]
+    assert all(set(w) == {"window", "drift", "data_quality_failed", "drifted_features", "exit_code"} for w in weekly)
+    assert (folder / "report.html").is_file()

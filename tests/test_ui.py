@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url, seconds=60):
+def wait_for(url, seconds=240):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:

@@ -1,0 +1,122 @@
+"""JupyterLab and the MLflow UI in a real headless Chromium (Debian's, installed by `.ci/chromium`; Playwright
+never downloads a browser): `mlwb lab` opens a stage notebook that runs all its cells and shows their outputs,
+and `mlwb ui` shows the project's pipeline runs. Screenshots go to test-artifacts/browser/."""
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import MLWB, REPO, run_mlwb
+from mlwb.config import load_settings
+from mlwb.learn import free_port, lab_url
+from mlwb.tracking import mlflow_client
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "Debian's Chromium, made sure of by .ci/chromium, driven by Playwright."
+    subprocess.run([str(REPO / ".ci" / "chromium")], check=True, timeout=900)
+    from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def project_workspace(tmp_path_factory):
+    "A workspace with a project made by `mlwb new` and one pipeline run of it."
+    ws = tmp_path_factory.mktemp("lab") / "ws"
+    (ws / "projects").mkdir(parents=True)
+    (ws / "settings.ini").write_text((REPO / "settings.ini").read_text())
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
+    assert run_mlwb("new", "demo", cwd=ws, env=env).returncode == 0
+    ran = run_mlwb("run", "demo", cwd=ws, env=env)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return ws, env
+
+
+def wait_for(url, process, log, seconds=180):
+    "Return when `url` answers 200; fail with the server's output if it exits or takes too long."
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200: return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"nothing answered at {url} within {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def start(args, ws, env, log):
+    "Start `mlwb ARGS` in `ws`, its output going to the file `log`."
+    with open(log, "w") as out:
+        return subprocess.Popen([str(MLWB), *args], cwd=ws, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(process):
+    os.killpg(process.pid, signal.SIGTERM)
+    try: process.wait(timeout=30)
+    except subprocess.TimeoutExpired: os.killpg(process.pid, signal.SIGKILL); process.wait()
+
+
+def test_jupyterlab_runs_a_stage_notebook_and_shows_its_outputs(browser, project_workspace, tmp_path):
+    ws, env = project_workspace
+    port, token, log = free_port(), "mlwb-test-token", tmp_path / "lab.log"
+    lab = start(["lab", "--port", str(port), "--token", token, "--no-browser"], ws, env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/status?token={token}", lab, log)
+        assert lab_url(port, token) in log.read_text()  # the URL it printed carries the token
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(lab_url(port, token, "projects/demo/01_prepare.ipynb"), timeout=120_000)
+        page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+        kernel_idle = page.get_by_text(re.compile(r"^Python 3.*\| Idle$"))  # the status bar, once the kernel is up
+        kernel_idle.wait_for(timeout=120_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        outputs = page.locator(".jp-NotebookPanel .jp-OutputArea-output")
+        outputs.filter(has_text="valid").first.wait_for(timeout=120_000)  # the split sizes, from the fifth cell
+        kernel_idle.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab-notebook.png"), full_page=True)
+        prompts = page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt").all_inner_texts()
+        assert all(p.strip() not in ("[ ]:", "[*]:") for p in prompts), prompts  # every code cell ran
+        assert outputs.filter(has_text="Traceback").count() == 0
+        assert (ws / "projects" / "demo" / "data" / "prepared.parquet").is_file()  # it ran in the project folder
+        page.close()
+    finally:
+        stop(lab)
+
+
+def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, tmp_path):
+    ws, env = project_workspace
+    client = mlflow_client(load_settings(ws, environ={}))
+    experiment = client.get_experiment_by_name("demo")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+                  and "mlwb.by_hand" not in r.data.tags)
+    port, log = free_port(), tmp_path / "ui.log"
+    ui = start(["ui", "--port", str(port)], ws, env, log)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", ui, log)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", timeout=120_000)  # the "Training runs" tab
+        page.get_by_text(parent.info.run_name).first.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-runs.png"), full_page=True)
+        assert page.get_by_text("demo").count() > 0
+        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}", timeout=120_000)
+        page.get_by_text(parent.info.run_name).first.wait_for(timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-pipeline-run.png"), full_page=True)
+        page.close()
+    finally:
+        stop(ui)

@@ -1,0 +1,179 @@
+"""mlwb.monitor: known shifts are caught, identical data and no-drift windows stay quiet, the report renders
+offline, the command's exit codes, the serving request log, and bad input without a traceback."""
+import base64
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_mlwb
+from mlwb.config import load_settings
+from mlwb.monitor import (EXIT_DATA_QUALITY, EXIT_DRIFT, EXIT_HEALTHY, MonitorError, check_thresholds, compare, fit_reference,
+                          monitor, read_request_log, report_html, request_rows)
+from mlwb.tracking import mlflow_client
+
+
+def frame(seed: int, n: int = 4_000, mean: float = 0.0, scale: float = 1.0, mix=(0.5, 0.3, 0.2)) -> pd.DataFrame:
+    "Three numeric and two categorical columns; `mean`/`scale` move x0/x1, `mix` moves c0."
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"x0": rng.normal(mean, 1.0, n), "x1": rng.normal(0.0, scale, n), "x2": rng.gamma(2.0, 1.0, n),
+                         "c0": rng.choice(["a", "b", "c"], n, p=list(mix)), "c1": rng.choice(["u", "v"], n, p=[0.7, 0.3])})
+
+
+def drifted(reference, current, **thresholds) -> list:
+    return monitor(reference, current, thresholds=check_thresholds(thresholds)).windows[0].drifted_features
+
+
+def test_numeric_mean_and_scale_shifts_are_caught():
+    reference = frame(0)
+    assert drifted(reference, frame(1, mean=0.5)) == ["x0"]
+    assert drifted(reference, frame(2, scale=1.6)) == ["x1"]
+
+
+def test_category_prior_shift_is_caught():
+    assert drifted(frame(0), frame(1, mix=(0.3, 0.3, 0.4))) == ["c0"]
+
+
+def test_identical_data_raises_nothing():
+    reference = frame(0)
+    window = monitor(reference, reference.copy()).windows[0]
+    assert not window.drift and not window.findings and window.exit_code == EXIT_HEALTHY
+    assert (window.features.p_adjusted == 1.0).all() and (window.features.psi.abs() < 1e-9).all()
+
+
+def test_false_alarm_rate_over_no_drift_windows_stays_within_alpha():
+    "Only the p-values decide here (effect floors at 0): Benjamini-Hochberg keeps a window's false-alarm chance below alpha."
+    alpha, n = 0.05, 120
+    t = check_thresholds({"alpha": alpha, "psi": 0, "wasserstein": 0, "jensen_shannon": 0, "bins": 256})
+    profile = fit_reference(frame(0, n=5_000), thresholds=t)
+    alarms = sum(compare(profile, frame(100 + seed, n=500), t).drift for seed in range(n))
+    assert alarms <= alpha * n + 3 * math.sqrt(alpha * n), alarms
+    defaults = fit_reference(frame(0, n=5_000))
+    assert sum(compare(defaults, frame(100 + seed, n=500)).drift for seed in range(n)) <= 2  # with the effect floors: quieter still
+
+
+def test_a_tiny_shift_on_a_huge_sample_is_significant_but_not_an_alarm():
+    rng = np.random.default_rng(3)
+    reference, current = pd.DataFrame({"x": rng.normal(0, 1, 1_000_000)}), pd.DataFrame({"x": rng.normal(0.01, 1, 1_000_000)})
+    window = monitor(reference, current).windows[0]
+    assert window.features.p_adjusted["x"] < 1e-4 and not window.drift
+
+
+def test_report_renders_with_embedded_plots_and_no_external_urls():
+    result = monitor(frame(0), frame(1, mean=0.5, mix=(0.3, 0.3, 0.4)))
+    page = report_html(result)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 3 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert not re.search(r"https?://|<script|<link|@import|url\(", page)
+    assert "x0" in page and "c0" in page and "exit status 3" in page
+
+
+@pytest.fixture
+def files(tmp_path):
+    "Reference and current files for the command line."
+    paths = {}
+    reference = frame(0).assign(y=lambda f: (f.x0 + f.x2 > 2).astype(int))
+    reference["score"] = 1 / (1 + np.exp(-(reference.x0 + reference.x2 - 2) * 3))
+    for name, data in {"labelled": reference, "reference": frame(0), "quiet": reference.sample(frac=1, random_state=1).head(2_000),
+                       "drifted": frame(1, mean=0.8), "missing_column": frame(2).drop(columns="x2"),
+                       "empty": frame(3).head(0)}.items():
+        paths[name] = tmp_path / f"{name}.parquet"
+        data.to_parquet(paths[name])
+    bad = reference.head(2_000).copy()
+    bad["score"] = 1 - bad.score  # a model that now ranks backwards: labels show it
+    bad.to_parquet(tmp_path / "worse.parquet"); paths["worse"] = tmp_path / "worse.parquet"
+    return paths
+
+
+def test_exit_codes_of_the_command(files, tmp_path, workspace):
+    run = lambda *args: run_mlwb("monitor", "--reference", files["reference"], "--out", tmp_path / "out", *args, cwd=tmp_path)
+    labelled = lambda *args: run_mlwb("monitor", "--reference", files["labelled"], "--out", tmp_path / "out", *args, cwd=tmp_path)
+    quiet = labelled("--current", files["quiet"], "--target", "y", "--prediction", "score")
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    drift = run("--current", files["drifted"])
+    assert drift.returncode == 3 and "drifted: x0" in drift.stdout, drift.stdout + drift.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and summary["windows"][0]["drifted_features"] == ["x0"]
+    quality = run("--current", files["missing_column"])
+    assert quality.returncode == 4 and "column 'x2' is missing" in quality.stdout, quality.stdout
+    worse = labelled("--current", files["worse"], "--target", "y", "--prediction", "score")
+    assert worse.returncode == 5 and "roc_auc" in worse.stdout, worse.stdout + worse.stderr
+
+
+def test_bad_input_is_a_clear_error_without_a_traceback(files, tmp_path, workspace):
+    run = lambda *args: run_mlwb("monitor", "--reference", files["reference"], "--out", tmp_path / "out", *args, cwd=tmp_path)
+    for args, message in [(["--current", files["empty"]], "has no rows"),
+                          (["--current", tmp_path / "nope.parquet"], "nope.parquet"),
+                          (["--current", files["quiet"], "--prediction", "proba"], "no prediction column 'proba'"),
+                          (["--current", files["quiet"], "--every", "1d"], "--every needs --time-column")]:
+        out = run(*map(str, args))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    (tmp_path / "monitoring.yml").write_text("alpah: 0.05\n")  # picked up from the working folder
+    out = run("--current", str(files["quiet"]))
+    assert out.returncode == 2 and "unknown threshold 'alpah'" in out.stderr
+
+
+def test_mismatched_types_are_a_data_quality_finding_naming_the_column():
+    reference, current = frame(0), frame(1).assign(x1="n/a")
+    window = monitor(reference, current).windows[0]
+    failed = [f for f in window.findings if f["failed"]]
+    assert window.exit_code == EXIT_DATA_QUALITY and failed[0]["column"] == "x1" and "expected numbers" in failed[0]["message"]
+
+
+def write_log(folder, rows: pd.DataFrame, day: str, truncated: bool = False, failures: int = 0):
+    "One request-log file for `day` as mlwb serve writes it, optionally cut short at the end."
+    lines = []
+    for i, row in enumerate(rows.to_dict("records")):
+        ts = pd.Timestamp(day, tz="UTC") + pd.Timedelta(seconds=20 * i)
+        lines.append({"ts": ts.isoformat(), "request_id": f"{day}-{i}", "row": 0, "model": "m", "version": "1", "variant": "champion",
+                      "status": 200, "latency_ms": 1.2, "inputs": row, "prediction": int(row["x0"] > 0), "probability": 0.5})
+    lines += [{"ts": f"{day}T12:00:00+00:00", "request_id": f"bad-{i}", "row": None, "model": "m", "version": "1", "variant": "champion",
+               "status": 500, "latency_ms": 0.3, "inputs": None, "prediction": None, "probability": None} for i in range(failures)]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + ('{"ts": "2026-11-2' if truncated else "")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"requests-{day}-1234.jsonl").write_text(text)
+
+
+def test_request_log_windows_by_day_with_a_truncated_last_line(tmp_path, workspace):
+    log = tmp_path / "requests" / "m"
+    write_log(log, frame(1, n=1_500), "2026-11-20")
+    write_log(log / "shard", frame(2, n=1_500, mix=(0.2, 0.2, 0.6)), "2026-11-21", truncated=True)
+    table = read_request_log(log)
+    assert len(table) == 3_000 and {"x0", "c0", "prediction", "probability", "status"} <= set(table.columns)
+    assert len(read_request_log(log, since="2026-11-21")) == 1_500
+    frame(0).to_parquet(tmp_path / "reference.parquet")
+    out = run_mlwb("monitor", "--reference", tmp_path / "reference.parquet", "--request-log", log, "--every", "1d",
+                   "--out", tmp_path / "out", cwd=tmp_path)
+    assert out.returncode == 3, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(w["window"], w["drift"], w["drifted_features"]) for w in summary["windows"]] == [
+        ("2026-11-20", False, []), ("2026-11-21", True, ["c0"])]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'alt="drift and performance over time"' in page
+
+
+def test_failed_requests_are_a_data_quality_failure(tmp_path, workspace):
+    log = tmp_path / "requests" / "m"
+    write_log(log, frame(1, n=500), "2026-11-20", failures=100)
+    assert len(request_rows(read_request_log(log))) == 500
+    frame(0).to_parquet(tmp_path / "reference.parquet")
+    out = run_mlwb("monitor", "--reference", tmp_path / "reference.parquet", "--request-log", log, "--out", tmp_path / "out", cwd=tmp_path)
+    assert out.returncode == 4 and "of requests failed" in out.stdout, out.stdout + out.stderr
+
+
+def test_mlflow_logging_from_the_command(files, tmp_path, workspace):
+    out = run_mlwb("monitor", "--reference", files["reference"], "--current", files["drifted"], "--out", tmp_path / "out", "--mlflow",
+                   cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert out.returncode == 3 and "MLflow run:" in out.stdout, out.stdout + out.stderr
+    client = mlflow_client(load_settings(workspace, environ={}))
+    run_id = out.stdout.split("MLflow run:")[1].split()[0]
+    assert {a.path for a in client.list_artifacts(run_id, "monitoring")} == {"monitoring/report.html", "monitoring/summary.json"}
+    assert client.get_run(run_id).data.tags["mlwb.exit_code"] == "3"
+
+
+def test_empty_window_and_missing_target_raise_monitor_error():
+    with pytest.raises(MonitorError, match="has no rows"): monitor(frame(0), frame(1).head(0))
+    with pytest.raises(MonitorError, match="no target column 'label'"): monitor(frame(0), frame(1), target="label")

@@ -1,0 +1,256 @@
+"""Releasing models: the gated champion alias and its history, traffic plans in a real `mlwb serve`, and the A/B analysis."""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MLWB = Path(sys.executable).parent / "mlwb"
+
+MODEL_CODE = '''
+import mlflow
+
+class Threshold(mlflow.pyfunc.PythonModel):
+    "Flags x above THRESHOLD; fails on x above 1000 when FAIL."
+    def predict(self, context, model_input, params=None):
+        if FAIL and (model_input["x"] > 1000).any(): raise ValueError("challenger broken")
+        return (model_input["x"] > THRESHOLD).astype(int).tolist()
+
+mlflow.models.set_model(Threshold())
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_of(ws: Path):
+    from mlwb.config import load_settings
+    return load_settings(ws, environ={})
+
+
+def add_version(ws: Path, name: str, ap: float, threshold: float = 0.5, fail: bool = False) -> str:
+    "Register a tiny pyfunc model as a new version of `name`, its run logging average_precision `ap`."
+    import mlflow.pyfunc
+    from mlflow.models import infer_signature
+    from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
+    settings = settings_of(ws)
+    client = mlflow_client(settings)
+    code = ws / f"model_{name}_{ap}_{fail}.py"
+    code.write_text(MODEL_CODE.replace("THRESHOLD", str(threshold)).replace("FAIL", str(fail)))
+    example = pd.DataFrame({"x": [0.1, 0.9]})
+    with tracking_to(settings), mlflow.start_run(experiment_id=ensure_experiment(client, "release-tests", settings)):
+        mlflow.log_metric("average_precision", ap)
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(code), signature=infer_signature(example, np.array([0])),
+                                       input_example=example, pip_requirements=[])
+        return mlflow.register_model(info.model_uri, name).version
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    "A workspace whose registry holds `gate` (v1 0.8, v2 0.7, v3 0.9), `fraud` (v1 champion, v2 challenger) and `canary` (v2 fails)."
+    from mlwb.release import move_alias
+    ws = tmp_path_factory.mktemp("release") / "ws"
+    (ws / "projects").mkdir(parents=True)
+    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    for ap in (0.8, 0.7, 0.9): add_version(ws, "gate", ap)
+    move_alias("gate", "champion", "1", "first release", settings=settings_of(ws))
+    for ap, t in ((0.8, 0.5), (0.9, 0.4)): add_version(ws, "fraud", ap, t)
+    add_version(ws, "canary", 0.8), add_version(ws, "canary", 0.9, fail=True)
+    for name in ("fraud", "canary"):
+        move_alias(name, "champion", "1", settings=settings_of(ws))
+        move_alias(name, "challenger", "2", settings=settings_of(ws))
+    return ws
+
+
+def mlwb(ws: Path, *args):
+    env = {**os.environ, "MLWB_WORKSPACE": str(ws)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([str(MLWB), *map(str, args)], env=env, capture_output=True, text=True, timeout=120)
+
+
+# --- the registry --------------------------------------------------------------------------------------------------
+
+def test_promotion_refused_by_the_gate_and_allowed_by_force(ws):
+    refused = mlwb(ws, "release", "promote", "gate", "2")
+    assert refused.returncode == 2 and "refused by the gate" in refused.stderr, refused.stderr
+    assert "refused by the gate" in mlwb(ws, "release", "challenger", "gate", "2").stderr  # a challenger is gated too
+    forced = mlwb(ws, "release", "promote", "gate", "2", "--force", "--reason", "hotfix for a demo")
+    assert forced.returncode == 0 and "1 -> 2 (forced)" in forced.stdout, forced.stderr
+    status = json.loads(mlwb(ws, "release", "status", "gate", "--json").stdout)
+    assert status["aliases"]["champion"] == "2"
+    last = status["history"][-1]
+    assert last["forced"] and last["from"] == "1" and last["to"] == "2" and "hotfix for a demo" in last["reason"] and last["who"]
+
+
+def test_rollback_restores_the_previous_champion(ws):
+    from mlwb.release import alias_version, history, move_alias, rollback
+    from mlwb.tracking import mlflow_client
+    settings = settings_of(ws)
+    client = mlflow_client(settings)
+    move_alias("gate", "champion", "3", "better", force=True, settings=settings)
+    before = alias_version(client, "gate", "champion")
+    back = rollback("gate", "v3 misbehaved", settings=settings)
+    assert back["from"] == before == "3" and alias_version(client, "gate", "champion") == back["to"] != "3"
+    assert history(client, "gate")[-1]["action"] == "rollback"
+
+
+# --- routing ---------------------------------------------------------------------------------------------------------
+
+def test_routing_is_sticky_and_splits_within_tolerance():
+    from mlwb.release import choose
+    keys = [f"user-{i}" for i in range(50_000)]
+    first = [choose(k, 0.1) for k in keys]
+    assert first == [choose(k, 0.1) for k in keys]  # sticky: the same key, the same variant
+    share = first.count("challenger") / len(keys)
+    assert abs(share - 0.1) < 4 * (0.1 * 0.9 / len(keys)) ** 0.5, share
+    rng = random.Random(1)
+    keyless = [choose(None, 0.3, rng) for _ in range(20_000)]
+    assert abs(keyless.count("challenger") / 20_000 - 0.3) < 4 * (0.3 * 0.7 / 20_000) ** 0.5
+
+
+# --- a real server ---------------------------------------------------------------------------------------------------
+
+class Server:
+    "`mlwb serve models:/NAME --plan PLAN` in a subprocess on a free loopback port."
+    def __init__(self, ws: Path, name: str, plan: dict):
+        self.port, self.log_dir = free_port(), ws / "requests" / name
+        self.url = f"http://127.0.0.1:{self.port}"
+        (ws / f"{name}-plan.json").write_text(json.dumps(plan))
+        env = {**os.environ, "MLWB_WORKSPACE": str(ws)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.process = subprocess.Popen([str(MLWB), "serve", f"models:/{name}", "--plan", str(ws / f"{name}-plan.json"), "--port", str(self.port),
+                                         "--log-dir", str(self.log_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None: raise RuntimeError(f"server exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200 and len(httpx.get(f"{self.url}/metadata").json()["variants"]) == 2: return
+            except httpx.HTTPError: pass
+            time.sleep(0.1)
+        raise RuntimeError("server not ready in time")
+
+    def predict(self, x: float, key: str | None = None, http=httpx):
+        return http.post(f"{self.url}/predict", json={"records": [{"x": x}]}, headers={"x-mlwb-key": key} if key else {}, timeout=10)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try: self.process.wait(15)
+        except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
+
+    def records(self) -> list:
+        return [json.loads(line) for f in self.log_dir.rglob("*.jsonl") for line in f.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ab_server(ws):
+    server = Server(ws, "fraud", {"mode": "ab", "share": 0.5, "poll_seconds": 0.2})
+    yield server
+    server.stop()
+
+
+def test_a_real_server_routes_sticky_by_key(ab_server):
+    from mlwb.release import choose
+    with httpx.Client() as http:
+        answers = {f"user-{i}": [ab_server.predict(0.45, f"user-{i}", http).json() for _ in range(2)] for i in range(40)}
+    for key, (a, b) in answers.items():
+        assert a["variant"] == b["variant"] == choose(key, 0.5), key
+        assert a["predictions"] == ([1] if a["variant"] == "challenger" else [0])  # v2 flags 0.45, v1 does not
+    assert {a["variant"] for a, _ in answers.values()} == {"champion", "challenger"}
+    time.sleep(0.3)
+    logged = {r["request_id"]: r["variant"] for r in ab_server.records()}
+    assert all(logged[a["request_id"]] == a["variant"] for a, _ in answers.values())
+
+
+def test_an_alias_move_under_load_fails_no_request(ab_server, ws):
+    from mlwb.release import move_alias
+    results, stop = [], threading.Event()
+    def load():
+        with httpx.Client() as http:
+            while not stop.is_set():
+                r = ab_server.predict(0.45, None, http)
+                results.append((r.status_code, r.json().get("variant"), r.json().get("version")))
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads: t.start()
+    time.sleep(0.5)
+    move_alias("fraud", "champion", "2", "challenger won", settings=settings_of(ws))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(v == "champion" and version == "2" for _, v, version in results[-50:]): time.sleep(0.1)
+    time.sleep(0.5)
+    stop.set()
+    for t in threads: t.join()
+    assert len(results) > 100 and all(status == 200 for status, _, _ in results), {s for s, _, _ in results}
+    champion_versions = [version for _, v, version in results if v == "champion"]
+    assert champion_versions[0] == "1" and champion_versions[-1] == "2"
+
+
+def test_the_canary_rolls_back_when_the_challenger_fails(ws):
+    from mlwb.release import history
+    from mlwb.tracking import mlflow_client
+    server = Server(ws, "canary", {"mode": "canary", "steps": [0.5], "step_seconds": 600, "min_requests": 5, "max_error_rate": 0.2})
+    try:
+        with httpx.Client() as http:
+            first = [server.predict(5000.0, None, http) for _ in range(60)]
+            after = [server.predict(5000.0, f"user-{i}", http) for i in range(40)]
+    finally: server.stop()
+    assert {r.status_code for r in first} == {200, 500}  # the challenger failed until the canary stopped sending it traffic
+    assert {r.status_code for r in after} == {200} and {r.json()["variant"] for r in after} == {"champion"}
+    moves = history(mlflow_client(settings_of(ws)), "canary")
+    assert moves[-1]["action"] == "canary-rollback" and "error rate" in moves[-1]["reason"]
+
+
+def test_shadow_scores_every_request_but_only_the_champion_answers(ws):
+    server = Server(ws, "canary", {"mode": "shadow"})
+    try:
+        with httpx.Client() as http:
+            answers = [server.predict(x, f"user-{i}", http) for i, x in enumerate([0.7, 5000.0] * 10)]
+        time.sleep(0.5)
+        records = server.records()
+    finally: server.stop()
+    assert {r.status_code for r in answers} == {200} and {r.json()["variant"] for r in answers} == {"champion"}
+    shadow = {r["request_id"]: r for r in records if r["variant"] == "shadow:challenger"}
+    assert set(shadow) == {r.json()["request_id"] for r in answers}  # the challenger scored every request
+    assert {r["status"] for r in shadow.values()} == {200, 500}  # and failed, unseen, on the large amounts
+    assert all(r["prediction"] == 1 for r in shadow.values() if r["status"] == 200)
+
+
+# --- the analysis ----------------------------------------------------------------------------------------------------
+
+def write_log(folder: Path, n: int, share: float, seed: int = 0) -> pd.DataFrame:
+    "A request log of `n` one-row requests, a `share` of them served by the challenger, and their outcomes."
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    variant = np.where(rng.random(n) < share, "challenger", "champion")
+    outcome = rng.integers(0, 2, n)
+    with open(folder / "requests-2026-11-23-1.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"request_id": f"r{i}", "row": 0, "variant": variant[i], "status": 200, "prediction": int(outcome[i])}) + "\n")
+        f.write('{"request_id": "cut sho')  # a crash mid-line
+    return pd.DataFrame({"request_id": [f"r{i}" for i in range(n)], "row": 0, "outcome": outcome})
+
+
+def test_the_srm_check_fires_on_a_skewed_split(tmp_path):
+    from mlwb.release import analyze_ab
+    outcomes = write_log(tmp_path / "skewed", 4000, share=0.4)
+    outcomes.to_csv(tmp_path / "outcomes.csv", index=False)
+    report = analyze_ab(tmp_path / "skewed", tmp_path / "outcomes.csv", share=0.5)
+    assert report["srm"]["mismatch"] and report["verdict"] == "keep testing" and "sample-ratio" in report["reason"]
+    fair = write_log(tmp_path / "fair", 4000, share=0.5)
+    fair.to_csv(tmp_path / "fair.csv", index=False)
+    assert not analyze_ab(tmp_path / "fair", tmp_path / "fair.csv", share=0.5)["srm"]["mismatch"]
+    cli = mlwb(tmp_path, "ab", "analyze", tmp_path / "skewed", tmp_path / "outcomes.csv", "--share", "0.5")
+    assert cli.returncode == 0 and "MISMATCH" in cli.stdout and "verdict: keep testing" in cli.stdout, cli.stderr
