@@ -22,19 +22,19 @@ from pathlib import Path
 
 from fastcore.basics import patch
 
-from .cache import CacheIndex, StageKey, code_cells_hash, environment_versions, file_hashes, hash_file, make_record, stale_reasons, write_atomically
+from .cache import CacheIndex, StageKey, code_cells_hash, environment_versions, file_hashes, hash_bytes, hash_file, make_record, stale_reasons, write_atomically
 from .config import ConfigError, MlwbError, Settings, load_settings
 from .pipeline import Pipeline, PipelineError, Stage, find_project, load_pipeline, parse_cli_parameters, read_cells, resolve_pipeline_parameters
 from .tracking import embedded_tracking_uri, ensure_experiment, environment_lock, git_state, mlflow_client, run_url, tracking_uri
 
 # %% auto #0
 __all__ = ['KNOWN_SCHEMAS', 'RunTracker', 'stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage',
-           'stage_reasons', 'execute_stage', 'stage_variables', 'stage_environment', 'output_stamps', 'check_outputs',
-           'remember_stage', 'source_cell_number', 'describe_failure', 'run_pipeline', 'select_stages', 'forced_stages',
-           'check_declared_inputs', 'check_kernel', 'project_lock', 'new_run_id', 'new_context', 'environment_memo',
-           'start_run', 'ready_stages', 'run_stages', 'record_result', 'reproduction_record', 'lock_text',
-           'PipelineRun', 'finish_run', 'stages_that_may_run', 'notebook_imports', 'kernel_pool', 'warm_kernels_folder',
-           'stop_warm_kernels', 'LightTracker', 'why_stage']
+           'stage_reasons', 'store_id', 'execute_stage', 'stage_variables', 'stage_environment', 'output_stamps',
+           'check_outputs', 'remember_stage', 'source_cell_number', 'describe_failure', 'run_pipeline', 'select_stages',
+           'forced_stages', 'check_declared_inputs', 'check_kernel', 'project_lock', 'new_run_id', 'new_context',
+           'environment_memo', 'start_run', 'ready_stages', 'run_stages', 'record_result', 'reproduction_record',
+           'lock_text', 'PipelineRun', 'finish_run', 'stages_that_may_run', 'notebook_imports', 'kernel_pool',
+           'warm_kernels_folder', 'stop_warm_kernels', 'LightTracker', 'why_stage']
 
 # %% ../nbs/22_runner.ipynb #f73bcbe8
 def _short(value, limit=500) -> str:
@@ -133,7 +133,7 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     params = ctx.parameters[stage.name]
     key = current_key(ctx.pipeline, stage, params, ctx.environment)
     record = ctx.index.get(stage.name)
-    reasons = stage_reasons(record, key, ctx.pipeline.folder, stage.name in ctx.forced, ctx.dev)
+    reasons = stage_reasons(record, key, ctx.pipeline.folder, stage.name in ctx.forced, ctx.dev, store_id(ctx.settings))
     if not reasons:
         with ctx.lock: run_id = ctx.tracker.record_cached(stage, params, record)
         return StageResult(stage.name, "cached", run_id=run_id, cached_from=record["run_id"], notebook=record.get("notebook"))
@@ -141,11 +141,16 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     _emit(ctx, "running", StageResult(stage.name, "running", reasons=reasons))
     return execute_stage(ctx, stage, key, reasons)
 
-def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False, dev: bool = False) -> list:
-    "Why a stage must run (empty: reuse it); a release run never reuses what a development run produced."
+def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False, dev: bool = False, store: str | None = None) -> list:
+    "Why a stage must run (empty: reuse it); never reuse what a development run produced, or what another tracking store recorded."
     if forced: return ["forced"]
     if record and record.get("mode") == "dev" and not dev: return ["last run was in development mode"]
+    if record and store and record.get("store", store) != store: return ["tracking store changed (its runs and models are not in this one)"]
     return stale_reasons(record, key, folder)
+
+def store_id(settings: Settings) -> str:
+    "A digest naming the tracking store that runs go to (the URI itself may hold a password)."
+    return hash_bytes(tracking_uri(settings).encode())[:16]
 
 # %% ../nbs/22_runner.ipynb #f1aa8e83
 def execute_stage(ctx: RunContext, stage: Stage, key: StageKey, reasons: list) -> StageResult:
@@ -204,6 +209,7 @@ def remember_stage(ctx: RunContext, stage: Stage, key: StageKey, result: StageRe
     outputs = file_hashes(ctx.pipeline.folder, stage.outputs)
     ctx.index.put(stage.name, make_record(key, outputs, run_id=result.run_id, experiment_id=ctx.tracker.experiment_id,
                                           notebook=result.notebook, pipeline_run=ctx.folder.name, mode="dev" if ctx.dev else "release",
+                                          store=store_id(ctx.settings),
                                           finished=datetime.now(timezone.utc).isoformat()))
 
 # %% ../nbs/22_runner.ipynb #cda5f5fc
@@ -394,7 +400,7 @@ def stages_that_may_run(ctx: RunContext) -> list:
     for stage in ctx.pipeline.stages:  # in dependency order
         upstream_runs = any(d in may_run for d in stage.depends_on)
         key = current_key(ctx.pipeline, stage, ctx.parameters[stage.name], ctx.environment)
-        if upstream_runs or stage_reasons(ctx.index.get(stage.name), key, ctx.pipeline.folder, stage.name in ctx.forced, ctx.dev):
+        if upstream_runs or stage_reasons(ctx.index.get(stage.name), key, ctx.pipeline.folder, stage.name in ctx.forced, ctx.dev, store_id(ctx.settings)):
             may_run.append(stage.name)
     return may_run
 
@@ -534,4 +540,4 @@ def why_stage(project: str, stage_name: str, settings: Settings | None = None, p
     resolved = resolve_pipeline_parameters(pipeline, settings.seed, parse_cli_parameters(parameters))
     key = current_key(pipeline, stage, resolved[stage.name], environment_versions(environment_memo(settings)))
     record = CacheIndex.load(settings.runs_path / pipeline.name / "cache.json").get(stage.name)
-    return stage_reasons(record, key, pipeline.folder)
+    return stage_reasons(record, key, pipeline.folder, store=store_id(settings))

@@ -499,3 +499,14 @@ def test_stage_that_does_not_write_its_output_fails_even_if_an_old_one_is_left(w
     result = run_mlwb("run", "stale", "-p", "write=false")
     assert result.returncode == 1 and "out/result.txt" in result.stderr, result.stdout + result.stderr
     assert cache_records(workspace, "stale") == {}  # the old file is not recorded as this run's result
+
+
+def test_switching_the_tracking_store_reruns_every_stage(workspace, counting, tmp_path, monkeypatch):
+    "Runs and models recorded in one store are not in another: a stage is reused only within the store that recorded it."
+    monkeypatch.chdir(tmp_path)  # where a bare SQLite store keeps its artifacts
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team.db'}")
+    assert why_stage("counting", "make", load_settings(workspace)) == ["tracking store changed (its runs and models are not in this one)"]
+    assert run_api(workspace, "counting")[1] == ALL_DONE
+    assert run_api(workspace, "counting")[1] == {"make": "cached", "total": "cached", "report": "cached"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert run_api(workspace, "counting")[1] == ALL_DONE
