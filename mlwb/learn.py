@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import takewhile
 from pathlib import Path
@@ -41,11 +41,10 @@ __all__ = ['BEGIN', 'END', 'HINT', 'COPY_IGNORE', 'MILESTONES_FILE', 'MILESTONE_
            'check_metric_at_least', 'check_metric_at_most', 'check_drift_alarm', 'load_served_model',
            'check_model_registered', 'free_port', 'example_rows', 'mlwb_executable', 'wait_until_ready', 'serving',
            'same_predictions', 'model_predictions', 'check_api_answers', 'CheckResult', 'describe_stage_failure',
-           'check_milestone', 'cut_after', 'pipeline_cut_after', 'run_until', 'progress_path', 'load_progress',
-           'record_progress', 'choose_milestones', 'last_stage', 'check_project', 'roadmap_step', 'progress_lines',
-           'check_project_name', 'template_folder', 'new_project', 'lab_url', 'lab_command_line', 'stage_printer',
-           'result_lines', 'check_command', 'progress_command', 'new_command', 'learn_command', 'start_command',
-           'lab_command']
+           'check_milestone', 'milestone_stages', 'run_until', 'progress_path', 'load_progress', 'record_progress',
+           'choose_milestones', 'check_project', 'roadmap_step', 'progress_lines', 'check_project_name',
+           'template_folder', 'new_project', 'lab_url', 'lab_command_line', 'stage_printer', 'result_lines',
+           'check_command', 'progress_command', 'new_command', 'learn_command', 'start_command', 'lab_command']
 
 # %% ../nbs/30_learn.ipynb #c2222077
 class LearnError(MlwbError):
@@ -415,25 +414,14 @@ def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
     except Exception as e: return CheckResult(milestone, False, f"{type(e).__name__}: {e}")
 
 # %% ../nbs/30_learn.ipynb #a4d87015
-def cut_after(pipeline, stage: str):
-    "`pipeline` with only `stage` and the stages before it."
-    return replace(pipeline, stages=pipeline.stages[: pipeline.names.index(pipeline.stage(stage).name) + 1])
+def milestone_stages(milestones: list) -> list:
+    "The stages that `milestones` check, each once, in the order they are first named."
+    return list(dict.fromkeys(m.stage for m in milestones))
 
-@contextmanager
-def pipeline_cut_after(stage: str):
-    "Inside the block, pipelines that the runner loads end after `stage`."
-    import mlwb.runner as runner
-    load = runner.load_pipeline
-    runner.load_pipeline = lambda folder: cut_after(load(folder), stage)
-    try: yield
-    finally: runner.load_pipeline = load
-
-def run_until(folder: Path, stage: str, settings: Settings, on_event=None):
-    "Run (or reuse) the stages of the project in `folder` up to and including `stage`; the `PipelineRun`."
+def run_until(folder: Path, stages: list, settings: Settings, on_event=None):
+    "Run (or reuse), in development mode, `stages` of the project in `folder` and the stages they need; the `PipelineRun`."
     from mlwb.runner import run_pipeline
-    options = {"dev": True} if "dev" in inspect.signature(run_pipeline).parameters else {}
-    with pipeline_cut_after(stage):
-        return run_pipeline(str(folder), settings, on_event=on_event, **options)
+    return run_pipeline(str(folder), settings, on_event=on_event, dev=True, targets=stages)
 
 # %% ../nbs/30_learn.ipynb #37695c8d
 def progress_path(settings: Settings) -> Path: return settings.workspace / ".mlwb" / "progress.json"
@@ -466,10 +454,6 @@ def choose_milestones(milestones: list, pipeline, number: int | None, where: Pat
     if not chosen: raise LearnError(f"{where}: no milestone {number}; milestones: {', '.join(str(m.id) for m in milestones)}")
     return chosen
 
-def last_stage(pipeline, milestones: list) -> str:
-    "The latest stage, in pipeline order, that one of `milestones` checks."
-    return max((m.stage for m in milestones), key=pipeline.names.index)
-
 # %% ../nbs/30_learn.ipynb #b05bbc42
 def check_project(project: str | None = None, # a project name or folder; the workspace's default_project if None
                   milestone: int | None = None, # check only this milestone
@@ -481,7 +465,7 @@ def check_project(project: str | None = None, # a project name or folder; the wo
     folder = find_project(project or settings.default_project, settings)
     pipeline = load_pipeline(folder)
     chosen = choose_milestones(load_milestones(folder), pipeline, milestone, folder / MILESTONES_FILE)
-    run = run_until(folder, last_stage(pipeline, chosen), settings, on_event)
+    run = run_until(folder, milestone_stages(chosen), settings, on_event)
     results = [check_milestone(m, CheckContext(settings, folder, run)) for m in chosen]
     record_progress(settings, pipeline.name, results)
     return results

@@ -184,14 +184,10 @@ def postgres_running_port(folder: str | Path) -> int | None:
 
 def create_database(folder: str | Path, port: int, database: str = DATABASE) -> None:
     "Create `database` in the cluster unless it exists."
-    import psycopg2
-    connection = psycopg2.connect(postgres_dsn(folder, port, "postgres"))
-    connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-            if cursor.fetchone() is None: cursor.execute(f'CREATE DATABASE "{database}"')
-    finally: connection.close()
+    import psycopg
+    with psycopg.connect(postgres_dsn(folder, port, "postgres"), autocommit=True) as connection:  # CREATE DATABASE cannot run in a transaction
+        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
+            connection.execute(f'CREATE DATABASE "{database}"')
 
 # %% ../nbs/24_server.ipynb #4bcd5a95
 def start_postgres(folder: str | Path, port: int) -> str:

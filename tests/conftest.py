@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
@@ -60,3 +61,23 @@ def make_notebook(path, parameters="", *cells):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
     return path
+
+
+def set_stage_parameters(project: Path, changes: dict):
+    "Give stages of the project copy in `project` other parameters, `{stage: {name: value}}`, in its pipeline.yml (so `mlwb check` reuses the same runs)."
+    path = project / "pipeline.yml"
+    spec = yaml.safe_load(path.read_text())
+    for stage in spec["stages"]: stage.setdefault("parameters", {}).update(changes.pop(stage["name"], {}))
+    assert not changes, f"no such stages in {path}: {sorted(changes)}"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def check_reference_project(ws: Path, project: str):
+    "`mlwb check PROJECT` in `ws` after its pipeline ran there: every milestone passes (the completed process)."
+    from mlwb.learn import load_milestones
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", "WARM_KERNELS_IDLE_S": "0"}  # no warm kernels left holding the output pipes
+    checked = run_mlwb("check", project, cwd=ws, env=env)
+    n = len(load_milestones(ws / "projects" / project))
+    assert checked.returncode == 0 and f"{n} of {n} milestones pass" in checked.stdout, checked.stdout + checked.stderr
+    assert "✗" not in checked.stdout and "with the model's own predictions" in checked.stdout, checked.stdout  # the API milestone really served
+    return checked

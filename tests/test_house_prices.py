@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_mlwb
+from conftest import REPO, check_reference_project, run_mlwb, set_stage_parameters
 from mlwb.config import load_settings
 from mlwb.learn import load_milestones
 from mlwb.tracking import mlflow_client
 
 PROJECT = "house-prices"
 STAGES = ["ingest", "clean", "split", "train", "evaluate", "register"]
-PARAMETERS = ["-p", "n_houses=1500"]  # a little less data than the default
+SMALLER = {"ingest": {"n_houses": 1500}}  # a little less data than the default, set in the workspace copy
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,10 @@ def pipeline_run(tmp_path_factory):
     ws = tmp_path_factory.mktemp("house") / "ws"
     shutil.copytree(REPO / "projects" / PROJECT, ws / "projects" / PROJECT, ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints"))
     shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    set_stage_parameters(ws / "projects" / PROJECT, dict(SMALLER))
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
-    first = run_mlwb("run", PROJECT, *PARAMETERS, cwd=ws, env=env)
-    second = run_mlwb("run", PROJECT, *PARAMETERS, cwd=ws, env=env)
+    first = run_mlwb("run", PROJECT, cwd=ws, env=env)
+    second = run_mlwb("run", PROJECT, cwd=ws, env=env)
     return ws, first, second
 
 
@@ -98,3 +99,9 @@ print(json.dumps({"names": names, "n": len(rows), "prices": np.asarray(prices).t
     assert "sale_date" not in result["names"] and "price" not in result["names"] and "living_area_m2" in result["names"]
     assert len(result["prices"]) == result["n"] > 0 and all(20_000 < p < 5_000_000 for p in result["prices"])
     assert len(result["examples"]) == 5
+
+
+def test_the_reference_project_passes_all_its_checks(pipeline_run):
+    ws, _, _ = pipeline_run
+    checked = check_reference_project(ws, PROJECT)
+    assert all(f"↷ {stage}" in checked.stdout for stage in STAGES), checked.stdout  # the check reused the pipeline's runs

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, run_mlwb
 from mlwb.config import load_settings
 from mlwb.learn import BEGIN, load_milestones, load_progress
+from mlwb.tracking import mlflow_client
 
 FRAUD = REPO / "projects" / "fraud-detection"
 STAGE_NOTEBOOKS = ["01_ingest.ipynb", "02_clean.ipynb", "03_features.ipynb", "04_train.ipynb", "05_evaluate.ipynb", "06_register.ipynb"]
@@ -59,6 +60,14 @@ def test_the_reference_project_passes_every_milestone(reference_check):
     assert "answered 20 rows with the model's own predictions" in result.stdout  # the API milestone really served
     assert "alarm on week-3, and on no other" in result.stdout  # the monitoring milestone read weekly.json
     assert "✗" not in result.stdout
+
+
+def test_checks_run_as_development_runs_never_taken_for_reproducible_ones(reference_check):
+    ws, _, _, _ = reference_check
+    client = mlflow_client(load_settings(ws, environ={}))
+    runs = client.search_runs([client.get_experiment_by_name("fraud-detection").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parents and {r.data.tags.get("mlwb.mode") for r in parents} == {"dev"}
 
 
 def test_check_leaves_the_project_files_unchanged(reference_check):

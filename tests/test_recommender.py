@@ -11,7 +11,7 @@ import nbformat
 import pytest
 import yaml
 
-from conftest import REPO, run_mlwb
+from conftest import REPO, check_reference_project, run_mlwb
 from mlwb.config import load_settings
 from mlwb.tracking import mlflow_client
 
@@ -136,3 +136,9 @@ def test_champion_loads_in_a_fresh_process_and_answers_top_k(recommender_run):
         assert not set(items) & set(rated.get(row["user_id"], [])), items  # nothing the user already rated
     assert any(r["user_id"] not in rated for r in result["rows"])  # a newcomer is asked too, and answered
     assert result["default_lengths"] == [10, 10]  # k defaults to the trained k
+
+
+def test_the_reference_project_passes_all_its_checks(recommender_run):
+    ws, _, _ = recommender_run
+    checked = check_reference_project(ws, "recommender")
+    assert all(f"↷ {stage}" in checked.stdout for stage in STAGES), checked.stdout  # the check reused the pipeline's runs

@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_mlwb
+from conftest import REPO, check_reference_project, run_mlwb, set_stage_parameters
 from mlwb.config import load_settings
 from mlwb.learn import load_milestones
 from mlwb.tracking import mlflow_client
 
 PROJECT = "support-intent"
 STAGES = ["ingest", "clean", "split", "baseline", "train", "evaluate", "register"]
-PARAMETERS = ["-p", "n_messages=2000", "-p", "train.max_epochs=12"]  # a little less work than the defaults
+SMALLER = {"ingest": {"n_messages": 2000}, "train": {"max_epochs": 12}}  # a little less work than the defaults, set in the workspace copy
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,10 @@ def pipeline_run(tmp_path_factory):
     ws = tmp_path_factory.mktemp("intent") / "ws"
     shutil.copytree(REPO / "projects" / PROJECT, ws / "projects" / PROJECT, ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints"))
     shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    set_stage_parameters(ws / "projects" / PROJECT, dict(SMALLER))
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
-    first = run_mlwb("run", PROJECT, *PARAMETERS, cwd=ws, env=env)
-    second = run_mlwb("run", PROJECT, *PARAMETERS, cwd=ws, env=env)
+    first = run_mlwb("run", PROJECT, cwd=ws, env=env)
+    second = run_mlwb("run", PROJECT, cwd=ws, env=env)
     return ws, first, second
 
 
@@ -99,3 +100,9 @@ print(json.dumps({"inputs": model.metadata.get_input_schema().input_names(), "sh
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["inputs"] == ["text"] and result["shape"] == [5, 7] and all(abs(s - 1) < 1e-6 for s in result["sums"])
     assert result["intents"][:4] == ["password_reset", "shipping", "greeting", "technical_issue"], result["intents"]
+
+
+def test_the_reference_project_passes_all_its_checks(pipeline_run):
+    ws, _, _ = pipeline_run
+    checked = check_reference_project(ws, PROJECT)
+    assert all(f"↷ {stage}" in checked.stdout for stage in STAGES), checked.stdout  # the check reused the pipeline's runs
