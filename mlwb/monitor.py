@@ -32,9 +32,9 @@ __all__ = ['EXIT_HEALTHY', 'EXIT_DRIFT', 'EXIT_DATA_QUALITY', 'EXIT_PERFORMANCE'
            'ks_error', 'wasserstein_test', 'psi_test', 'chi2_test', 'jensen_shannon_test', 'DriftTest',
            'register_drift_test', 'drift_test', 'adjust_p_values', 'column_drift', 'finding', 'schema_findings',
            'column_findings', 'row_hashes', 'duplicate_share', 'performance_metrics', 'choose_metric', 'metric_drop',
-           'ReferenceProfile', 'fit_reference', 'WindowResult', 'drift_table', 'compare', 'split_windows',
-           'MonitorResult', 'monitor', 'read_request_log', 'request_rows', 'error_rate_finding', 'figure_png',
-           'drift_scores_figure', 'distribution_figure', 'trend_figure', 'window_section', 'report_html',
+           'ReferenceProfile', 'fit_reference', 'WindowResult', 'drift_table', 'compare', 'join_late_labels',
+           'split_windows', 'MonitorResult', 'monitor', 'read_request_log', 'request_rows', 'error_rate_finding',
+           'figure_png', 'drift_scores_figure', 'distribution_figure', 'trend_figure', 'window_section', 'report_html',
            'window_summary', 'summary', 'write_report', 'log_monitoring', 'load_reference', 'load_current',
            'add_error_rates', 'monitor_command']
 
@@ -66,6 +66,7 @@ DEFAULT_THRESHOLDS = {
     "max_categories": 1000,  # text columns with more distinct values are identifiers, not features: skipped
     "min_rows": 30,  # a window with fewer rows is too small to test for drift
     "max_missing_increase": 0.05,  # allowed rise in a column's share of missing values over the reference
+    "max_infinite_increase": 0.001,  # allowed rise in a numeric column's share of infinite values (a division by zero upstream)
     "max_out_of_range": 0.05,  # allowed share of numeric values outside the reference's [min, max]
     "max_new_categories": 0.01,  # allowed share of values in categories the reference never had
     "max_duplicate_rows": 0.05,  # allowed share of rows that repeat an earlier row exactly
@@ -129,17 +130,19 @@ class ColumnProfile:
     mean: float = math.nan
     std: float = math.nan
     out_of_range: int = 0  # numeric window only: values outside the reference's [minimum, maximum]
+    infinite: int = 0  # numeric only: values that are +inf or -inf, left out of the distribution like missing ones
 
     @property
-    def present(self) -> int: return self.rows - self.missing
+    def present(self) -> int: return self.rows - self.missing - self.infinite
 
     @property
     def edges(self) -> np.ndarray: return self.lo + self.width * np.arange(len(self.counts) - 1)
 
 # %% ../nbs/10_monitor.ipynb #c59e3f92
 def numeric_range(values: np.ndarray, bins: int) -> tuple:
-    "`(lo, width)` of `bins` equal bins between the 0.1% and 99.9% quantiles of (a strided sample of) `values`."
+    "`(lo, width)` of `bins` equal bins between the 0.1% and 99.9% quantiles of (a strided sample of) the finite `values`."
     sample = values[:: max(1, len(values) // 50_000)]
+    sample = sample[np.isfinite(sample)]  # one inf among the quantiles would make every bin infinitely wide
     lo, hi = np.quantile(sample, [0.001, 0.999]) if len(sample) else (0.0, 1.0)
     if not hi > lo: lo, hi = lo - 0.5, lo + 0.5  # a constant column
     return float(lo), float((hi - lo) / bins)
@@ -163,6 +166,14 @@ def _as_numbers(values: pd.Series, column: str) -> np.ndarray:
         values = converted
     return values.to_numpy(dtype="float64", na_value=np.nan)
 
+def _finite(x: np.ndarray) -> tuple:
+    "`(finite values, missing, infinite)`: NaN and +-inf both stay out of the distribution; the counts say how many."
+    finite = np.isfinite(x)
+    kept = int(finite.sum())
+    if kept == len(x): return x, 0, 0
+    missing = int(np.isnan(x).sum())
+    return x[finite], missing, len(x) - kept - missing
+
 def _statistics(x: np.ndarray) -> tuple:
     "`(min, max, mean, std)` of `x` (NaN when empty); the spread from one dot product, with no temporary arrays."
     if not len(x): return (math.nan,) * 4
@@ -173,11 +184,8 @@ def numeric_profile(values: pd.Series, # one numeric column, named
                     reference: ColumnProfile | None = None, # profile on its bins; fit the bins to `values` when None
                     bins: int = 2048, # number of fine bins when fitting them
                    ) -> ColumnProfile:
-    "The histogram profile of a numeric column: counts per bin, tails, missing values and statistics."
-    x = _as_numbers(values, str(values.name))
-    missing = np.isnan(x)
-    n_missing = int(missing.sum())
-    if n_missing: x = x[~missing]
+    "The histogram profile of a numeric column: counts per bin, tails, missing and infinite values, statistics."
+    x, n_missing, n_infinite = _finite(_as_numbers(values, str(values.name)))
     lo, width = numeric_range(x, bins) if reference is None else (reference.lo, reference.width)
     bins = bins if reference is None else len(reference.counts) - 2
     counts = np.bincount(_bin_index(x, lo, width, bins), minlength=bins + 2)
@@ -186,7 +194,7 @@ def numeric_profile(values: pd.Series, # one numeric column, named
     stats = _statistics(x) if reference is None else (math.nan,) * 4  # a window needs only its histogram
     outside = 0 if reference is None else int((below < reference.minimum).sum() + (above > reference.maximum).sum())
     return ColumnProfile("numeric", len(values), n_missing, counts, lo, width, float((lo - below).sum()),
-                         float((above - hi).sum()), *stats, out_of_range=outside)
+                         float((above - hi).sum()), *stats, out_of_range=outside, infinite=n_infinite)
 
 # %% ../nbs/10_monitor.ipynb #2dcc0eb8
 def _category_counts(values: pd.Series) -> pd.Series:
@@ -342,11 +350,20 @@ def schema_findings(reference_kinds: dict, current: pd.DataFrame, ignore=()) -> 
     return found + [finding("schema", c, None, None, False, f"column '{c}' is new: the reference does not have it") for c in extra]
 
 # %% ../nbs/10_monitor.ipynb #4615a91d
+def _infinite_findings(column: str, reference: ColumnProfile, current: ColumnProfile, thresholds: dict) -> list:
+    "A finding when either sample has infinite values; it fails when their share rose by more than allowed."
+    ref, cur = reference.infinite / max(reference.rows, 1), current.infinite / max(current.rows, 1)
+    if not (ref or cur): return []
+    limit = thresholds["max_infinite_increase"]
+    return [finding("infinite", column, cur - ref, limit, cur - ref > limit,
+                    f"column '{column}': {cur:.1%} of values are infinite (reference {ref:.1%}); they are left out of the drift tests")]
+
 def column_findings(column: str, reference: ColumnProfile, current: ColumnProfile, thresholds: dict) -> list:
-    "Missing values, out-of-range numbers and new categories of one column."
+    "Missing and infinite values, out-of-range numbers and new categories of one column."
     missing_rise = current.missing / max(current.rows, 1) - reference.missing / max(reference.rows, 1)
     found = [finding("missing", column, missing_rise, thresholds["max_missing_increase"], missing_rise > thresholds["max_missing_increase"],
                      f"column '{column}': share of missing values rose by {missing_rise:.1%}")] if missing_rise > 0 else []
+    if reference.kind == "numeric": found += _infinite_findings(column, reference, current, thresholds)
     if reference.kind == "numeric" and current.present:
         share = current.out_of_range / current.present
         if share > 0: found.append(finding("out_of_range", column, share, thresholds["max_out_of_range"], share > thresholds["max_out_of_range"],
@@ -432,6 +449,11 @@ def _require(frame: pd.DataFrame, column: str | None, what: str, where: str):
     if column is not None and column not in frame.columns:
         raise MonitorError(f"{where}: no {what} column '{column}'; columns: {', '.join(map(str, frame.columns[:20]))}")
 
+def _check_names(frame: pd.DataFrame, where: str):
+    "Raise when `frame` repeats a column name: every column must be told apart by its name."
+    repeated = frame.columns[frame.columns.duplicated()].unique()
+    if len(repeated): raise MonitorError(f"{where}: column names repeat: {', '.join(repr(str(c)) for c in repeated)}; give each its own name")
+
 def fit_reference(reference: pd.DataFrame, # the data the model was trained or validated on
                   target: str | None = None, # the label column, if the reference has it
                   prediction: str | None = None, # the model's prediction (or score) column, if the reference has it
@@ -441,6 +463,7 @@ def fit_reference(reference: pd.DataFrame, # the data the model was trained or v
     "Profile every monitored column of `reference`, and the model's metrics on it when it has target and prediction."
     thresholds = thresholds or check_thresholds({})
     if len(reference) == 0: raise MonitorError("the reference data has no rows")
+    _check_names(reference, "reference")
     _require(reference, target, "target", "reference"); _require(reference, prediction, "prediction", "reference")
     names = [c for c in reference.columns if c not in ignore and c != target]
     kinds = {c: column_kind(reference[c], thresholds["max_categories"]) for c in names}
@@ -526,6 +549,7 @@ def compare(reference: ReferenceProfile, # from `fit_reference`
     "Test one window of current data against the reference: drift, data quality and performance."
     thresholds = thresholds or check_thresholds({})
     if len(current) == 0: raise MonitorError(f"window '{window}': the current data has no rows")
+    _check_names(current, f"window '{window}'")
     _require(current, reference.prediction, "prediction", f"window '{window}'")
     columns = [c for c in reference.kinds if c in current.columns]
     profiled = dict(zip(columns, _map(lambda c: _current_profile(current, reference, c), columns)))
@@ -537,6 +561,28 @@ def compare(reference: ReferenceProfile, # from `fit_reference`
     else: profiles_tested = profiles
     metrics, performance = _performance(reference, current, thresholds)
     return WindowResult(window, len(current), drift_table(reference, profiles_tested, thresholds), findings, metrics, performance, profiles)
+
+# %% ../nbs/10_monitor.ipynb #843541d7
+def _check_keys(current: pd.DataFrame, labels: pd.DataFrame, key: list, columns: list):
+    "Raise when a key or label column is missing, or when `labels` gives one key two labels."
+    _check_names(current, "current data"); _check_names(labels, "labels")
+    for k in key: _require(current, k, "key", "current data"); _require(labels, k, "key", "labels")
+    for c in columns: _require(labels, c, "label", "labels")
+    repeated = labels[labels.duplicated(key)]
+    if len(repeated): raise MonitorError(f"labels: the key {', '.join(key)} repeats, first for {repeated[key].iloc[0].tolist()}; give each key one label")
+
+def join_late_labels(current: pd.DataFrame, # the scored rows, e.g. from `request_rows`
+                     labels: pd.DataFrame, # the labels that came later: the key column(s) and the label column(s)
+                     key="request_id", # the column both share, or a list of them (["request_id", "row"] for batch requests)
+                     columns=None, # the label columns to take from `labels`; all but the key when None
+                    ) -> pd.DataFrame:
+    "`current` with the labels that arrived later joined on `key`; rows still waiting for theirs get none."
+    key = [key] if isinstance(key, str) else list(key)
+    columns = [c for c in labels.columns if c not in key] if columns is None else list(columns)
+    _check_keys(current, labels, key, columns)
+    rows = current.drop(columns=[c for c in columns if c in current.columns])  # the late labels replace any the rows had
+    try: return rows.merge(labels[key + columns], on=key, how="left")
+    except ValueError as e: raise MonitorError(f"labels: cannot join on {', '.join(key)}: {e}") from None
 
 # %% ../nbs/10_monitor.ipynb #4f5162c5
 def split_windows(frame: pd.DataFrame, time_column: str, every: str) -> list:
@@ -574,6 +620,7 @@ def monitor(reference: pd.DataFrame | ReferenceProfile, # reference data, or its
     "Compare `current` (whole, or window by window) with the reference: drift, data quality, performance."
     thresholds = thresholds or check_thresholds({})
     ignore = tuple(ignore) + ((time_column,) if time_column else ())
+    _check_names(current, "current data")
     profile = reference if isinstance(reference, ReferenceProfile) else fit_reference(reference, target, prediction, thresholds, ignore)
     windows = split_windows(current, time_column, every) if every else [("current", current)]
     if not windows: raise MonitorError("the current data has no rows")
@@ -822,6 +869,15 @@ def _current_data(current, request_log, since, until) -> tuple:
     if len(log) == 0: raise MonitorError(f"{request_log}: no requests between --since {since} and --until {until}")
     return request_rows(log), "ts", log
 
+def _join_labels_file(rows: pd.DataFrame, path: str, key: tuple, target: str | None) -> pd.DataFrame:
+    "The current rows with the labels from the file at `path` (--labels) joined on `key`."
+    if target is None: raise MonitorError("--labels needs --target: the label column, in the labels file and the reference")
+    labels = load_current(path)
+    for column in (*key, target): _require(labels, column, "key" if column in key else "target", f"--labels {path}")
+    joined = join_late_labels(rows, labels, list(key), [target])
+    click.echo(f"labels: {joined[target].notna().sum():,} of {len(joined):,} rows labelled")
+    return joined
+
 def add_error_rates(result: MonitorResult, log: pd.DataFrame, every: str | None):
     "Add each window's failed-request finding, from the raw request log."
     windows = dict(split_windows(log, "ts", every)) if every else {"current": log}
@@ -845,14 +901,18 @@ def _window_line(w: WindowResult) -> str:
 @click.option("--thresholds", "thresholds_file", help="Thresholds YAML file (default: ./monitoring.yml if present, else built-in defaults).")
 @click.option("--target", help="Label column, in reference and current, for performance.")
 @click.option("--prediction", help="Prediction or score column, in reference and current.")
+@click.option("--labels", help="Labels that came later: a .parquet/.csv file with the key and --target columns, joined onto the current rows.")
+@click.option("--label-key", multiple=True, default=("request_id",), show_default=True,
+              help="With --labels: the column joining labels to rows; give it twice for two (--label-key request_id --label-key row).")
 @click.option("--ignore", multiple=True, help="A column not to monitor (an id, say); may be given several times.")
 @click.option("--out", default="monitoring", show_default=True, help="Folder for report.html and summary.json.")
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the report and summary to MLflow.")
-def monitor_command(reference, current, request_log, since, until, every, time_column, thresholds_file, target, prediction, ignore, out, to_mlflow):
+def monitor_command(reference, current, request_log, since, until, every, time_column, thresholds_file, target, prediction, labels, label_key, ignore, out, to_mlflow):
     "Check current data against a reference: drift, data quality, performance. Exit 0 healthy, 3 drift, 4 data quality, 5 performance."
     if thresholds_file is None and Path("monitoring.yml").is_file(): thresholds_file = "monitoring.yml"
     thresholds = load_thresholds(thresholds_file)
     rows, log_time, log = _current_data(current, request_log, since, until)
+    if labels: rows = _join_labels_file(rows, labels, label_key, target)
     if every and not (time_column or log_time): raise MonitorError("--every needs --time-column with --current")
     reference = load_reference(reference)
     if prediction is None and request_log and "probability" in rows and "probability" in reference: prediction = "probability"

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_mlwb
 from mlwb.config import load_settings
 from mlwb.monitor import (EXIT_DATA_QUALITY, EXIT_DRIFT, EXIT_HEALTHY, MonitorError, check_thresholds, compare, fit_reference,
-                          monitor, read_request_log, report_html, request_rows)
+                          join_late_labels, monitor, read_request_log, report_html, request_rows)
 from mlwb.tracking import mlflow_client
 
 
@@ -123,13 +123,14 @@ def test_mismatched_types_are_a_data_quality_finding_naming_the_column():
     assert window.exit_code == EXIT_DATA_QUALITY and failed[0]["column"] == "x1" and "expected numbers" in failed[0]["message"]
 
 
-def write_log(folder, rows: pd.DataFrame, day: str, truncated: bool = False, failures: int = 0):
-    "One request-log file for `day` as mlwb serve writes it, optionally cut short at the end."
+def write_log(folder, rows: pd.DataFrame, day: str, truncated: bool = False, failures: int = 0, scores=None):
+    "One request-log file for `day` as mlwb serve writes it, optionally cut short at the end; `scores` are the probabilities."
     lines = []
     for i, row in enumerate(rows.to_dict("records")):
         ts = pd.Timestamp(day, tz="UTC") + pd.Timedelta(seconds=20 * i)
         lines.append({"ts": ts.isoformat(), "request_id": f"{day}-{i}", "row": 0, "model": "m", "version": "1", "variant": "champion",
-                      "status": 200, "latency_ms": 1.2, "inputs": row, "prediction": int(row["x0"] > 0), "probability": 0.5})
+                      "status": 200, "latency_ms": 1.2, "inputs": row, "prediction": int(row["x0"] > 0),
+                      "probability": 0.5 if scores is None else float(scores[i])})
     lines += [{"ts": f"{day}T12:00:00+00:00", "request_id": f"bad-{i}", "row": None, "model": "m", "version": "1", "variant": "champion",
                "status": 500, "latency_ms": 0.3, "inputs": None, "prediction": None, "probability": None} for i in range(failures)]
     text = "".join(json.dumps(line) + "\n" for line in lines) + ('{"ts": "2026-11-2' if truncated else "")
@@ -177,3 +178,90 @@ def test_mlflow_logging_from_the_command(files, tmp_path, workspace):
 def test_empty_window_and_missing_target_raise_monitor_error():
     with pytest.raises(MonitorError, match="has no rows"): monitor(frame(0), frame(1).head(0))
     with pytest.raises(MonitorError, match="no target column 'label'"): monitor(frame(0), frame(1), target="label")
+
+
+def test_infinite_reference_values_do_not_switch_drift_detection_off():
+    "5% inf in the reference once made every bin infinitely wide: a 3-sd shift then went unseen (KS 0.005, PSI 0)."
+    reference, current = frame(0), frame(1)
+    reference.loc[reference.index % 20 == 0, "x0"] = np.inf
+    current["x0"] += 3.0
+    window = monitor(reference, current).windows[0]
+    assert "x0" in window.drifted_features and window.features.ks["x0"] > 0.5 and window.features.psi["x0"] > 1
+    [infinite] = [f for f in window.findings if f["check"] == "infinite"]
+    assert infinite["column"] == "x0" and not infinite["failed"] and "(reference 5.0%)" in infinite["message"]
+
+
+def test_infinite_values_in_the_current_window_fail_data_quality_naming_the_column():
+    current = frame(1)
+    current.loc[current.index % 10 == 0, "x2"] = -np.inf
+    window = monitor(frame(0), current).windows[0]
+    failed = [f for f in window.findings if f["failed"]]
+    assert window.exit_code == EXIT_DATA_QUALITY and [(f["check"], f["column"]) for f in failed] == [("infinite", "x2")]
+    assert "column 'x2': 10.0% of values are infinite" in failed[0]["message"]
+    assert np.isfinite(window.features.loc["x2", ["ks", "wasserstein", "psi"]].astype(float)).all()
+
+
+def test_repeated_column_names_raise_monitor_error_naming_them():
+    reference = frame(0)
+    repeated = pd.concat([reference, reference[["x1", "c0"]]], axis=1)
+    with pytest.raises(MonitorError, match="reference: column names repeat: 'x1', 'c0'"): fit_reference(repeated)
+    with pytest.raises(MonitorError, match="column names repeat: 'x1', 'c0'"): monitor(reference, repeated)
+    with pytest.raises(MonitorError, match="window 'current': column names repeat: 'x1'"): compare(fit_reference(reference), repeated)
+
+
+def test_prediction_drift_is_caught_and_kept_apart_from_the_features():
+    rng = np.random.default_rng(5)
+    reference, current = frame(0).assign(score=rng.beta(2, 5, 4_000)), frame(1).assign(score=rng.beta(3, 4, 4_000))
+    window = monitor(reference, current, prediction="score").windows[0]
+    assert window.prediction_drift and window.drifted_features == [] and window.exit_code == EXIT_DRIFT
+    quiet = monitor(reference, frame(1).assign(score=rng.beta(2, 5, 4_000)), prediction="score").windows[0]
+    assert not quiet.prediction_drift and quiet.exit_code == EXIT_HEALTHY
+
+
+def test_new_category_and_out_of_range_findings_name_their_column():
+    current = frame(1)
+    current.loc[current.index % 10 == 0, "c1"] = "w"  # a category the reference never had
+    current.loc[current.index % 10 == 1, "x2"] += 100.0  # far above the reference's largest value
+    failed = {f["check"]: f for f in monitor(frame(0), current).windows[0].findings if f["failed"]}
+    assert failed["new_categories"]["column"] == "c1" and "column 'c1': 10.0% of values in new categories: w" in failed["new_categories"]["message"]
+    assert failed["out_of_range"]["column"] == "x2" and "column 'x2': 10.1% of values outside the reference range" in failed["out_of_range"]["message"]
+
+
+def test_join_late_labels_by_request_id_and_by_two_columns():
+    rows = pd.DataFrame({"request_id": ["a", "a", "b", "c"], "row": [0, 1, 0, 0], "score": [0.9, 0.2, 0.4, 0.7]})
+    labels = pd.DataFrame({"request_id": ["c", "b"], "y": [1, 0]})  # in the order they came; "a" not yet
+    joined = join_late_labels(rows, labels)
+    assert joined.request_id.tolist() == ["a", "a", "b", "c"] and joined.y.fillna(-1).tolist() == [-1, -1, 0, 1]
+    batch = pd.DataFrame({"request_id": ["a", "a"], "row": [1, 0], "y": [1, 0]})
+    assert join_late_labels(rows, batch, key=["request_id", "row"]).y.fillna(-1).tolist() == [0, 1, -1, -1]
+    with pytest.raises(MonitorError, match="current data: no key column 'transaction_id'"): join_late_labels(rows, labels, key="transaction_id")
+    with pytest.raises(MonitorError, match="labels: no key column 'request_id'"): join_late_labels(rows, labels.rename(columns={"request_id": "id"}))
+    with pytest.raises(MonitorError, match=r"labels: the key request_id repeats, first for \['a'\]"): join_late_labels(rows, batch, key="request_id")
+    with pytest.raises(MonitorError, match="cannot join on request_id"): join_late_labels(rows, labels.assign(request_id=[3, 2]))
+
+
+def test_late_labels_on_the_command_line_give_performance_per_window(tmp_path, workspace):
+    score = lambda f: 1 / (1 + np.exp(-(f.x0 + f.x2 - 2) * 3))
+    reference = frame(0).assign(y=lambda f: (f.x0 + f.x2 > 2).astype(int), probability=score)
+    reference.to_parquet(tmp_path / "reference.parquet")
+    rows, log = frame(1, n=1_000), tmp_path / "requests" / "m"
+    write_log(log, rows, "2026-11-20", scores=score(rows).to_numpy())
+    labels = pd.DataFrame({"request_id": [f"2026-11-20-{i}" for i in range(800)], "y": (rows.x0 + rows.x2 > 2).astype(int).head(800)})
+    labels.to_parquet(tmp_path / "labels.parquet")
+    labels.assign(y=1 - labels.y).to_parquet(tmp_path / "wrong.parquet")  # the model now ranks backwards
+    run = lambda *args: run_mlwb("monitor", "--reference", tmp_path / "reference.parquet", "--request-log", log, "--target", "y",
+                                 "--out", tmp_path / "out", *args, cwd=tmp_path)
+    good = run("--labels", tmp_path / "labels.parquet")
+    assert good.returncode == 0 and "labels: 800 of 1,000 rows labelled" in good.stdout, good.stdout + good.stderr
+    performance = json.loads((tmp_path / "out" / "summary.json").read_text())["windows"][0]["performance"]
+    assert performance["metric"] == "roc_auc" and performance["current"] > 0.99
+    worse = run("--labels", tmp_path / "wrong.parquet")
+    assert worse.returncode == 5 and "roc_auc" in worse.stdout, worse.stdout + worse.stderr
+    labels.rename(columns={"request_id": "id"}).to_parquet(tmp_path / "no_key.parquet")
+    for args, message in [(["--labels", tmp_path / "no_key.parquet"], "no_key.parquet: no key column 'request_id'"),
+                          (["--labels", tmp_path / "labels.parquet", "--label-key", "transaction_id"], "no key column 'transaction_id'")]:
+        out = run(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    no_target = run_mlwb("monitor", "--reference", tmp_path / "reference.parquet", "--request-log", log, "--labels", tmp_path / "labels.parquet",
+                         "--out", tmp_path / "out", cwd=tmp_path)
+    assert no_target.returncode == 2 and "--labels needs --target" in no_target.stderr
