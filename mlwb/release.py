@@ -26,12 +26,12 @@ from .config import MlwbError, Settings, load_settings
 
 # %% auto #0
 __all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'KEY_HEADER', 'PLAN_MODES', 'ReleaseError', 'history', 'who', 'record_move',
-           'alias_version', 'version_metrics', 'gate', 'move_alias', 'previous_champion', 'rollback', 'release_status',
-           'stable_bucket', 'choose', 'request_key', 'Canary', 'observe', 'read_plan', 'plan_route', 'watch_aliases',
-           'serve_release', 'read_request_log', 'read_outcomes', 'srm_check', 'proportion_ci', 'two_proportion_test',
-           'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab', 'release_command',
-           'promote_command', 'challenger_command', 'rollback_command', 'status_command', 'ab_command',
-           'analyze_command']
+           'alias_version', 'version_metrics', 'gate', 'gate_refusals', 'move_alias', 'champion_stack',
+           'previous_champion', 'rollback', 'release_status', 'stable_bucket', 'choose', 'request_key', 'Canary',
+           'observe', 'read_plan', 'plan_route', 'watch_aliases', 'serve_release', 'read_request_log', 'read_outcomes',
+           'srm_check', 'proportion_ci', 'two_proportion_test', 'bootstrap_difference', 'join_outcomes',
+           'variant_values', 'verdict', 'analyze_ab', 'release_command', 'promote_command', 'challenger_command',
+           'rollback_command', 'status_command', 'ab_command', 'analyze_command']
 
 # %% ../nbs/11_release.ipynb #9abb133d
 class ReleaseError(MlwbError):
@@ -92,6 +92,12 @@ def gate(client, name: str, version: str, metric: str = "average_precision", mar
     if champion_metrics is not None and metric not in champion_metrics: champion_metrics = None
     return validation_gate(candidate, baseline, champion_metrics, metric, margin, higher_is_better)
 
+def gate_refusals(client, name: str, version: str, metric: str = "average_precision") -> list:
+    "Why the gate refuses `name`/`version` (empty when it passes); a missing metric is a refusal too."
+    if metric not in version_metrics(client, name, version): return [f"no metric '{metric}' logged; the gate needs it."]
+    verdict = gate(client, name, version, metric)
+    return [] if verdict.passed else list(verdict.reasons)
+
 # %% ../nbs/11_release.ipynb #891ea4b1
 def move_alias(name: str, # registered model name
                alias: str, # "champion" or "challenger"
@@ -104,29 +110,37 @@ def move_alias(name: str, # registered model name
     from mlwb.tracking import mlflow_client
     client = mlflow_client(settings or load_settings())
     _version(client, name, version)
-    verdict = gate(client, name, version, metric)
-    if not verdict.passed and not force:
-        raise ReleaseError(f"model '{name}' version {version}: refused by the gate: {' '.join(verdict.reasons)} (use --force to override)")
+    refused = gate_refusals(client, name, version, metric)
+    if refused and not force:
+        raise ReleaseError(f"model '{name}' version {version}: refused by the gate: {' '.join(refused)} (use --force to override)")
     old = alias_version(client, name, alias)
     client.set_registered_model_alias(name, alias, str(version))
-    forced = not verdict.passed
-    why = reason + (f" [gate refused: {' '.join(verdict.reasons)}]" if forced else "")
-    return record_move(client, name, "promote" if alias == "champion" else "challenger", alias, old, str(version), why, forced)
+    why = reason + (f" [gate refused: {' '.join(refused)}]" if refused else "")
+    return record_move(client, name, "promote" if alias == "champion" else "challenger", alias, old, str(version), why, bool(refused))
 
 # %% ../nbs/11_release.ipynb #77d0232f
-def previous_champion(moves: list, current: str | None) -> str | None:
-    "The version the champion left when it last moved to `current`."
-    for move in reversed(moves):
-        if move["alias"] == "champion" and move["to"] == current and move["from"]: return move["from"]
-    return None
+def champion_stack(moves: list) -> list:
+    "The champions a rollback can return to, latest last: each promotion pushes the one it replaced, each rollback pops one."
+    stack = []
+    for move in moves:
+        if move["alias"] != "champion": continue
+        if move["action"] == "rollback": stack = stack[:-1]
+        elif move["from"] and move["from"] != move["to"]: stack.append(move["from"])
+    return stack
+
+def previous_champion(moves: list) -> str | None:
+    "The version the next rollback returns the champion to; None when every promotion has been rolled back."
+    stack = champion_stack(moves)
+    return stack[-1] if stack else None
 
 def rollback(name: str, reason: str = "", settings: Settings | None = None) -> dict:
     "Move `champion` of `name` back to the previous champion; record and return the move."
     from mlwb.tracking import mlflow_client
     client = mlflow_client(settings or load_settings())
     current = alias_version(client, name, "champion")
-    target = previous_champion(history(client, name), current)
-    if target is None: raise ReleaseError(f"model '{name}': no previous champion recorded to roll back to (champion is {current})")
+    target = previous_champion(history(client, name))
+    if target is None:
+        raise ReleaseError(f"model '{name}': nothing to roll back to; every recorded promotion has been rolled back (champion is {current})")
     client.set_registered_model_alias(name, "champion", target)
     return record_move(client, name, "rollback", "champion", current, target, reason or "rollback")
 
@@ -353,7 +367,7 @@ def analyze_ab(log, # the request log (a frame, or its folder)
     "Per-variant metrics with CIs, the SRM check, the test of the difference and the verdict."
     log = log if hasattr(log, "columns") else read_request_log(log)
     outcomes = outcomes if hasattr(outcomes, "columns") else read_outcomes(outcomes)
-    first = log[log["row"].isna() | (log["row"] == 0)]
+    first = log[(log["row"].isna() | (log["row"] == 0)) & log["variant"].notna()]  # no variant: refused at the door, before any model
     first = first[~first["variant"].astype(str).str.startswith("shadow:")]
     counts, errors = first["variant"].value_counts().to_dict(), first[first["status"] >= 500]["variant"].value_counts().to_dict()
     error_rates = {v: errors.get(v, 0) / n for v, n in counts.items()}

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,18 +33,18 @@ from .config import MlwbError, Settings, load_settings
 from .tracking import tracking_to
 
 # %% auto #0
-__all__ = ['NUMBER_KINDS', 'INTEGER_KINDS', 'OTHER_KINDS', 'CHECKERS', 'FAST_PATHS', 'ONNX_DTYPES', 'PARITY_TOLERANCE',
-           'INLINE_BELOW_S', 'LOOPBACK', 'OPEN_PATHS', 'JSON_TYPES', 'PREDICT_RESPONSE', 'ERROR_RESPONSE', 'ServeError',
-           'RequestError', 'Column', 'input_columns', 'read_json', 'records_to_columns', 'split_to_columns',
-           'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns', 'Scores',
-           'NativePredictor', 'register_fast_path', 'onnx_types', 'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor',
-           'parity_rows', 'parity', 'choose_predictor', 'ModelRef', 'resolve_model', 'LoadedModel', 'pd_frame',
-           'warm_up', 'load_model', 'Variant', 'ModelStore', 'LogItem', 'log_lines', 'RequestLog', 'Pending',
-           'MicroBatcher', 'score_batch', 'ServerMetrics', 'ServeOptions', 'check_binding', 'json_response', 'Guard',
-           'refusal', 'ServerState', 'read_body', 'check_content_type', 'response_body', 'score_request',
-           'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata', 'predict_schemas',
-           'openapi_document', 'create_app', 'drain', 'run_server', 'request_log_folder', 'serve_model',
-           'serve_command']
+__all__ = ['NUMBER_KINDS', 'INTEGER_KINDS', 'OTHER_KINDS', 'DATETIME_RANGE', 'CHECKERS', 'FAST_PATHS', 'ONNX_DTYPES',
+           'PARITY_TOLERANCE', 'INLINE_BELOW_S', 'LOOPBACK', 'OPEN_PATHS', 'JSON_TYPES', 'PREDICT_RESPONSE',
+           'ERROR_RESPONSE', 'ServeError', 'RequestError', 'Column', 'input_columns', 'read_json', 'records_to_columns',
+           'split_to_columns', 'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns',
+           'Scores', 'NativePredictor', 'register_fast_path', 'onnx_types', 'onnx_feeds', 'OnnxPredictor',
+           'TorchScriptPredictor', 'parity_rows', 'parity', 'choose_predictor', 'ModelRef', 'resolve_model',
+           'LoadedModel', 'pd_frame', 'warm_up', 'load_model', 'Variant', 'ModelStore', 'LogItem', 'log_lines',
+           'RequestLog', 'Pending', 'MicroBatcher', 'score_batch', 'ServerMetrics', 'ServeOptions', 'check_binding',
+           'json_response', 'Guard', 'refusal', 'ServerState', 'read_body', 'check_content_type', 'response_body',
+           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata',
+           'predict_schemas', 'openapi_document', 'create_app', 'drain', 'run_server', 'request_log_folder',
+           'serve_model', 'serve_command']
 
 # %% ../nbs/08_serve.ipynb #d97a0705
 class ServeError(MlwbError):
@@ -152,8 +153,24 @@ def _check_type(expected: type, name: str):
         return value
     return check
 
+DATETIME_RANGE = (np.datetime64("1678-01-01", "us"), np.datetime64("2262-01-01", "us"))  # what datetime64[ns] can hold
+
+def _parse_datetime(value: str):
+    "`value` as a NumPy date-time, or None when it is not an ISO date-time that datetime64[ns] can hold."
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an offset (Z, +02:00) is converted to UTC, with a warning we need not show
+            when = np.datetime64(value, "us")
+    except (ValueError, OverflowError): return None
+    return when if not np.isnat(when) and DATETIME_RANGE[0] <= when < DATETIME_RANGE[1] else None
+
+def _check_datetime(column: Column, value, row: int):
+    "An ISO 8601 date-time string, parsed now so that a bad one is a 422 naming the column rather than a 500 in the model."
+    if type(value) is str and _parse_datetime(value) is not None: return value
+    raise RequestError(422, f"column '{column.name}' row {row}: expected an ISO date-time string such as 2024-05-01T10:30:00 (years 1678 to 2261)")
+
 CHECKERS = {"double": _check_number, "float": _check_number, "long": _check_integer, "integer": _check_integer,
-            "string": _check_type(str, "a string"), "boolean": _check_type(bool, "true or false"), "datetime": _check_type(str, "an ISO date-time string")}
+            "string": _check_type(str, "a string"), "boolean": _check_type(bool, "true or false"), "datetime": _check_datetime}
 
 # %% ../nbs/08_serve.ipynb #2f79cd91
 def check_values(column: Column, values: list) -> list:
@@ -774,6 +791,7 @@ class ServerState:
     def __init__(self, store: ModelStore, options: ServeOptions, log: RequestLog | None = None):
         self.store, self.options, self.log, self.metrics = store, options, log, ServerMetrics()
         self.in_flight, self.draining, self.load_error = 0, False, None
+        self.metrics.in_flight.set_function(lambda: self.in_flight)  # the gauge reads the count at each scrape
         self.route = lambda request: store.default  # request -> variant name (a release plan replaces it)
         self.shadow = None  # a variant that also scores every answered request, logged as `shadow:<name>`, never answering
         self.observers = []  # callbacks(variant name, status, seconds) after each request, on the event loop: keep them cheap
@@ -783,11 +801,11 @@ class ServerState:
     def ready(self) -> bool: return self.store.ready and not self.draining
 
     def refused(self, path: str, status: int):
-        "Count and log a /predict request refused at the door (host, token or size)."
+        "Count and log a /predict request refused at the door (host, token or size), for no variant: none saw it."
         if path != "/predict" or not self.store.ready: return
-        variant = self.store.get()
-        self.metrics.observe(variant.name, status, 0.0, "client")
-        if self.log: self.log.write(LogItem(time.time(), uuid.uuid4().hex, variant.model.ref.name, variant.model.ref.version, variant.name, status, 0.0))
+        model = self.store.get().model
+        self.metrics.observe("", status, 0.0, "client")
+        if self.log: self.log.write(LogItem(time.time(), uuid.uuid4().hex, model.ref.name, model.ref.version, None, status, 0.0))
 
     def batcher_for(self, variant: Variant) -> MicroBatcher:
         "The variant's micro-batcher, started on first use."

@@ -178,6 +178,27 @@ def test_predictions_equal_the_models_own(served):
         assert result["model"] == "fraud detection" and result["version"] == "1" and result["variant"] == "champion" and result["request_id"]
 
 
+def test_metadata_shows_the_torchscript_fast_path(tmp_path):
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from mlwb.models import TorchMLPClassifier
+    X = card_rows(300, seed=4)[["amount", "hour"]]
+    mlp = TorchMLPClassifier(hidden_sizes=(8,), max_epochs=5, random_state=0, device="cpu")
+    pipeline = make_pipeline(StandardScaler(), mlp).fit(X, (X.amount > 60).astype(int))
+    mlflow.sklearn.save_model(pipeline, tmp_path / "mlp", signature=infer_signature(X, pipeline.predict_proba(X)), input_example=X.head(5),
+                              serialization_format="cloudpickle", pip_requirements=[])
+    server = Server(make_workspace(tmp_path), tmp_path / "mlp").wait_ready()
+    rows = card_rows(30, seed=8)[["amount", "hour"]]
+    try: meta, answer = httpx.get(f"{server.url}/metadata").json(), post(server, {"records": json.loads(rows.to_json(orient="records"))})
+    finally: server.stop()
+    fast = meta["fast_path"]
+    assert fast["used"] == "torchscript" and fast["max_difference"] <= fast["tolerance"] and "could not build" in fast["tried"]["onnx"], fast
+    assert answer.status_code == 200 and answer.json()["predictions"] == pipeline.predict(rows).tolist()
+    assert np.allclose(answer.json()["probabilities"], pipeline.predict_proba(rows)[:, 1], atol=1e-5)
+
+
 def test_metadata_shows_the_onnx_fast_path(served):
     server, _ = served
     meta = httpx.get(f"{server.url}/metadata").json()
@@ -214,6 +235,41 @@ def test_bad_input_gets_a_4xx_naming_the_field(served, content, headers, status,
     message = answer.json()["error"]
     assert all(w.lower() in message.lower() for w in words), message
     for secret in ("three o'clock", "a lot", "Traceback"): assert secret not in answer.text
+
+
+HOUR_MODEL = '''
+import mlflow
+
+class Hour(mlflow.pyfunc.PythonModel):
+    "The hour of each `when`."
+    def predict(self, context, model_input, params=None):
+        return model_input["when"].dt.hour.tolist()
+
+mlflow.models.set_model(Hour())
+'''
+
+
+def test_a_datetime_column_refuses_a_string_that_is_no_date(tmp_path):
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.models import infer_signature
+    from mlwb.config import load_settings
+    from mlwb.serve import ModelStore, ServeOptions, ServerState, create_app
+    (tmp_path / "hour_model.py").write_text(HOUR_MODEL)
+    example = pd.DataFrame({"when": pd.to_datetime(["2024-05-01T10:30:00"])})
+    mlflow.pyfunc.save_model(tmp_path / "hour", python_model=str(tmp_path / "hour_model.py"), signature=infer_signature(example, np.array([10])),
+                             input_example=example, pip_requirements=[])
+    state = ServerState(ModelStore(load_settings(make_workspace(tmp_path), environ={})), ServeOptions())
+    with TestClient(create_app(state, lambda: state.store.load("champion", str(tmp_path / "hour"))), base_url="http://127.0.0.1") as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health/ready").status_code != 200 and time.monotonic() < deadline: time.sleep(0.05)
+        assert state.store.get().model.columns[0].kind == "datetime"
+        ok = client.post("/predict", json={"records": [{"when": "2024-05-01T10:30:00"}, {"when": "2024-05-01 17:05"}]})
+        assert ok.status_code == 200 and ok.json()["predictions"] == [10, 17], ok.text
+        for bad in ("next Tuesday", "2024-13-01", "9999-01-01", 1714559400):
+            answer = client.post("/predict", json={"records": [{"when": bad}]})
+            assert answer.status_code == 422 and "column 'when' row 0: expected an ISO date-time" in answer.json()["error"], answer.text
+            assert str(bad) not in answer.text
 
 
 def test_body_over_the_limit_is_refused_before_parsing(served):
@@ -301,6 +357,12 @@ def slow(registry):
 AUTH = {"authorization": "Bearer s3cret"}
 
 
+def in_flight(url: str) -> float:
+    "The server's `mlwb_requests_in_flight` gauge."
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("mlwb_requests_in_flight ")))
+
+
 def test_token_host_timeout_and_model_failure(slow):
     url = slow.url
     assert httpx.post(f"{url}/predict", json={"records": [{"x": 0.0}]}).status_code == 401
@@ -309,12 +371,24 @@ def test_token_host_timeout_and_model_failure(slow):
     assert httpx.post(f"{url}/predict", json={"records": [{"x": 0.0}]}, headers={**AUTH, "host": "evil.example.com"}).status_code == 400
     ok = httpx.post(f"{url}/predict", json={"records": [{"x": 0.1}]}, headers=AUTH)
     assert ok.status_code == 200 and ok.json()["predictions"] == [0.2]
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, f"{url}/predict", json={"records": [{"x": 0.6}]}, headers=AUTH, timeout=10)
+        time.sleep(0.3)
+        assert in_flight(url) == 1  # the gauge sees the slow request
+        assert busy.result().status_code == 200
+    assert in_flight(url) == 0
     started = time.monotonic()
     late = httpx.post(f"{url}/predict", json={"records": [{"x": 2.0}]}, headers=AUTH, timeout=10)
     assert late.status_code == 504 and time.monotonic() - started < 1.9
+    assert in_flight(url) == 0  # a request past its time limit stops counting, though the model still runs
     failed = httpx.post(f"{url}/predict", json={"records": [{"x": -1.0}]}, headers=AUTH, timeout=10)
     assert failed.status_code == 500 and failed.json()["request_id"] and "secret" not in failed.text
-    assert httpx.get(f"{url}/metrics", headers=AUTH).text.count("mlwb_requests_in_flight 0.0") == 1
+    assert in_flight(url) == 0
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
+    assert 'mlwb_requests_total{status="401",variant=""}' in metrics and 'mlwb_requests_total{status="401",variant="champion"}' not in metrics
+    deadline = time.monotonic() + 5
+    while not (refused := [r for r in slow.log_records() if r["status"] == 401]) and time.monotonic() < deadline: time.sleep(0.05)
+    assert refused and all(r["variant"] is None for r in refused)  # refused at the door: no variant saw it
 
 
 def test_sigterm_drains_in_flight_requests(slow):
