@@ -200,22 +200,37 @@ DIAMOND = """
       - {name: join, notebook: join.ipynb, depends_on: [left, right], outputs: [out/join.txt]}
 """
 SIDE = ("import json, time, pathlib\nbegan = time.time()\npathlib.Path(f'out/{side}.began').write_text('')\n"
-        "while not pathlib.Path(f'out/{other}.began').exists() and time.time() - began < 30: time.sleep(0.05)\n"
+        "while not pathlib.Path(f'out/{other}.began').exists() and time.time() - began < patience: time.sleep(0.05)\n"
         "json.dump({'began': began, 'ended': time.time()}, open(f'out/{side}.json', 'w'))")
+
+
+def diamond_project(workspace):
+    "Two side stages after `start`, each waiting up to `patience` seconds for the other to begin, then `join`."
+    return write_project(workspace, "diamond", DIAMOND, {
+        "start.ipynb": ("", writes("out/start.txt", "1")),
+        "side.ipynb": ("side = 'left'\nother = 'right'\npatience = 30", SIDE),
+        "join.ipynb": ("", writes("out/join.txt", "2"))})
 
 
 def test_stages_whose_dependencies_allow_it_overlap_in_time(workspace):
     "Each side waits (up to 30 s) for the other to have begun: run one after the other, their intervals could not overlap."
-    folder = write_project(workspace, "diamond", DIAMOND, {
-        "start.ipynb": ("", writes("out/start.txt", "1")),
-        "side.ipynb": ("side = 'left'\nother = 'right'", SIDE),
-        "join.ipynb": ("", writes("out/join.txt", "2"))})
+    folder = diamond_project(workspace)
     run = run_pipeline("diamond", load_settings(workspace))
     assert statuses(run) == dict.fromkeys(["start", "left", "right", "join"], "done"), run.failure and run.failure.error
     left, right = (json.loads((folder / f"out/{s}.json").read_text()) for s in ("left", "right"))
     assert left["began"] < right["ended"] and right["began"] < left["ended"]  # the two intervals overlap
     assert max(left["ended"], right["ended"]) - min(left["began"], right["began"]) < 25  # neither waited out its 30 s
     assert load_settings(workspace).workers == 2
+
+
+def test_the_workers_setting_limits_how_many_stages_run_at_once(workspace, monkeypatch):
+    "With one worker the sides run one after the other: each gives up waiting for the other after 2 s."
+    folder = diamond_project(workspace)
+    monkeypatch.setenv("MLWB_WORKERS", "1")
+    run = run_pipeline("diamond", load_settings(workspace), ["patience=2"])
+    assert statuses(run) == dict.fromkeys(["start", "left", "right", "join"], "done"), run.failure and run.failure.error
+    left, right = (json.loads((folder / f"out/{s}.json").read_text()) for s in ("left", "right"))
+    assert left["ended"] <= right["began"] or right["ended"] <= left["began"]  # never at the same time
 
 
 # --- a rerun with nothing changed -------------------------------------------------------------------
