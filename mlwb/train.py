@@ -8,6 +8,7 @@ Docs: https://mlwb.github.io/mlwb/train.html.md"""
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from .models import get_model
 __all__ = ['TASKS', 'IMBALANCE', 'TRUSTED_PREFIXES', 'TrainError', 'make_pipeline', 'seed_pipeline', 'resample',
            'apply_class_weights', 'positive_scores', 'score_model', 'check_training_data', 'fit_pipeline',
            'cross_validate', 'summarise_folds', 'data_hash', 'serialization_for', 'model_requirements', 'log_model',
-           'flat_params', 'log_history', 'log_folds', 'TrainResult', 'train', 'log_training']
+           'flat_params', 'training_params', 'log_history', 'log_folds', 'TrainResult', 'train', 'log_training']
 
 # %% ../nbs/05_train.ipynb #98f714ea
 class TrainError(MlwbError):
@@ -160,6 +161,11 @@ def flat_params(pipeline: Pipeline) -> dict:
     "The model's own parameters as MLflow text, prefixed `model__`."
     return {f"model__{k}": str(v)[:500] for k, v in pipeline[-1].get_params(deep=False).items()}
 
+def training_params(result, target: str, task: str, seed: int, imbalance) -> dict:
+    "The parameters a rerun needs besides the data and the feature spec: the model's, its class, and how it was trained."
+    how = {"task": task, "target": target, "folds": len(result.folds), "seed": seed, "imbalance": str(imbalance)}
+    return {**flat_params(result.pipeline), "model": type(result.pipeline[-1]).__name__, **how}
+
 def log_history(history: list):
     "A PyTorch model's per-epoch history, each value a metric with the epoch as its step."
     import mlflow
@@ -203,19 +209,20 @@ def train(data: pd.DataFrame, # training rows: feature columns and the target
     metrics = score_model(fitted, valid.drop(columns=[target]), valid[target], task) if valid is not None else {}
     metrics |= summarise_folds(fold_results) if fold_results else {}
     result = TrainResult(fitted, metrics, fold_results)
-    return log_training(result, data, valid, X, task, seed, imbalance) if log else result
+    return log_training(result, data, valid, target, task, features, seed, imbalance) if log else result
 
 # %% ../nbs/05_train.ipynb #e5e4b385
-def log_training(result: TrainResult, data, valid, X, task, seed, imbalance) -> TrainResult:
-    "Log parameters, metrics, history, data hashes and the model to the active MLflow run."
+def log_training(result: TrainResult, data, valid, target: str, task: str, features: dict | None, seed: int, imbalance) -> TrainResult:
+    "Log parameters, the feature spec, metrics, history, data hashes and the model to the active MLflow run."
     import mlflow
     run = mlflow.active_run() or mlflow.start_run()
-    mlflow.log_params({**flat_params(result.pipeline), "model": type(result.pipeline[-1]).__name__, "imbalance": str(imbalance)})
+    mlflow.log_params(training_params(result, target, task, seed, imbalance))
+    if features: mlflow.log_text(json.dumps(features, indent=2, default=str), "features.json")
     mlflow.set_tags({"mlwb.seed": str(seed), "mlwb.train_data_hash": data_hash(data),
                      "mlwb.valid_data_hash": data_hash(valid) if valid is not None else ""})
     mlflow.log_metrics({f"valid_{k}" if not k.startswith("cv_") else k: v for k, v in result.metrics.items()})
     if result.folds: log_folds(result.folds)
     log_history(getattr(result.pipeline[-1], "history_", []))
-    info = log_model(result.pipeline, X, task)
+    info = log_model(result.pipeline, data.drop(columns=[target]), task)
     result.run_id, result.model_uri = run.info.run_id, info.model_uri
     return result

@@ -7,6 +7,7 @@ Docs: https://mlwb.github.io/mlwb/tune.html.md"""
 # %% ../nbs/07_tune.ipynb #e18cc04b
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -25,9 +26,10 @@ from .models import search_space
 from .train import check_training_data, fit_pipeline, make_pipeline, score_model, seed_pipeline
 
 # %% auto #0
-__all__ = ['HIGHER_IS_BETTER', 'TuneError', 'suggest', 'choice', 'TrialSetup', 'fold_scores', 'objective', 'log_trial',
-           'run_worker', 'journal_storage', 'shares', 'TuneResult', 'check_tuning', 'tune', 'start_study_run',
-           'run_study', 'summarise_study', 'log_best']
+__all__ = ['RUN_STATUS', 'STUDY_NAME', 'HIGHER_IS_BETTER', 'TuneError', 'suggest', 'choice', 'TrialSetup', 'fold_scores',
+           'objective', 'score_folds', 'log_trial', 'make_sampler', 'make_pruner', 'run_worker', 'worker_job',
+           'journal_storage', 'shares', 'TuneResult', 'check_tuning', 'tune', 'start_study_run', 'run_study',
+           'in_memory', 'summarise_study', 'log_best']
 
 # %% ../nbs/07_tune.ipynb #b9527400
 class TuneError(MlwbError):
@@ -76,20 +78,30 @@ def fold_scores(setup: TrialSetup, params: dict):
 
 # %% ../nbs/07_tune.ipynb #8146a0d6
 def objective(setup: TrialSetup, trial: optuna.Trial) -> float:
-    "Cross-validated score of one trial's parameters, pruned early when its folds lag behind."
+    "Cross-validated score of one trial's parameters; its nested run records whether it completed, was pruned or failed."
     params, scores = suggest(trial, search_space(setup.model)), []
-    state = "COMPLETE"
+    state = "FAIL"  # until the folds finish or the pruner stops them
     try:
-        for fold, score in enumerate(fold_scores(setup, params)):
-            scores.append(score)
-            trial.report(float(np.mean(scores)), fold)
-            if trial.should_prune(): state = "PRUNED"; raise optuna.TrialPruned()
-        return float(np.mean(scores))
-    finally:
-        log_trial(setup, trial.number, params, scores, state)
+        value = score_folds(setup, trial, params, scores)
+        state = "COMPLETE"
+        return value
+    except optuna.TrialPruned:
+        state = "PRUNED"
+        raise
+    finally: log_trial(setup, trial.number, params, scores, state)
+
+def score_folds(setup: TrialSetup, trial: optuna.Trial, params: dict, scores: list) -> float:
+    "Mean score of `params` over the folds, each appended to `scores`; raise `TrialPruned` when the pruner says stop."
+    for fold, score in enumerate(fold_scores(setup, params)):
+        scores.append(score)
+        trial.report(float(np.mean(scores)), fold)
+        if trial.should_prune(): raise optuna.TrialPruned(f"trial {trial.number} pruned after fold {fold}")
+    return float(np.mean(scores))
+
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # trial state -> MLflow run status
 
 def log_trial(setup: TrialSetup, number: int, params: dict, scores: list, state: str):
-    "A nested MLflow run for one trial (when the study is logged)."
+    "A nested MLflow run for one trial (when the study is logged), its status and tag saying how the trial ended."
     if setup.tracking_uri is None: return
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=setup.tracking_uri)
@@ -97,15 +109,35 @@ def log_trial(setup: TrialSetup, number: int, params: dict, scores: list, state:
     for name, value in params.items(): client.log_param(run.info.run_id, name, str(value))
     for fold, value in enumerate(scores): client.log_metric(run.info.run_id, f"fold_{setup.metric}", value, step=fold)
     if scores: client.log_metric(run.info.run_id, setup.metric, float(np.mean(scores)))
-    client.set_terminated(run.info.run_id, "FINISHED" if state != "FAIL" else "FAILED")
+    client.set_terminated(run.info.run_id, RUN_STATUS[state])
 
 # %% ../nbs/07_tune.ipynb #17eaf587
-def run_worker(setup: TrialSetup, storage_path: str, study_name: str, n_trials: int) -> int:
-    "Run `n_trials` trials of the shared study in this process; return how many ran."
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=journal_storage(storage_path))
-    study.optimize(partial(objective, setup), n_trials=n_trials)
+STUDY_NAME = "mlwb"  # the study's name inside its journal file
+
+def make_sampler(seed: int, worker: int = 0) -> optuna.samplers.BaseSampler:
+    "Optuna's TPE sampler seeded with the study's seed plus the worker's number."
+    return optuna.samplers.TPESampler(seed=seed + worker)
+
+def make_pruner() -> optuna.pruners.BasePruner:
+    "The default pruner: from the second fold on, stop a trial whose running mean is below the median of earlier trials."
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+def run_worker(fields: dict, # the `TrialSetup`'s fields: plain data that any process can rebuild it from
+               storage_path: str, # the study's journal file
+               pruner: optuna.pruners.BasePruner, # the study's pruner, the same in every worker
+               worker: int, # this worker's number, 0 for the first
+               n_trials: int, # trials to run here
+              ) -> int:
+    "Run `n_trials` trials of the shared study with this worker's sampler and the study's pruner; return how many ran."
+    sampler = make_sampler(fields["seed"], worker)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(storage_path), sampler=sampler, pruner=pruner)
+    study.optimize(partial(objective, TrialSetup(**fields)), n_trials=n_trials)
     return n_trials
+
+def worker_job():
+    "`run_worker`, taken from `mlwb.tune` by name, so that a spawned process finds it even when a notebook calls us."
+    import mlwb.tune
+    return mlwb.tune.run_worker
 
 def journal_storage(path: str):
     "An Optuna storage in an append-only journal file, safe for several processes."
@@ -148,6 +180,7 @@ def tune(data: pd.DataFrame, # training rows: features and the target
          folds: int = 3, # cross-validation folds per trial
          n_workers: int = 1, # worker processes running trials at once
          seed: int = 42, # seeds the sampler and every model
+         pruner: optuna.pruners.BasePruner | None = None, # None: `make_pruner()`; `optuna.pruners.NopPruner()` never prunes
          log: bool = True, # log the study and each trial to MLflow (the active run is the parent)
         ) -> TuneResult:
     "Search the model's declared space with Optuna and return (and log) the best parameters."
@@ -156,7 +189,8 @@ def tune(data: pd.DataFrame, # training rows: features and the target
     parent = start_study_run() if log else None
     setup = TrialSetup(data, target, model, task, features, params or {}, metric, folds, seed, *(parent or (None, None, None)))
     with tempfile.TemporaryDirectory() as folder:
-        result = summarise_study(run_study(setup, str(Path(folder) / "journal.log"), n_trials, n_workers), model, metric)
+        study = run_study(setup, str(Path(folder) / "journal.log"), n_trials, n_workers, pruner or make_pruner())
+    result = summarise_study(study, model, metric)
     if log: log_best(result)
     return result
 
@@ -167,16 +201,23 @@ def start_study_run() -> tuple:
     run = mlflow.active_run() or mlflow.start_run()
     return mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id
 
-def run_study(setup: TrialSetup, storage_path: str, n_trials: int, n_workers: int) -> optuna.Study:
-    "Create the study in the journal and run the trials, in worker processes when `n_workers` > 1."
+def run_study(setup: TrialSetup, storage_path: str, n_trials: int, n_workers: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    "Create the study in the journal, run its trials (in spawned worker processes when more than one), and return it in memory."
     direction = "maximize" if HIGHER_IS_BETTER[setup.metric] else "minimize"
-    study = optuna.create_study(study_name="mlwb", storage=journal_storage(storage_path), direction=direction,
-                                sampler=optuna.samplers.TPESampler(seed=setup.seed), pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
-    if n_workers <= 1: study.optimize(partial(objective, setup), n_trials=n_trials)
+    optuna.create_study(study_name=STUDY_NAME, storage=journal_storage(storage_path), direction=direction)
+    jobs = [(vars(setup), storage_path, pruner, worker, n) for worker, n in enumerate(shares(n_trials, n_workers))]
+    if len(jobs) == 1: run_worker(*jobs[0])
     else:
-        with ProcessPoolExecutor(n_workers) as pool:
-            list(pool.map(run_worker, *zip(*[(setup, storage_path, "mlwb", n) for n in shares(n_trials, n_workers)])))
-    return optuna.load_study(study_name="mlwb", storage=journal_storage(storage_path))
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=optuna.logging.set_verbosity, initargs=(optuna.logging.WARNING,)) as pool:
+            list(pool.map(worker_job(), *zip(*jobs)))
+    return in_memory(storage_path)
+
+def in_memory(storage_path: str) -> optuna.Study:
+    "A copy of the journal's study in memory, still readable once the journal file is deleted."
+    memory = optuna.storages.InMemoryStorage()
+    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=journal_storage(storage_path), to_storage=memory)
+    return optuna.load_study(study_name=STUDY_NAME, storage=memory)
 
 # %% ../nbs/07_tune.ipynb #446bcc24
 def summarise_study(study: optuna.Study, model: str, metric: str) -> TuneResult:

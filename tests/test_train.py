@@ -1,5 +1,5 @@
 """Training across modules: a PyTorch model logged by `train` loads through pyfunc in a fresh process,
-seeded runs repeat exactly, and per-epoch metrics reach MLflow."""
+seeded runs repeat exactly, per-epoch metrics reach MLflow, and a run records how to train its model again."""
 import json
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import pytest
 from mlwb.config import load_settings
 from mlwb.data import make_card_transactions
 from mlwb.tracking import ensure_experiment, mlflow_client
-from mlwb.train import TrainError, train
+from mlwb.train import TrainError, data_hash, train
 
 SPEC = {"numeric": ["amount", "distance_from_home_km", "hour"], "categorical": ["merchant_category"]}
 TORCH = {"hidden_sizes": [16], "max_epochs": 8, "batch_size": 128, "patience": 3}
@@ -66,7 +66,26 @@ def test_cross_validation_logs_one_step_per_fold_and_the_data_hash(cards, store)
     stored = client.get_run(run.info.run_id)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fold_roc_auc")] == [0, 1, 2, 3]
     assert len(stored.data.tags["mlwb.train_data_hash"]) == 64 and stored.data.tags["mlwb.seed"] == "5"
-    assert "cv_roc_auc_mean" in stored.data.metrics
+    assert stored.data.tags["mlwb.valid_data_hash"] == ""  # no validation frame: the folds validated
+    assert stored.data.params["folds"] == "4" and "cv_roc_auc_mean" in stored.data.metrics
+
+
+def test_a_run_records_how_to_train_its_model_again(cards, store):
+    client, experiment_id = store
+    train_rows, valid_rows = cards.iloc[:2000], cards.iloc[2000:]
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        result = train(train_rows, "is_fraud", "logistic", features=SPEC, params={"C": 0.5}, valid=valid_rows, seed=9, imbalance="weights")
+    stored = client.get_run(run.info.run_id).data
+    assert {k: stored.params[k] for k in ("model", "task", "target", "folds", "seed", "imbalance", "model__C")} == {
+        "model": "LogisticRegression", "task": "classification", "target": "is_fraud", "folds": "0", "seed": "9",
+        "imbalance": "weights", "model__C": "0.5"}
+    assert mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/features.json") == SPEC
+    assert stored.tags["mlwb.train_data_hash"] == data_hash(train_rows) and stored.tags["mlwb.valid_data_hash"] == data_hash(valid_rows)
+    info = mlflow.models.get_model_info(result.model_uri)
+    features = list(cards.columns.drop("is_fraud"))
+    assert info.signature.inputs.input_names() == features and info.saved_input_example_info is not None
+    probabilities = info.signature.outputs.inputs[0]  # predict_proba: one float column per class
+    assert probabilities.type.name == "float64" and probabilities.shape == (-1, 2)
 
 
 @pytest.mark.parametrize("kwargs, message", [
