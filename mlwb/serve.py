@@ -8,6 +8,7 @@ Docs: https://mlwb.github.io/mlwb/serve.html.md"""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import itertools
 import math
@@ -43,8 +44,8 @@ __all__ = ['NUMBER_KINDS', 'INTEGER_KINDS', 'OTHER_KINDS', 'DATETIME_RANGE', 'CH
            'RequestLog', 'Pending', 'MicroBatcher', 'score_batch', 'ServerMetrics', 'ServeOptions', 'check_binding',
            'json_response', 'Guard', 'refusal', 'ServerState', 'read_body', 'check_content_type', 'response_body',
            'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata',
-           'predict_schemas', 'openapi_document', 'create_app', 'drain', 'run_server', 'request_log_folder',
-           'serve_model', 'serve_command']
+           'predict_schemas', 'openapi_document', 'create_app', 'settle_heap', 'drain', 'run_server',
+           'request_log_folder', 'serve_model', 'serve_command']
 
 # %% ../nbs/08_serve.ipynb #d97a0705
 class ServeError(MlwbError):
@@ -989,6 +990,13 @@ def _load_in_background(state: ServerState, load):
     except Exception as e:
         state.load_error = e
         print(f"mlwb serve: the model could not be loaded: {e}", file=sys.stderr)
+    else: settle_heap()
+
+# %% ../nbs/08_serve.ipynb #71d94c68
+def settle_heap():
+    "Collect once, then freeze everything alive (libraries, the loaded model) so that later collections skip it."
+    gc.collect()
+    gc.freeze()
 
 # %% ../nbs/08_serve.ipynb #63ce70b7
 def _graceful_server():
