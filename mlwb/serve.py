@@ -606,11 +606,11 @@ def _file_for(self: RequestLog, ts: float):
     day = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d")
     if day != self._day:
         if self._file: self._file.close()
-        self._file, self._day = open(self.folder / f"requests-{day}-{self.shard}.jsonl", "ab"), day
+        self._file, self._day = open(self.folder / f"requests-{day}-{self.shard}.jsonl", "ab", buffering=0), day  # unbuffered: one write per request, whole lines only
     return self._file
 
 def _run(self: RequestLog):
-    "The writer thread: take items, append their lines, flush whenever the queue is empty."
+    "The writer thread: take items and append each one's lines in a single write, so a reader never sees half a record."
     stop = False
     while not stop:
         item = self._queue.get()
@@ -620,7 +620,6 @@ def _run(self: RequestLog):
             try: item = self._queue.get_nowait()
             except queue.Empty: break
         stop = item is None
-        if self._file: self._file.flush()
     if self._file: self._file.close(); self._file = None
 
 RequestLog._run = _run
