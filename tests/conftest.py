@@ -72,10 +72,15 @@ def set_stage_parameters(project: Path, changes: dict):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
+# `mlwb check` runs in development mode, which leaves warm kernels for the next check; they would hold the
+# captured output pipes open for 15 minutes, so the tests ask for none.
+NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
+
+
 def check_reference_project(ws: Path, project: str):
     "`mlwb check PROJECT` in `ws` after its pipeline ran there: every milestone passes (the completed process)."
     from mlwb.learn import load_milestones
-    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", "WARM_KERNELS_IDLE_S": "0"}  # no warm kernels left holding the output pipes
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", **NO_WARM_KERNELS}
     checked = run_mlwb("check", project, cwd=ws, env=env)
     n = len(load_milestones(ws / "projects" / project))
     assert checked.returncode == 0 and f"{n} of {n} milestones pass" in checked.stdout, checked.stdout + checked.stderr

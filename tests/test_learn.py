@@ -8,7 +8,7 @@ import shutil
 import nbformat
 import pytest
 
-from conftest import REPO, run_mlwb
+from conftest import NO_WARM_KERNELS, REPO, run_mlwb
 from mlwb.config import load_settings
 from mlwb.learn import BEGIN, load_milestones, load_progress
 from mlwb.tracking import mlflow_client
@@ -27,11 +27,6 @@ def copy_project(name, workspace):
 def fingerprints(folder):
     "SHA-256 of every notebook and YAML file directly in `folder`."
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.suffix in (".ipynb", ".yml")}
-
-
-# `mlwb check` runs in development mode, which leaves warm kernels for the next check; they would hold the
-# captured output pipes open for 15 minutes, so the tests ask for none.
-NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
 
 
 def in_workspace(ws):
