@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .config import MlwbError
+from .serve import read_log_file
 
 # %% auto #0
 __all__ = ['EXIT_HEALTHY', 'EXIT_DRIFT', 'EXIT_DATA_QUALITY', 'EXIT_PERFORMANCE', 'EXIT_MEANINGS', 'SEVERITY',
@@ -629,19 +630,6 @@ def monitor(reference: pd.DataFrame | ReferenceProfile, # reference data, or its
 # %% ../nbs/10_monitor.ipynb #cff1c888
 LOG_FIELDS = ("ts", "request_id", "row", "model", "version", "variant", "status", "latency_ms", "prediction", "probability")
 
-def _parse_lines(path: Path) -> list:
-    "The records of one JSON Lines file; a cut-short last line is skipped."
-    import orjson
-    lines = path.read_bytes().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip(): continue
-        try: records.append(orjson.loads(line))
-        except orjson.JSONDecodeError:
-            if number == len(lines): break  # a writer killed mid-line
-            raise MonitorError(f"{path}: line {number} is not valid JSON") from None
-    return records
-
 def _to_time(value, name: str):
     if value is None: return None
     try: return pd.Timestamp(value).tz_localize("UTC") if pd.Timestamp(value).tzinfo is None else pd.Timestamp(value).tz_convert("UTC")
@@ -655,7 +643,7 @@ def read_request_log(folder: Path | str, # a serving log folder, e.g. runs/reque
     folder = Path(folder)
     files = sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []
     if not files: raise MonitorError(f"{folder}: no request log files (*.jsonl) found")
-    records = [r for path in files for r in _parse_lines(path)]
+    records = [r for path in files for r in read_log_file(path)]
     if not records: raise MonitorError(f"{folder}: the request log is empty")
     meta = pd.DataFrame([{k: r.get(k) for k in LOG_FIELDS} for r in records])
     inputs = pd.DataFrame.from_records([r.get("inputs") or {} for r in records])

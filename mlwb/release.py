@@ -277,13 +277,10 @@ def _record_rollback(name: str, reason: str, settings: Settings):
 
 # %% ../nbs/11_release.ipynb #0b864b1e
 def read_request_log(folder) -> "pd.DataFrame":
-    "Every record of the request log under `folder` (a line cut short by a crash is skipped)."
+    "Every record of the request log under `folder` (a last line cut short by a crash is skipped)."
     import pandas as pd
-    rows = []
-    for path in sorted(Path(folder).rglob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            try: rows.append(json.loads(line))
-            except json.JSONDecodeError: pass
+    from .serve import read_log_file
+    rows = [record for path in sorted(Path(folder).rglob("*.jsonl")) for record in read_log_file(path)]
     if not rows: raise ReleaseError(f"{folder}: no request log records (*.jsonl) found")
     return pd.DataFrame(rows)
 

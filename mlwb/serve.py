@@ -41,10 +41,10 @@ __all__ = ['NUMBER_KINDS', 'INTEGER_KINDS', 'OTHER_KINDS', 'DATETIME_RANGE', 'CH
            'Scores', 'NativePredictor', 'register_fast_path', 'onnx_types', 'onnx_feeds', 'OnnxPredictor',
            'TorchScriptPredictor', 'parity_rows', 'parity', 'choose_predictor', 'ModelRef', 'resolve_model',
            'LoadedModel', 'pd_frame', 'warm_up', 'load_model', 'Variant', 'ModelStore', 'LogItem', 'log_lines',
-           'RequestLog', 'Pending', 'MicroBatcher', 'score_batch', 'ServerMetrics', 'ServeOptions', 'check_binding',
-           'json_response', 'Guard', 'refusal', 'ServerState', 'read_body', 'check_content_type', 'response_body',
-           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata',
-           'predict_schemas', 'openapi_document', 'create_app', 'settle_heap', 'drain', 'run_server',
+           'RequestLog', 'read_log_file', 'Pending', 'MicroBatcher', 'score_batch', 'ServerMetrics', 'ServeOptions',
+           'check_binding', 'json_response', 'Guard', 'refusal', 'ServerState', 'read_body', 'check_content_type',
+           'response_body', 'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score',
+           'metadata', 'predict_schemas', 'openapi_document', 'create_app', 'settle_heap', 'drain', 'run_server',
            'request_log_folder', 'serve_model', 'serve_command']
 
 # %% ../nbs/08_serve.ipynb #d97a0705
@@ -623,6 +623,20 @@ def _run(self: RequestLog):
     if self._file: self._file.close(); self._file = None
 
 RequestLog._run = _run
+
+# %% ../nbs/08_serve.ipynb #2979b31a
+def read_log_file(path: Path | str) -> list:
+    "The records of one request-log file: split at newlines only; a last line cut short by a killed server is skipped."
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip(): continue
+        try: records.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            if number == len(lines): break  # no newline after it: the writer was stopped mid-line
+            raise ServeError(f"{path}: line {number} is not valid JSON") from None
+    return records
 
 # %% ../nbs/08_serve.ipynb #d5db0259
 @dataclass(eq=False)

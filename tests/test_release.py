@@ -186,7 +186,8 @@ class Server:
         except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def records(self) -> list:
-        return [json.loads(line) for f in self.log_dir.rglob("*.jsonl") for line in f.read_text().splitlines() if line.strip()]
+        from mlwb.serve import read_log_file
+        return [record for f in self.log_dir.rglob("*.jsonl") for record in read_log_file(f)]
 
 
 @pytest.fixture(scope="module")

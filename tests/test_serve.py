@@ -134,7 +134,8 @@ class Server:
             except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def log_records(self) -> list:
-        return [json.loads(line) for f in sorted(self.log_dir.rglob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+        from mlwb.serve import read_log_file
+        return [record for f in sorted(self.log_dir.rglob("*.jsonl")) for record in read_log_file(f)]
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +306,18 @@ def test_concurrent_clients_lose_no_log_record(served):
     assert first["model"] == "fraud detection" and first["variant"] == "champion" and set(first["inputs"]) == set(COLUMNS)
     assert 0 <= first["probability"] <= 1 and first["ts"].endswith("+00:00")
     assert server.log_dir.joinpath().exists() and all(f.name.startswith("requests-") for f in server.log_dir.glob("*.jsonl"))
+
+
+def test_a_category_holding_a_unicode_line_separator_is_logged_whole(served):
+    "JSON leaves U+2028 and U+0085 unescaped; `str.splitlines` would cut the record in two, the log reader must not."
+    server, _ = served
+    odd = "on\u2028line\x85"
+    answer = post(server, {"records": [{**ONE, "category": odd}]})
+    assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 5
+    while not (logged := [r for r in server.log_records() if r["request_id"] == answer.json()["request_id"]]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["inputs"]["category"] for r in logged] == [odd]
 
 
 def test_metrics_count_requests_and_batches(served):
