@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,33 +21,38 @@ from pathlib import Path
 
 from fastcore.basics import patch
 from jupyter_client import KernelManager
+from jupyter_client.asynchronous import AsyncKernelClient
+
+if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)  # see "Importing papermill" below
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 from papermill.utils import merge_kwargs, remove_args
+if sys.modules.get("rfc3987_syntax", False) is None: del sys.modules["rfc3987_syntax"]
 from traitlets import Integer, Unicode
 
 # %% auto #0
-__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'IDLE_SECONDS', 'setup_code', 'KernelSetupError', 'MlwbNotebookClient',
-           'BatchedSaves', 'MlwbEngine', 'execute_stage_notebook', 'close_thread_loop', 'idle_seconds', 'start_kernel',
-           'stop_kernel', 'idle_exit', 'warm_imports', 'KernelPool', 'process_alive', 'ParkedKernel', 'kernel_pid',
-           'park_kernel', 'claim_parked', 'stop_parked']
+__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'TEMPLATE_SOURCE', 'IDLE_SECONDS', 'setup_code', 'KernelSetupError',
+           'MlwbNotebookClient', 'BatchedSaves', 'MlwbEngine', 'execute_stage_notebook', 'close_thread_loop',
+           'template_spec', 'socket_folder', 'process_alive', 'ForkedKernel', 'kernel_pid', 'QuickKernelClient',
+           'KernelTemplate', 'idle_seconds', 'start_kernel', 'stop_kernel', 'release_kernel', 'warm_imports',
+           'KernelPool', 'park_template', 'claim_template', 'stop_parked']
 
 # %% ../nbs/19_kernels.ipynb #bb006d5b
 TRACE_IMPORTS = """
 def _mlwb_local_imports(path):
     import json, os, site, sys, sysconfig
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(), site.getusersitepackages()}
-    roots = {os.path.realpath(r) + os.sep for r in roots if r}
-    files = {os.path.realpath(f) for m in list(sys.modules.values()) if isinstance(f := getattr(m, "__file__", None), str)}
-    local = sorted(f for f in files if f.endswith(".py") and os.path.isfile(f) and not any(f.startswith(r) for r in roots))
+    roots = tuple({os.path.realpath(r) + os.sep for r in roots if r} | {os.path.abspath(r) + os.sep for r in roots if r})
+    files = {os.path.realpath(f) for m in list(sys.modules.values())  # resolve only what is not plainly installed: realpath is slow
+             if isinstance(f := getattr(m, "__file__", None), str) and f.endswith(".py") and not f.startswith(roots)}
+    local = sorted(f for f in files if os.path.isfile(f) and not f.startswith(roots))
     with open(path, "w") as out: json.dump(local, out)
 _mlwb_local_imports(__PATH__); del _mlwb_local_imports
 """
 
 def setup_code(env: dict, cwd: Path | None) -> str:
-    "Code that gives an already running kernel the stage's environment variables and working folder (and stops its idle timer)."
-    lines = ["import os as _mlwb_os, sys as _mlwb_sys", "if getattr(_mlwb_sys, 'mlwb_idle_timer', None): _mlwb_sys.mlwb_idle_timer.cancel()",
-             "del _mlwb_sys", f"_mlwb_os.environ.update({json.dumps(env)})"]
+    "Code that gives an already running kernel the stage's environment variables and working folder."
+    lines = ["import os as _mlwb_os", f"_mlwb_os.environ.update({json.dumps(env)})"]
     if cwd is not None: lines.append(f"_mlwb_os.chdir({str(cwd)!r})")
     return "\n".join(lines + ["del _mlwb_os"])
 
@@ -133,20 +140,258 @@ def close_thread_loop():
     if not loop.is_running() and not loop.is_closed(): loop.close()
     asyncio.set_event_loop(None)
 
-# %% ../nbs/19_kernels.ipynb #910fe0ef
-IDLE_SECONDS = 900  # a kernel left waiting for a later run exits after this long unused
+# %% ../nbs/19_kernels.ipynb #e37bb0ea
+TEMPLATE_SOURCE = r'''
+import importlib, json, os, signal, socket, sys, time
+
+def local_files():
+    "The files of loaded modules that live outside the interpreter's own folders, with their modification times."
+    import site, sysconfig
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(), site.getusersitepackages()}
+    roots = tuple(os.path.realpath(r) + os.sep for r in roots if r)
+    found = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.endswith(".py") and not os.path.realpath(path).startswith(roots):
+            try: found[os.path.realpath(path)] = os.stat(path).st_mtime_ns
+            except OSError: pass
+    return found
+
+def warm(names, seen):
+    "Import `names` (a failure is left for the stage to meet); return the local files changed since they were imported."
+    for name in names:
+        try: importlib.import_module(name)
+        except BaseException: pass
+    now = local_files()
+    stale = sorted(f for f, mtime in seen.items() if now.get(f, mtime) != mtime)
+    for f, mtime in now.items(): seen.setdefault(f, mtime)
+    return stale
+
+def become_kernel(request, server, conn):
+    "In the forked child: the stage's folder and environment, then an IPython kernel on the given connection file."
+    server.close(); conn.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2): os.dup2(null, fd)
+    os.chdir(request["cwd"]); os.environ.clear(); os.environ.update(request["env"])
+    if "numpy" in sys.modules: sys.modules["numpy"].random.seed()  # fresh entropy, as a new process would have
+    import threading
+    threading.Thread(target=exit_with, args=(request["owner"],), daemon=True).start()
+    sys.argv = [sys.argv[0], "-f", request["connection_file"], *request["arguments"]]
+    from ipykernel import kernelapp
+    kernelapp.launch_new_instance()
+
+def exit_with(owner):
+    "End this kernel once the run that asked for it has gone (killed, say), rather than live on unused."
+    while alive(owner): time.sleep(1)
+    os._exit(0)
+
+def serve(path, parent):
+    "Answer requests until stopped, until `parent` exits (while it uses us), or until unused for the parked time."
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path); os.chmod(path, 0o600); server.listen(64)
+    if sys.path and sys.path[0] == "": del sys.path[0]  # installed packages only, never a file of the folder we started in
+    import ipykernel.kernelapp, ipykernel.ipkernel  # what every kernel imports first
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the forked kernels
+    server.settimeout(1.0)
+    seen, idle, last = {}, float("inf"), time.monotonic()
+    while True:
+        try: conn, _ = server.accept()
+        except socket.timeout:
+            if (parent and not alive(parent)) or time.monotonic() - last > idle: break
+            continue
+        last = time.monotonic()
+        with conn:
+            conn.settimeout(60)
+            request = json.loads(conn.makefile("r").readline())
+            if request["do"] == "stop": conn.sendall(b"{}\n"); break
+            reply = {}
+            if request["do"] == "claim": parent, idle = request["parent"], float("inf")
+            elif request["do"] == "park": parent, idle = 0, request["idle"]
+            elif request["do"] == "warm": reply = {"stale": warm(request["modules"], seen)}
+            elif request["do"] != "fork": reply = {"error": f"unknown request {request['do']!r}"}
+            else:
+                pid = os.fork()
+                if pid == 0:
+                    try: become_kernel(request, server, conn)
+                    finally: os._exit(0)
+                reply = {"pid": pid}
+            conn.sendall((json.dumps(reply) + "\n").encode())
+    for leftover in (path, path[: -len(".sock")] + ".log"): os.unlink(leftover)
+
+def alive(pid):
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
+serve(sys.argv[1], int(sys.argv[2]))
+'''
+
+# %% ../nbs/19_kernels.ipynb #0502bc66
+def template_spec(kernel_name: str) -> dict | None:
+    "For an IPython kernel of a Python we can run: its interpreter, extra arguments and environment; else None."
+    import shutil
+    from jupyter_client.kernelspec import KernelSpecManager
+    spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    argv = list(spec.argv)
+    if len(argv) < 3 or argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]): return None
+    same = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}  # read as our own Python, as jupyter_client does
+    python = sys.executable if argv[0] in same else argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
+    if not python: return None
+    rest = [a for a in argv[3:] if a not in ("-f", "{connection_file}")]
+    return {"python": python, "arguments": rest + QUIET_KERNEL, "env": dict(spec.env or {})}
+
+def socket_folder() -> Path:
+    "A folder only we can enter, for the templates' sockets (a short path: sockets have a length limit)."
+    import tempfile
+    folder = Path(tempfile.gettempdir()) / f"mlwb-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077: raise KernelSetupError(f"{folder}: not private to this user")
+    return folder
+
+# %% ../nbs/19_kernels.ipynb #a6337894
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` exists and is not a zombie."
+    try: os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError): return False
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError): return True
+
+class ForkedKernel(KernelManager):
+    "A kernel that is not our child process (a template forked it): known by its connection details and process id."
+    pid = Integer(0)
+    @property
+    def has_kernel(self) -> bool: return True
+    def is_alive(self) -> bool: return self.pid > 0 and process_alive(self.pid)
+    async def _async_is_alive(self) -> bool: return self.is_alive()  # what clients ask (nbclient, once a second while a cell runs)
+    def shutdown_kernel(self, now: bool = False, restart: bool = False):
+        if self.pid <= 0: return  # never forked: killpg(0) would hit our own group
+        try: os.killpg(self.pid, signal.SIGKILL)  # the kernel leads its own process group
+        except (ProcessLookupError, PermissionError): pass
+        self.cleanup_connection_file()
+
+def kernel_pid(km) -> int:
+    "The process id of a kernel we started or forked."
+    return km.pid if isinstance(km, ForkedKernel) else km.provisioner.process.pid
+
+# %% ../nbs/19_kernels.ipynb #7e030766
+class QuickKernelClient(AsyncKernelClient):
+    "jupyter_client's kernel client, ready as soon as the kernel answers on both channels."
+    async def _async_wait_for_ready(self, timeout: float | None = None):
+        "Ask for `kernel_info` until the kernel answers it and its IOPub channel is heard (no fixed wait after that)."
+        deadline = time.monotonic() + (timeout or 60)
+        while True:
+            self.kernel_info()
+            try: reply = await self.shell_channel.get_msg(timeout=0.25)
+            except queue.Empty: reply = None
+            if reply and reply["msg_type"] == "kernel_info_reply":
+                try:
+                    await self.iopub_channel.get_msg(timeout=0.5)  # the kernel's busy/idle status: IOPub is connected
+                    self._handle_kernel_info_reply(reply); return
+                except queue.Empty: pass
+            if not await self._async_is_alive(): raise RuntimeError("Kernel died before replying to kernel_info")
+            if time.monotonic() > deadline: raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
+
+    wait_for_ready = _async_wait_for_ready  # the name nbclient calls (AsyncKernelClient binds it to the base class's method)
+
+# %% ../nbs/19_kernels.ipynb #9af05154
+class KernelTemplate:
+    "A process that has imported ipykernel and a pipeline's packages, and forks a fresh kernel on request."
+    def __init__(self, path: Path, pid: int, python: str, process: subprocess.Popen | None = None):
+        self.path, self.pid, self.python, self.process = Path(path), pid, python, process
+
+    @classmethod
+    def start(cls, python: str, cwd: Path, env: dict) -> KernelTemplate:
+        "Start a template that imports in the background and exits when we do (unless it is parked first)."
+        path = socket_folder() / f"{secrets.token_hex(6)}.sock"
+        with open(path.with_suffix(".log"), "wb") as log:  # not a pipe: nothing to fill up, nothing held open after we exit
+            process = subprocess.Popen([python, "-c", TEMPLATE_SOURCE, str(path), str(os.getpid())], cwd=str(cwd), env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        return cls(path, process.pid, python, process)
+
+    @property
+    def alive(self) -> bool:
+        "Whether the template runs (for one we did not start: a live process whose command line names our socket)."
+        if self.process: return self.process.poll() is None
+        try: return process_alive(self.pid) and str(self.path).encode() in Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError: return process_alive(self.pid)  # no /proc here
+
+    def request(self, timeout: float = 300, **message) -> dict:
+        "Send one request and return the answer (waiting for the template to be listening)."
+        deadline = time.monotonic() + timeout
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(timeout)
+                while True:  # until the template listens
+                    try: s.connect(str(self.path)); break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        if not self.alive or time.monotonic() > deadline: raise KernelSetupError(f"the kernel template ({self.python}) did not start{self._why()}") from None
+                        time.sleep(0.01)
+                s.sendall((json.dumps(message) + "\n").encode())
+                answer = s.makefile("r").readline()
+        except OSError as error: raise KernelSetupError(f"the kernel template ({self.python}) did not answer: {error}{self._why()}") from None
+        if not answer: raise KernelSetupError(f"the kernel template ({self.python}) stopped{self._why()}")
+        return json.loads(answer)
+
+    def _why(self) -> str:
+        "The end of what the template printed, if it printed anything."
+        try: text = self.path.with_suffix(".log").read_text(errors="replace").strip()
+        except FileNotFoundError: return ""
+        return f": {text[-2000:]}" if text else ""
+
+# %% ../nbs/19_kernels.ipynb #510543af
+@patch
+def warm(self: KernelTemplate, modules) -> list:
+    "Import `modules` in the template; return the local source files that changed since the template imported them."
+    return self.request(do="warm", modules=sorted(set(modules)))["stale"]
+
+@patch
+def fork(self: KernelTemplate, cwd: Path, env: dict, arguments: list, kernel_name: str) -> ForkedKernel:
+    "A fresh kernel forked from the template, in folder `cwd` with environment `env` (it may still be starting)."
+    from jupyter_core.paths import jupyter_runtime_dir
+    Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
+    km = ForkedKernel(kernel_name=kernel_name, connection_file=str(Path(jupyter_runtime_dir()) / f"kernel-mlwb-{secrets.token_hex(8)}.json"))
+    km.write_connection_file()  # free ports and a fresh signing key, as jupyter_client writes them for a kernel it starts
+    km.client_class = "mlwb.kernels.QuickKernelClient"
+    try: km.pid = self.request(do="fork", cwd=str(cwd), env=env, arguments=arguments, connection_file=km.connection_file,
+                               owner=os.getpid())["pid"]
+    except BaseException: km.cleanup_connection_file(); raise
+    return km
+
+@patch
+def claim(self: KernelTemplate):
+    "Tell a parked template that we use it now: it stops its idle clock, and exits if we do."
+    self.request(timeout=10, do="claim", parent=os.getpid())
+
+@patch
+def park(self: KernelTemplate, idle: float):
+    "Tell the template to outlive us, and to exit once unused for `idle` seconds."
+    self.request(timeout=10, do="park", idle=idle)
+
+@patch
+def stop(self: KernelTemplate):
+    "Stop the template (kernels it forked live on until they are stopped)."
+    if self.alive:
+        try: os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError): pass
+    if self.process: self.process.wait()
+    deadline = time.monotonic() + 5
+    while process_alive(self.pid) and time.monotonic() < deadline: time.sleep(0.01)  # gone when we return
+    self.path.unlink(missing_ok=True); self.path.with_suffix(".log").unlink(missing_ok=True)
+
+# %% ../nbs/19_kernels.ipynb #ecbbd557
+IDLE_SECONDS = 900  # a parked template exits after this long unused
 
 def idle_seconds() -> float:
-    "How long a parked kernel waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: do not park), else `IDLE_SECONDS`."
+    "How long a parked template waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: do not park), else `IDLE_SECONDS`."
     return float(os.environ.get("WARM_KERNELS_IDLE_S") or IDLE_SECONDS)
 
-def start_kernel(kernel_name: str, cwd: Path, env: dict, warm_code: str | None = None, independent: bool = False) -> KernelManager:
-    "A running kernel (given `warm_code`, with that code already run in it); `independent`: it may outlive this process."
+def start_kernel(kernel_name: str, cwd: Path, env: dict, warm_code: str | None = None) -> KernelManager:
+    "A kernel started the usual way, through jupyter_client (given `warm_code`, with that code already run in it)."
     km = KernelManager(kernel_name=kernel_name)
     km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"  # what nbclient expects from km.client()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if independent else {}  # else it holds our output pipes open
-    km.start_kernel(env=env, cwd=str(cwd), extra_arguments=QUIET_KERNEL, independent=independent, **quiet)
-    if independent: warm_code = idle_exit(idle_seconds()) + (warm_code or "")
+    km.start_kernel(env=env, cwd=str(cwd), extra_arguments=QUIET_KERNEL)
     if warm_code:
         kc = km.blocking_client(); kc.start_channels()
         try:
@@ -162,28 +407,30 @@ def stop_kernel(km: KernelManager):
     except Exception: pass
     finally: close_thread_loop()
 
-def idle_exit(seconds: float) -> str:
-    "Kernel code that ends the kernel after `seconds` unless a stage's set-up code cancels the timer first."
-    return ("import sys as _s, threading as _t, os as _o\n_s.mlwb_idle_timer = _t.Timer(%r, _o._exit, (0,))\n"
-            "_s.mlwb_idle_timer.daemon = True; _s.mlwb_idle_timer.start(); del _s, _t, _o\n" % seconds)
+def release_kernel(km: KernelManager):
+    "Stop a used kernel: a forked one at once (one signal), else in the background (jupyter_client waits for the process)."
+    if isinstance(km, ForkedKernel): km.shutdown_kernel()
+    else: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
 
 def warm_imports(modules) -> str:
     "Kernel code that imports `modules` into `sys.modules` without binding any name in the user's namespace."
     return ("def _mlwb_warm(names):\n    import importlib\n    for name in names:\n        try: importlib.import_module(name)\n"
             f"        except Exception: pass\n_mlwb_warm({sorted(set(modules))!r}); del _mlwb_warm")
 
-# %% ../nbs/19_kernels.ipynb #5261050a
+# %% ../nbs/19_kernels.ipynb #9d560a25
 class KernelPool:
-    "Kernels started in the background ahead of need; each is handed out once. With `park`, unused ones wait there for a later run."
-    def __init__(self, kernel_name: str, cwd: Path, env: dict, size: int = 1, limit: int | None = None, warm_code: str | None = None,
-                 park: Path | None = None):
-        self.kernel_name, self.cwd, self.env, self.warm_code, self.park = kernel_name, cwd, env, warm_code, park
+    "Fresh kernels started in the background ahead of need, each handed out once; forked from a template when the kernel is IPython's."
+    def __init__(self, kernel_name: str, cwd: Path, env: dict, size: int = 1, limit: int | None = None, modules=(), park: Path | None = None):
+        self.kernel_name, self.cwd, self.env, self.modules, self.park = kernel_name, cwd, env, sorted(set(modules)), park
         self.left = limit if limit is not None else float("inf")  # kernels still to start
         self.ready, self.lock, self.closed, self.threads = queue.Queue(), threading.Lock(), False, []
-        parked = claim_parked(park, kernel_name, min(size, self.left)) if park else []
-        for km in parked: self.ready.put(km)
-        self.left -= len(parked)
-        for _ in range(size - len(parked)): self._start_another()
+        self.spec, self.template, self.warmed, self.template_lock = template_spec(kernel_name), None, False, threading.Lock()
+        if self.spec:
+            self.template = (claim_template(park, kernel_name, self.spec["python"]) if park else None) or self._new_template()
+        for _ in range(min(size, self.left)): self._start_another()
+
+    def _new_template(self) -> KernelTemplate:
+        return KernelTemplate.start(self.spec["python"], self.cwd, {**self.env, **self.spec["env"]})
 
     def _start_another(self):
         "Start one more kernel in a background thread, unless the limit is reached."
@@ -194,13 +441,23 @@ class KernelPool:
         self.threads.append(thread)
 
     def _start_one(self):
-        try: km = start_kernel(self.kernel_name, self.cwd, self.env, self.warm_code, independent=self.park is not None)
+        try: km = self._fork() if self.template else start_kernel(self.kernel_name, self.cwd, self.env, warm_imports(self.modules))
         except Exception as error: self.ready.put(error); return
         with self.lock:
-            if not self.closed or self.park: self.ready.put(km); return
+            if not self.closed: self.ready.put(km); return
         stop_kernel(km)  # the pool was closed while this kernel started
 
-# %% ../nbs/19_kernels.ipynb #44dab830
+# %% ../nbs/19_kernels.ipynb #132f7659
+@patch
+def _fork(self: KernelPool) -> ForkedKernel:
+    "A kernel forked from the template, once the template has the pipeline's imports (a template whose local sources changed is replaced)."
+    with self.template_lock:
+        if not self.warmed:
+            if self.template.warm(self.modules):  # a parked template imported files that were edited since
+                self.template.stop(); self.template = self._new_template(); self.template.warm(self.modules)
+            self.warmed = True
+    return self.template.fork(self.cwd, {**self.env, **self.spec["env"]}, self.spec["arguments"], self.kernel_name)
+
 @patch
 def take(self: KernelPool, timeout: float = 300) -> KernelManager:
     "A started kernel (waiting for one if none is ready); a replacement starts in the background."
@@ -215,69 +472,46 @@ def take(self: KernelPool, timeout: float = 300) -> KernelManager:
 
 @patch
 def close(self: KernelPool):
-    "Stop the kernels that were started but not used, or, with `park`, leave them there for the next run."
+    "Stop the kernels that were started but not used; stop the template, or, with `park`, leave it for the next run."
     with self.lock: self.closed = True
-    if self.park:
-        for thread in self.threads: thread.join(timeout=120)  # let the kernels still warming finish, to park them too
     while True:
         try: km = self.ready.get_nowait()
         except queue.Empty: break
-        if isinstance(km, Exception): continue
-        if self.park and km.is_alive(): park_kernel(km, self.park)
-        else: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
+        if not isinstance(km, Exception): release_kernel(km)
+    if not self.template: return
+    with self.template_lock:  # not while a kernel is being forked
+        if self.park and self.warmed and self.template.alive: park_template(self.template, self.park, self.kernel_name)
+        else: self.template.stop()
 
-# %% ../nbs/19_kernels.ipynb #ea36d462
-def process_alive(pid: int) -> bool:
-    "Whether process `pid` exists and is not a zombie."
-    try: os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError): return False
-    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError): return True
-
-class ParkedKernel(KernelManager):
-    "A kernel started by an earlier run: its connection details and process id, without the process object."
-    pid = Integer(0)
-    @property
-    def has_kernel(self) -> bool: return True
-    def is_alive(self) -> bool: return process_alive(self.pid)
-    def shutdown_kernel(self, now: bool = False, restart: bool = False):
-        try: os.killpg(self.pid, signal.SIGKILL)  # the kernel leads its own process group
-        except (ProcessLookupError, PermissionError): pass
-
-def kernel_pid(km) -> int:
-    "The process id of a kernel we started or claimed."
-    return km.pid if isinstance(km, ParkedKernel) else km.provisioner.process.pid
-
-# %% ../nbs/19_kernels.ipynb #99186621
-def park_kernel(km, folder: Path):
-    "Leave kernel `km` running for a later run, described by a file in `folder`."
-    info = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in km.get_connection_info().items()}
-    record = {"pid": kernel_pid(km), "kernel_name": km.kernel_name, "python": sys.executable, "connection": info}
+# %% ../nbs/19_kernels.ipynb #80dccc60
+def park_template(template: KernelTemplate, folder: Path, kernel_name: str):
+    "Leave `template` running for a later run, described by a file in `folder`."
+    try: template.park(idle_seconds())
+    except KernelSetupError: template.stop(); return
+    record = {"pid": template.pid, "socket": str(template.path), "python": template.python, "kernel_name": kernel_name}
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{record['pid']}.tmp"
-    tmp.write_text(json.dumps(record)); os.replace(tmp, folder / f"kernel-{record['pid']}.json")
+    tmp = folder / f".{template.pid}.tmp"
+    tmp.write_text(json.dumps(record)); os.replace(tmp, folder / f"template-{template.pid}.json")
 
-def claim_parked(folder: Path, kernel_name: str, count) -> list:
-    "Up to `count` live parked kernels of `kernel_name` from `folder`, each taken by an atomic rename."
-    claimed = []
-    for path in sorted(Path(folder).glob("kernel-*.json")) if Path(folder).is_dir() else []:
-        if len(claimed) >= count: break
+def claim_template(folder: Path, kernel_name: str, python: str) -> KernelTemplate | None:
+    "A live parked template of `kernel_name` and `python` from `folder`, taken by an atomic rename; else None."
+    for path in sorted(Path(folder).glob("template-*.json")) if Path(folder).is_dir() else []:
         mine = path.with_name(f".claimed-{os.getpid()}-{path.name}")
         try: os.rename(path, mine)
         except FileNotFoundError: continue  # another run claimed it first
         record = json.loads(mine.read_text()); mine.unlink()
-        km = ParkedKernel(kernel_name=record["kernel_name"], pid=record["pid"])
-        km.load_connection_info(record["connection"])
-        km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
-        if record["kernel_name"] == kernel_name and record["python"] == sys.executable and km.is_alive(): claimed.append(km)
-        else: stop_kernel(km)
-    return claimed
+        template = KernelTemplate(record["socket"], record["pid"], record["python"])
+        if record["kernel_name"] == kernel_name and record["python"] == python and template.alive:
+            try: template.claim(); return template
+            except KernelSetupError: pass
+        template.stop()
+    return None
 
 def stop_parked(folder: Path) -> int:
-    "Stop every kernel parked in `folder`; return how many were stopped."
+    "Stop every template parked in `folder`; return how many were stopped."
     stopped = 0
-    for path in Path(folder).glob("kernel-*.json") if Path(folder).is_dir() else []:
+    for path in Path(folder).glob("template-*.json") if Path(folder).is_dir() else []:
         try: record = json.loads(path.read_text()); path.unlink()
         except (FileNotFoundError, ValueError): continue
-        ParkedKernel(pid=record["pid"]).shutdown_kernel(); stopped += 1
+        KernelTemplate(record["socket"], record["pid"], record["python"]).stop(); stopped += 1
     return stopped

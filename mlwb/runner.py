@@ -155,7 +155,7 @@ def store_id(settings: Settings) -> str:
 # %% ../nbs/22_runner.ipynb #f1aa8e83
 def execute_stage(ctx: RunContext, stage: Stage, key: StageKey, reasons: list) -> StageResult:
     "Run `stage`'s notebook in its child run; on success, record its outputs in the cache index."
-    from mlwb.kernels import execute_stage_notebook, stop_kernel
+    from mlwb.kernels import execute_stage_notebook, release_kernel
     params, started = ctx.parameters[stage.name], time.monotonic()
     with ctx.lock: run_id = ctx.tracker.start_stage(stage, params, {"mlwb.reasons": "; ".join(reasons)[:5000]})
     notebook = ctx.folder / f"{ctx.pipeline.names.index(stage.name) + 1:02d}_{stage.name}.ipynb"
@@ -171,7 +171,7 @@ def execute_stage(ctx: RunContext, stage: Stage, key: StageKey, reasons: list) -
     except Exception as error:
         result.status, result.error = "failed", describe_failure(stage, error, notebook)
     finally:
-        if km is not None: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
+        if km is not None: release_kernel(km)
     result.seconds = time.monotonic() - started
     with ctx.lock:
         ctx.tracker.end_stage(run_id, "FINISHED" if result.status == "done" else "FAILED", result.seconds, notebook)
@@ -249,8 +249,9 @@ def run_pipeline(project: str, settings: Settings | None = None, parameters=(), 
         ctx = new_context(settings, pipeline, resolved, forced, on_event, dev)
         may_run = stages_that_may_run(ctx)
         if may_run: check_kernel(settings.kernel_name)
-        start_run(ctx, parameters, light=not may_run, tags=tags)
-        with kernel_pool(ctx, may_run): results = run_stages(ctx)
+        with kernel_pool(ctx, may_run):  # the kernels' imports start now, while MLflow's load here
+            start_run(ctx, parameters, light=not may_run, tags=tags)
+            results = run_stages(ctx)
         return finish_run(ctx, results)
 
 # %% ../nbs/22_runner.ipynb #644e66a1
@@ -315,9 +316,9 @@ def environment_memo(settings: Settings) -> Path:
     return settings.runs_path / ".environment.json"
 
 def start_run(ctx: RunContext, cli_parameters, light: bool = False, tags: dict | None = None):
-    "Create the run folder and the parent MLflow run (through the light path when `light` and the store allows it), with extra `tags`."
+    "Create the run folder and the parent MLflow run (through the light path when `light` or in development mode, if the store allows it), with extra `tags`."
     ctx.folder.mkdir(parents=True)
-    ctx.tracker = (light and LightTracker.open(ctx.settings, ctx.pipeline)) or RunTracker(ctx.settings, ctx.pipeline)
+    ctx.tracker = ((light or ctx.dev) and LightTracker.open(ctx.settings, ctx.pipeline)) or RunTracker(ctx.settings, ctx.pipeline)
     git = git_state(ctx.pipeline.folder)
     extra, tags = tags, {"mlwb.project": ctx.pipeline.name, "mlwb.run_id": ctx.folder.name, "mlwb.run_folder": str(ctx.folder),
             "mlwb.mode": "dev" if ctx.dev else "release", "mlwb.python": sys.version.split()[0],
@@ -427,12 +428,10 @@ def _is_local(folder: Path, module: str) -> bool:
 def kernel_pool(ctx: RunContext, may_run: list):
     "A pool of kernels for the stages in `may_run` (none when empty), closed at the end."
     if not may_run: yield None; return
-    from mlwb.kernels import KernelPool, idle_seconds, warm_imports
-    warm = warm_imports(notebook_imports(ctx.pipeline)) if ctx.dev else None
-    size, park = min(ctx.settings.workers, len(may_run)), ctx.dev and idle_seconds() > 0
-    ctx.pool = KernelPool(ctx.settings.kernel_name, ctx.pipeline.folder, stage_environment(ctx), size=size,
-                          limit=len(may_run) + (size if park else 0),  # development: `size` more, left warm for the next run
-                          warm_code=warm, park=warm_kernels_folder(ctx.settings) if park else None)
+    from mlwb.kernels import KernelPool, idle_seconds
+    park = ctx.dev and idle_seconds() > 0
+    ctx.pool = KernelPool(ctx.settings.kernel_name, ctx.pipeline.folder, stage_environment(ctx), size=min(ctx.settings.workers, len(may_run)),
+                          limit=len(may_run), modules=notebook_imports(ctx.pipeline), park=warm_kernels_folder(ctx.settings) if park else None)
     try: yield ctx.pool
     finally: ctx.pool.close()
 
@@ -529,6 +528,30 @@ def finish(self: LightTracker, status: str, artifacts: dict):
     folder = Path(url2pathname(urlparse(self.artifact_uris[self.parent_id]).path)) / "reproduce"
     for name, text in artifacts.items(): write_atomically(folder / name, text)
     self._write([("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, _now_ms(), self.parent_id))])
+    self._commit()
+
+# %% ../nbs/22_runner.ipynb #8ba00393
+@patch
+def start_stage(self: LightTracker, stage: Stage, parameters: dict, tags=None) -> str:
+    "Create and commit the running child run of `stage` (with the parent run, if not written yet)."
+    run_id = self.create_run(stage.name, {"mlflow.parentRunId": self.parent_id, "mlwb.stage": stage.name, **(tags or {})}, parameters)
+    self._commit()
+    return run_id
+
+@patch
+def end_stage(self: LightTracker, run_id: str, status: str, seconds: float, notebook: Path | None = None):
+    "Close a child run with its status, duration and executed notebook, and commit."
+    import shutil
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+    if notebook is not None and notebook.exists():
+        folder = Path(url2pathname(urlparse(self.artifact_uris[run_id]).path)) / "notebook"
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(notebook, folder / notebook.name)
+    now = _now_ms()
+    self._write([(f"INSERT INTO {table} (key, value, timestamp, step, is_nan, run_uuid) VALUES ('duration_s', ?, ?, 0, 0, ?)",
+                  (round(seconds, 3), now, run_id)) for table in ("metrics", "latest_metrics")]
+                + [("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, now, run_id))])
     self._commit()
 
 # %% ../nbs/22_runner.ipynb #a449ed21

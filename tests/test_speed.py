@@ -75,6 +75,10 @@ def test_warm_kernels_keep_imports_but_not_variables_and_the_run_is_tagged_devel
     parent = parent_run(workspace, run)
     assert parent.data.tags["mlwb.mode"] == "dev" and "not a reproducible" in parent.data.tags["mlwb.note"]
     assert "(dev)" in parent.data.tags["mlflow.runName"]
+    client = mlflow_client(load_settings(workspace, environ={}))  # written through the light path, read back by MLflow
+    child = client.get_run(run.results[1].run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == run.mlflow_run_id and child.data.metrics["duration_s"] > 0
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "notebook")] == ["notebook/02_second.ipynb"]
     # a release run does not reuse what a development run produced
     assert why_stage("iso", "first", load_settings(workspace)) == ["last run was in development mode"]
     again = run_pipeline("iso", load_settings(workspace))
@@ -88,16 +92,18 @@ WARM = "stages:\n  - {name: only, notebook: only.ipynb, outputs: [out/only.json]
 def test_development_runs_leave_warm_kernels_for_the_next_one(dev_workspace):
     workspace = dev_workspace
     folder = write_project(workspace, "warm", WARM, {"only.ipynb": (
-        "n = 1", "import sys, os\nstate = {'pid': os.getpid(), 'csv_preloaded': 'csv' in sys.modules}",
+        "n = 1", "import sys, os\nstate = {'pid': os.getpid(), 'parent': os.getppid(), 'csv_preloaded': 'csv' in sys.modules}",
         "import csv, json, pathlib\npathlib.Path('out').mkdir(exist_ok=True)\npathlib.Path('out/only.json').write_text(json.dumps(state))")})
     settings = load_settings(workspace)
     assert statuses(run_pipeline("warm", settings, dev=True)) == {"only": "done"}
-    parked = {json.loads(p.read_text())["pid"] for p in (workspace / "runs/.warm-kernels").glob("kernel-*.json")}
-    assert len(parked) == 1
+    first = json.loads((folder / "out/only.json").read_text())
+    parked = {json.loads(p.read_text())["pid"] for p in (workspace / "runs/.warm-kernels").glob("template-*.json")}
+    assert parked == {first["parent"]}  # the template that forked the first run's kernel waits for the next run
     assert statuses(run_pipeline("warm", settings, force=True, dev=True)) == {"only": "done"}
     state = json.loads((folder / "out/only.json").read_text())
-    assert state["pid"] in parked and state["csv_preloaded"]  # the second run used the kernel the first one left warm
-    assert stop_warm_kernels(settings) == 1 and not list((workspace / "runs/.warm-kernels").glob("kernel-*.json"))
+    assert state["parent"] in parked and state["pid"] != first["pid"] and state["csv_preloaded"]  # a new kernel from the same warm template
+    assert stop_warm_kernels(settings) == 1 and not list((workspace / "runs/.warm-kernels").glob("template-*.json"))
+    assert not alive(state["parent"])
 
 
 # --- a kernel killed from outside -----------------------------------------------------------------------
@@ -149,13 +155,13 @@ def test_kernel_killed_mid_stage_fails_that_stage_cleanly_and_the_next_run_works
 
 
 def test_pool_replaces_a_kernel_that_died_while_waiting(tmp_path):
-    from mlwb.kernels import KernelPool, stop_kernel
+    from mlwb.kernels import KernelPool, kernel_pid, stop_kernel
     pool = KernelPool("python3", tmp_path, dict(os.environ), size=1, limit=2)
     try:
         deadline = time.monotonic() + 120
         while pool.ready.empty() and time.monotonic() < deadline: time.sleep(0.1)
         waiting = pool.ready.queue[0]
-        pid = waiting.provisioner.process.pid
+        pid = kernel_pid(waiting)
         os.kill(pid, signal.SIGKILL)
         while alive(pid): time.sleep(0.05)
         km = pool.take()
@@ -296,4 +302,33 @@ def test_cli_development_run_ends_when_mlwb_ends_although_it_leaves_warm_kernels
     result = subprocess.run([str(Path(sys.executable).parent / "mlwb"), "run", "warm", "--dev"], cwd=dev_workspace,
                             capture_output=True, text=True, timeout=240)  # a held pipe would outlast this
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "development mode" in result.stdout and list((dev_workspace / "runs/.warm-kernels").glob("kernel-*.json"))
+    assert "development mode" in result.stdout and list((dev_workspace / "runs/.warm-kernels").glob("template-*.json"))
+
+
+# --- kernels: the fallback for kernels that cannot be forked, and a cheap papermill import -----------------
+
+def test_a_kernel_spec_that_cannot_be_forked_gets_kernels_started_the_usual_way(tmp_path, monkeypatch):
+    "A kernel spec that is not `python -m ipykernel_launcher` has no template: the pool starts kernels through jupyter_client."
+    from mlwb.kernels import ForkedKernel, KernelPool, execute_stage_notebook, stop_kernel
+    spec = tmp_path / "kernels" / "plain-start"; spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"display_name": "plain start", "language": "python", "argv": [
+        sys.executable, "-c", "from ipykernel import kernelapp; kernelapp.launch_new_instance()", "-f", "{connection_file}"]}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    make_notebook(tmp_path / "nb.ipynb", "n = 1", "import sys\nprint(n, 'csv' in sys.modules)")
+    pool = KernelPool("plain-start", tmp_path, dict(os.environ), size=1, limit=1, modules=["csv"])
+    try:
+        assert pool.template is None
+        km = pool.take()
+        assert not isinstance(km, ForkedKernel) and km.is_alive()
+        execute_stage_notebook(tmp_path / "nb.ipynb", tmp_path / "out.ipynb", {"n": 7}, "plain-start", {}, tmp_path, km=km)
+        stop_kernel(km)
+    finally: pool.close()
+    import nbformat
+    assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"] == "7 True\n"  # warmed there too
+
+
+def test_importing_the_kernels_module_skips_jsonschemas_slow_iri_grammars_and_leaves_them_importable():
+    probe = ("import sys, mlwb.kernels\nskipped = 'rfc3987_syntax' not in sys.modules\n"
+             "import rfc3987_syntax\nprint(skipped, rfc3987_syntax.is_valid_syntax('iri', 'http://example.com/a'))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr
