@@ -104,7 +104,7 @@ def print_summary(run, settings):
 @click.option("-p", "--parameter", "parameters", multiple=True, metavar="NAME=VALUE", help="Override a parameter (STAGE.NAME=VALUE for one stage).")
 @click.option("--force", is_flag=True, help="Run every stage, whatever the cache says.")
 @click.option("--from", "from_stage", metavar="STAGE", help="Run this stage and every later one.")
-@click.option("--dev", is_flag=True, help="Development mode: warm kernels with heavy imports loaded; the run is tagged as not reproducible.")
+@click.option("--dev", is_flag=True, help="Development mode: kernels forked from a template kept warm between runs; the run is tagged as not reproducible.")
 def run_command(project, parameters, force, from_stage, dev):
     "Run a project's pipeline, reusing stages whose inputs have not changed."
     from mlwb.runner import run_pipeline

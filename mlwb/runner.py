@@ -123,7 +123,7 @@ class RunContext:
     forced: set
     environment: dict
     on_event: callable = None
-    dev: bool = False  # development mode: warm kernels, runs tagged as such
+    dev: bool = False  # development mode: a template kept warm between runs, runs tagged as such
     pool: object = None  # the KernelPool of this run, once a stage has to run
     lock: object = field(default_factory=threading.RLock)  # guards the cache index, the tracker and the progress display
 
@@ -436,11 +436,11 @@ def kernel_pool(ctx: RunContext, may_run: list):
     finally: ctx.pool.close()
 
 def warm_kernels_folder(settings: Settings) -> Path:
-    "Where development runs leave warm kernels for the next one."
+    "Where development runs leave their warm kernel template for the next one."
     return settings.runs_path / ".warm-kernels"
 
 def stop_warm_kernels(settings: Settings) -> int:
-    "Stop the warm kernels that development runs left waiting (they also stop by themselves when unused for 15 minutes)."
+    "Stop the kernel templates that development runs left waiting (they also stop by themselves when unused for 15 minutes)."
     from mlwb.kernels import stop_parked
     return stop_parked(warm_kernels_folder(settings))
 

@@ -72,8 +72,8 @@ def set_stage_parameters(project: Path, changes: dict):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
-# `mlwb check` runs in development mode, which leaves warm kernels for the next check; they would hold the
-# captured output pipes open for 15 minutes, so the tests ask for none.
+# `mlwb check` runs in development mode, which leaves a warm kernel template for the next check; a test's
+# workspace is deleted after it, so the tests ask for none rather than leave processes behind for 15 minutes.
 NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
 
 
