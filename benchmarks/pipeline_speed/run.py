@@ -4,8 +4,9 @@
 
 A six-stage pipeline of small notebooks (each imports pandas and scikit-learn and does a few cells of light
 work), run as:
-  1. `mlwb run --force` (release mode: a fresh kernel per stage, started ahead; independent stages together),
-  2. `mlwb run --force --dev` (development mode: warm kernels),
+  1. `mlwb run --force` (release mode: a fresh kernel per stage, forked ahead from a template that has the imports;
+     independent stages together),
+  2. `mlwb run --force --dev` (development mode: the template kept warm between runs),
   3. papermill's Python API, one notebook after the other (what a hand-written runner does),
   4. the same code as plain Python in one process (the limit: no kernels, imports paid once),
   5. Ploomber 0.23.3 (`ploomber build --force`), in its own virtual environment under benchmarks/.envs/ploomber;
@@ -116,7 +117,7 @@ def bench_mlwb(ws, folder, repeat) -> dict:
     timed([MLWB, "run", "bench"], ws, env)  # first run: creates the MLflow store and the experiment
     times = {"mlwb release": median_of(repeat, lambda: timed([MLWB, "run", "bench", "--force"], ws, env)),
              "mlwb no-change rerun (bench)": median_of(repeat, lambda: timed([MLWB, "run", "bench"], ws, env))}
-    timed([MLWB, "run", "bench", "--force", "--dev"], ws, {**env, "WARM_KERNELS_IDLE_S": "120"})  # leaves warm kernels, as a previous dev run would
+    timed([MLWB, "run", "bench", "--force", "--dev"], ws, {**env, "WARM_KERNELS_IDLE_S": "120"})  # leaves a warm template, as a previous dev run would
     times["mlwb dev"] = median_of(repeat, lambda: timed([MLWB, "run", "bench", "--force", "--dev"], ws, {**env, "WARM_KERNELS_IDLE_S": "120"}))
     subprocess.run([PYTHON, "-c", f"from mlwb.kernels import stop_parked; stop_parked({str(ws / 'runs' / '.warm-kernels')!r})"], check=True)
     return times
