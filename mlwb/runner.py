@@ -25,16 +25,16 @@ from fastcore.basics import patch
 from .cache import CacheIndex, StageKey, code_cells_hash, environment_versions, file_hashes, hash_bytes, hash_file, make_record, stale_reasons, write_atomically
 from .config import ConfigError, MlwbError, Settings, load_settings
 from .pipeline import Pipeline, PipelineError, Stage, find_project, load_pipeline, parse_cli_parameters, read_cells, resolve_pipeline_parameters
-from .tracking import embedded_tracking_uri, ensure_experiment, environment_lock, git_state, mlflow_client, run_url, tracking_uri
+from .tracking import embedded_tracking_uri, ensure_experiment, environment_lock, git_state, is_embedded, mlflow_client, run_url, tracking_uri
 
 # %% auto #0
 __all__ = ['KNOWN_SCHEMAS', 'RunTracker', 'stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage',
            'stage_reasons', 'store_id', 'execute_stage', 'stage_variables', 'stage_environment', 'output_stamps',
            'check_outputs', 'remember_stage', 'source_cell_number', 'describe_failure', 'run_pipeline', 'select_stages',
            'forced_stages', 'check_declared_inputs', 'check_kernel', 'project_lock', 'new_run_id', 'new_context',
-           'environment_memo', 'start_run', 'ready_stages', 'run_stages', 'record_result', 'reproduction_record',
-           'lock_text', 'PipelineRun', 'finish_run', 'stages_that_may_run', 'notebook_imports', 'kernel_pool',
-           'warm_kernels_folder', 'stop_warm_kernels', 'LightTracker', 'why_stage']
+           'environment_memo', 'start_run', 'abandoned_runs', 'ready_stages', 'run_stages', 'record_result',
+           'reproduction_record', 'lock_text', 'PipelineRun', 'finish_run', 'stages_that_may_run', 'notebook_imports',
+           'kernel_pool', 'warm_kernels_folder', 'stop_warm_kernels', 'LightTracker', 'why_stage']
 
 # %% ../nbs/22_runner.ipynb #f73bcbe8
 def _short(value, limit=500) -> str:
@@ -319,6 +319,7 @@ def start_run(ctx: RunContext, cli_parameters, light: bool = False, tags: dict |
     "Create the run folder and the parent MLflow run (through the light path when `light` or in development mode, if the store allows it), with extra `tags`."
     ctx.folder.mkdir(parents=True)
     ctx.tracker = ((light or ctx.dev) and LightTracker.open(ctx.settings, ctx.pipeline)) or RunTracker(ctx.settings, ctx.pipeline)
+    if is_embedded(ctx.settings): ctx.tracker.close_abandoned(ctx.settings.runs_path / ctx.pipeline.name)
     git = git_state(ctx.pipeline.folder)
     extra, tags = tags, {"mlwb.project": ctx.pipeline.name, "mlwb.run_id": ctx.folder.name, "mlwb.run_folder": str(ctx.folder),
             "mlwb.mode": "dev" if ctx.dev else "release", "mlwb.python": sys.version.split()[0],
@@ -327,6 +328,24 @@ def start_run(ctx: RunContext, cli_parameters, light: bool = False, tags: dict |
     tags.update(extra or {})
     params = {"seed": ctx.settings.seed, "forced": sorted(ctx.forced), "cli": list(cli_parameters)}
     ctx.tracker.start(f"{ctx.pipeline.name} {ctx.folder.name}" + (" (dev)" if ctx.dev else ""), tags, params)
+
+# %% ../nbs/22_runner.ipynb #08d94fca
+def abandoned_runs(running: list, runs_folder: Path) -> list:
+    "Of `running` (`[(run id, its mlwb.run_folder or None, its parent run id or None)]`), the ids of the runs of `runs_folder` and all below them."
+    prefix = str(runs_folder) + os.sep
+    dead = {run_id for run_id, folder, _ in running if folder and folder.startswith(prefix)}
+    while True:
+        below = {run_id for run_id, _, parent in running if parent in dead} - dead
+        if not below: return sorted(dead)
+        dead |= below
+
+@patch
+def close_abandoned(self: RunTracker, runs_folder: Path) -> list:
+    "Mark as KILLED the runs of `runs_folder` (and those below them) still RUNNING in this experiment; return their ids."
+    found = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=50_000)
+    dead = abandoned_runs([(r.info.run_id, r.data.tags.get("mlwb.run_folder"), r.data.tags.get("mlflow.parentRunId")) for r in found], runs_folder)
+    for run_id in dead: self.client.set_terminated(run_id, "KILLED")
+    return dead
 
 # %% ../nbs/22_runner.ipynb #2ea106cb
 def ready_stages(pending: list, finished: dict) -> list:
@@ -553,6 +572,20 @@ def end_stage(self: LightTracker, run_id: str, status: str, seconds: float, note
                   (round(seconds, 3), now, run_id)) for table in ("metrics", "latest_metrics")]
                 + [("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, now, run_id))])
     self._commit()
+
+# %% ../nbs/22_runner.ipynb #ced4f969
+@patch
+def close_abandoned(self: LightTracker, runs_folder: Path) -> list:
+    "RunTracker.close_abandoned, through the light path (written with the rest of this run's rows)."
+    import sqlite3
+    with sqlite3.connect(self.db, timeout=60) as con:
+        rows = con.execute("SELECT r.run_uuid, f.value, p.value FROM runs r "
+                           "LEFT JOIN tags f ON f.run_uuid = r.run_uuid AND f.key = 'mlwb.run_folder' "
+                           "LEFT JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = 'mlflow.parentRunId' "
+                           "WHERE r.status = 'RUNNING' AND r.experiment_id = ?", (int(self.experiment_id),)).fetchall()
+    dead = abandoned_runs(rows, runs_folder)
+    self._write([("UPDATE runs SET status = 'KILLED', end_time = ? WHERE run_uuid = ?", (_now_ms(), run_id)) for run_id in dead])
+    return dead
 
 # %% ../nbs/22_runner.ipynb #a449ed21
 def why_stage(project: str, stage_name: str, settings: Settings | None = None, parameters=()) -> list:

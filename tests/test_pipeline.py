@@ -467,6 +467,29 @@ def test_killed_run_leaves_no_record_and_no_notebook_for_the_interrupted_stage(w
     assert cli_statuses(result.stdout) == {"first": "cached", "slow": "done"}
     assert (slow_project / "out/big.txt").read_text() == WHOLE
     assert (run_folder(result.stdout) / "02_slow.ipynb").exists()
+    [(parent, children)] = [(p, c) for p, c in pipeline_runs(workspace, "slowproj") if p.data.tags["mlwb.run_id"] == killed.name]
+    assert parent.info.status == "KILLED" and children["slow"].info.status == "KILLED" and parent.info.end_time  # not RUNNING for ever
+    assert children["first"].info.status == "FINISHED"
+
+
+def test_a_no_change_rerun_closes_runs_left_running_by_a_killed_run_of_this_runs_folder_only(workspace):
+    "The light path does it too; a sweep sandbox's run (another runs folder, same store) is left alone."
+    write_project(workspace, "tiny", "stages:\n  - {name: one, notebook: one.ipynb, outputs: [out/one.txt]}\n",
+                  {"one.ipynb": ("", writes("out/one.txt", "1"))})
+    assert run_mlwb("run", "tiny").returncode == 0
+    client = client_of(workspace)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    def running(folder, parent=None):
+        tags = {"mlwb.run_folder": str(folder)} if folder else {"mlflow.parentRunId": parent}
+        return client.create_run(experiment, tags=tags).info.run_id
+    dead = running(workspace / "runs" / "tiny" / "20260101-000000-dead")
+    dead_stage = running(None, dead)
+    dead_trial = running(None, dead_stage)
+    sandbox = running(workspace / "sweeps" / "s1" / "runs" / "tiny" / "20260101-000000-live")
+    rerun = run_mlwb("run", "tiny")
+    assert rerun.returncode == 0 and cli_statuses(rerun.stdout) == {"one": "cached"}, rerun.stdout + rerun.stderr
+    status = lambda run_id: client.get_run(run_id).info.status
+    assert [status(r) for r in (dead, dead_stage, dead_trial)] == ["KILLED"] * 3 and status(sandbox) == "RUNNING"
 
 
 def test_second_concurrent_run_of_a_project_is_refused(workspace, slow_project, tmp_path):
