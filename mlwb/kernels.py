@@ -372,12 +372,12 @@ def park(self: KernelTemplate, idle: float):
 @patch
 def stop(self: KernelTemplate):
     "Stop the template (kernels it forked live on until they are stopped)."
-    if self.alive:
+    if self.alive:  # never a process that only reuses its id
         try: os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError): pass
+        deadline = time.monotonic() + 5
+        while not self.process and process_alive(self.pid) and time.monotonic() < deadline: time.sleep(0.01)  # gone when we return
     if self.process: self.process.wait()
-    deadline = time.monotonic() + 5
-    while process_alive(self.pid) and time.monotonic() < deadline: time.sleep(0.01)  # gone when we return
     self.path.unlink(missing_ok=True); self.path.with_suffix(".log").unlink(missing_ok=True)
 
 # %% ../nbs/19_kernels.ipynb #ecbbd557
