@@ -324,7 +324,7 @@ def start_run(ctx: RunContext, cli_parameters, light: bool = False, tags: dict |
     extra, tags = tags, {"mlwb.project": ctx.pipeline.name, "mlwb.run_id": ctx.folder.name, "mlwb.run_folder": str(ctx.folder),
             "mlwb.mode": "dev" if ctx.dev else "release", "mlwb.python": sys.version.split()[0],
             "mlflow.source.git.commit": git.get("commit", ""), "mlwb.git.dirty": str(git.get("dirty", ""))}
-    if ctx.dev: tags["mlwb.note"] = "development run: warm kernels, not a reproducible record"
+    if ctx.dev: tags["mlwb.note"] = "development run: kernels from a template kept warm, not a reproducible record"
     tags.update(extra or {})
     params = {"seed": ctx.settings.seed, "forced": sorted(ctx.forced), "cli": list(cli_parameters)}
     ctx.tracker.start(f"{ctx.pipeline.name} {ctx.folder.name}" + (" (dev)" if ctx.dev else ""), tags, params)
@@ -524,6 +524,13 @@ def create_run(self: LightTracker, name: str, tags: dict, params: dict, status: 
 
 # %% ../nbs/22_runner.ipynb #02807d86
 @patch
+def artifact_folder(self: LightTracker, run_id: str) -> Path:
+    "The local folder of run `run_id`'s artifacts (the embedded store keeps them on disk)."
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+    return Path(url2pathname(urlparse(self.artifact_uris[run_id]).path))
+
+@patch
 def start(self: LightTracker, run_name: str, tags: dict, params: dict) -> str:
     "Create the parent run."
     self.parent_id = self.create_run(run_name, tags, params)
@@ -542,9 +549,7 @@ def record_cached(self: LightTracker, stage: Stage, parameters: dict, record: di
 @patch
 def finish(self: LightTracker, status: str, artifacts: dict):
     "Write the reproduction record into the parent run's artifact folder and close the run."
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-    folder = Path(url2pathname(urlparse(self.artifact_uris[self.parent_id]).path)) / "reproduce"
+    folder = self.artifact_folder(self.parent_id) / "reproduce"
     for name, text in artifacts.items(): write_atomically(folder / name, text)
     self._write([("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?", (status, _now_ms(), self.parent_id))])
     self._commit()
@@ -561,10 +566,8 @@ def start_stage(self: LightTracker, stage: Stage, parameters: dict, tags=None) -
 def end_stage(self: LightTracker, run_id: str, status: str, seconds: float, notebook: Path | None = None):
     "Close a child run with its status, duration and executed notebook, and commit."
     import shutil
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
     if notebook is not None and notebook.exists():
-        folder = Path(url2pathname(urlparse(self.artifact_uris[run_id]).path)) / "notebook"
+        folder = self.artifact_folder(run_id) / "notebook"
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(notebook, folder / notebook.name)
     now = _now_ms()
