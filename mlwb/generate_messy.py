@@ -42,13 +42,12 @@ CONDITIONS = ("poor", "fair", "good", "excellent")
 CONDITION_MIX = (0.08, 0.27, 0.45, 0.20)
 CONDITION_PREMIUM = (-0.18, -0.06, 0.03, 0.12)
 
-# %% ../nbs/03b_generate_messy.ipynb #5f261b70
+# %% ../nbs/03b_generate_messy.ipynb #397b76d0
 def _house_features(rng, n: int, drift: float) -> pd.DataFrame:
     "`n` houses whose size, rooms, age and place hang together; `drift` favours new, larger homes."
     mix = (1 - drift) * np.asarray(NEIGHBORHOOD_MIX) + drift * np.asarray(DRIFTED_NEIGHBORHOOD_MIX)
-    hood, kind = rng.choice(len(NEIGHBORHOODS), n, p=mix), rng.choice(
-        len(HOUSE_TYPES), n, p=TYPE_MIX
-    )
+    hood = rng.choice(len(NEIGHBORHOODS), n, p=mix)
+    kind = rng.choice(len(HOUSE_TYPES), n, p=TYPE_MIX)
     area = np.round(np.asarray(TYPE_AREA)[kind] * np.exp(rng.normal(0.08 * drift, 0.25, n)), 1)
     bedrooms = np.clip(np.rint(area / 30 + rng.normal(0, 0.7, n)), 1, 8).astype("int64")
     bathrooms = np.clip(np.rint(bedrooms / 2.2 + rng.normal(0, 0.5, n)), 1, 5).astype("int64")
@@ -61,11 +60,8 @@ def _house_features(rng, n: int, drift: float) -> pd.DataFrame:
         "year_built": np.minimum(
             np.rint(np.asarray(NEIGHBORHOOD_BUILT)[hood] + rng.normal(0, 15, n)), 2025.0
         ),
-        "garage_spaces": (
-            np.where(flat, rng.random(n) < 0.3, rng.choice(4, n, p=(0.15, 0.45, 0.3, 0.1))).astype(
-                "int64"
-            )
-        ),
+        "garage_spaces": np.where(flat, rng.random(n) < 0.3,
+                                  rng.choice(4, n, p=(0.15, 0.45, 0.3, 0.1))).astype("int64"),
         "condition": np.asarray(CONDITIONS)[rng.choice(len(CONDITIONS), n, p=CONDITION_MIX)],
         "distance_to_center_km": np.round(
             np.asarray(NEIGHBORHOOD_KM)[hood] * np.exp(rng.normal(0, 0.3, n)), 1

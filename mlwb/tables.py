@@ -147,7 +147,7 @@ def save_table(df: pd.DataFrame, # the table to save; its index is not saved
     with atomic_path(path) as temporary: _write(df, temporary, suffix)
     return path
 
-# %% ../nbs/04_tables.ipynb #338b270c
+# %% ../nbs/04_tables.ipynb #7e3947d1
 def _unreadable(path: Path, suffix: str, error: Exception) -> DataError:
     "The error for a file at `path` that the `suffix` parser cannot read."
     return DataError(
@@ -160,24 +160,20 @@ def _read(path: Path, suffix: str, columns=None, text=()) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path, columns=columns)
         return pd.read_csv(path, usecols=columns, dtype={column: "str" for column in text})
-    except (ValueError, OSError) as e:
-        raise _unreadable(
-            path, suffix, e
-        ) from None  # pyarrow's and pandas' parser errors are ValueErrors
+    except (ValueError, OSError) as e:  # pyarrow's and pandas' parser errors are ValueErrors
+        raise _unreadable(path, suffix, e) from None
 
 def _column_names(path: Path, suffix: str) -> list:
     "The column names of the table at `path` as written in its schema or header, repeats included."
     try:
         if suffix == ".csv":
-            return [
-                str(name)
-                for name in pd.read_csv(path, header=None, nrows=1, dtype="str").iloc[0].tolist()
-            ]
+            header = pd.read_csv(path, header=None, nrows=1, dtype="str").iloc[0]
+            return [str(name) for name in header.tolist()]
         import pyarrow.parquet as pq
         return pq.read_schema(path).names
     except (ValueError, OSError) as e: raise _unreadable(path, suffix, e) from None
 
-# %% ../nbs/04_tables.ipynb #6e1eaef1
+# %% ../nbs/04_tables.ipynb #f16034d7
 def _check_file(path: Path) -> str:
     "The table format of `path`; `DataError` if it is unknown or the file missing or empty."
     suffix = _table_format(path)
@@ -190,18 +186,15 @@ def _check_columns(path: Path, found: list, wanted: list):
     "Raise `DataError` for a column `path` names twice, or a `wanted` column it lacks."
     names = pd.Index(found)
     if names.has_duplicates:
-        raise DataError(
-            f"{path}: duplicated column(s)"
-            f" {', '.join(map(repr, names[names.duplicated()].unique()))}; each name must appear"
-            " once"
-        )
+        twice = ", ".join(map(repr, names[names.duplicated()].unique()))
+        raise DataError(f"{path}: duplicated column(s) {twice}; each name must appear once")
     missing = [column for column in wanted if column not in names]
     if missing:
         raise DataError(
             f"{path}: missing column(s) {', '.join(map(repr, missing))}; found: {', '.join(found)}"
         )
 
-# %% ../nbs/04_tables.ipynb #e90f74c3
+# %% ../nbs/04_tables.ipynb #08d73418
 DTYPE_ALIASES = {
     "int": "int64", "integer": "int64", "float": "float64", "number": "float64", "text": "str",
     "string": "str", "datetime": "datetime64[us]", "date": "datetime64[us]",
@@ -219,11 +212,8 @@ def _target_dtype(dtype, column, where: str):
 def _convert(values: pd.Series, target) -> pd.Series:
     "`values` converted towards `target`; what cannot be converted becomes missing."
     if pd.api.types.is_bool_dtype(target):
-        return (
-            values
-            if pd.api.types.is_bool_dtype(values)
-            else values.astype("str").str.strip().str.lower().map(BOOL_TEXT)
-        )
+        if pd.api.types.is_bool_dtype(values): return values
+        return values.astype("str").str.strip().str.lower().map(BOOL_TEXT)
     if pd.api.types.is_numeric_dtype(target): return pd.to_numeric(values, errors="coerce")
     if pd.api.types.is_datetime64_any_dtype(target): return pd.to_datetime(values, errors="coerce")
     return values.astype(target)
