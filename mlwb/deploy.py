@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .config import MlwbError, Settings, load_settings
-from .data import coerce_column
+from .tables import coerce_column
 from .tracking import tracking_to
 
 # %% auto #0

@@ -219,7 +219,7 @@ def check_file_exists(ctx: CheckContext, path: str) -> str:
 
 def check_no_missing(ctx: CheckContext, path: str, columns: list | None = None) -> str:
     "The table at `path` has no missing values (in `columns`, or anywhere)."
-    from mlwb.data import load_table
+    from mlwb.tables import load_table
     check_file_exists(ctx, path)
     table = load_table(ctx.folder / path, columns=columns)
     missing = table.isna().sum()
@@ -310,7 +310,7 @@ def free_port() -> int:
 def example_rows(ctx: CheckContext, model, rows: str, n: int = 20):
     "The first `n` rows of the file `rows`, with the columns of `model`'s signature."
     import pandas as pd
-    from mlwb.data import load_table
+    from mlwb.tables import load_table
     check_file_exists(ctx, rows)
     path = ctx.folder / rows
     table = pd.read_json(path, orient="records") if path.suffix == ".json" else load_table(path)

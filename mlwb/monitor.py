@@ -831,7 +831,8 @@ def log_monitoring(result: MonitorResult, paths: dict, settings=None, experiment
 # %% ../nbs/10_monitor.ipynb #f06c900f
 def load_reference(source: str, settings=None) -> pd.DataFrame:
     "The reference table from a file path or an MLflow artifact URI (runs:/..., models:/...)."
-    from mlwb.data import DataError, load_table
+    from mlwb.generate import DataError
+    from mlwb.tables import load_table
     if re.match(r"^[a-z]+:/", source) and not Path(source).exists():
         import mlflow
         from mlwb.config import load_settings
@@ -844,7 +845,8 @@ def load_reference(source: str, settings=None) -> pd.DataFrame:
 
 def load_current(path: str) -> pd.DataFrame:
     "The current window from a table file."
-    from mlwb.data import DataError, load_table
+    from mlwb.generate import DataError
+    from mlwb.tables import load_table
     try: return load_table(path)
     except DataError as e: raise MonitorError(str(e)) from None
 

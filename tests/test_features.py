@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from mlwb.config import MlwbError
-from mlwb.data import make_card_transactions
+from mlwb.generate import make_card_transactions
 from mlwb.features import (TRANSFORMERS, DateTimeFeatures, FeatureError, FeatureTransformer, FrequencyEncoder,
                            OutOfFoldTargetEncoder, TextTfidf, WindowAggregates, build_features, check_point_in_time,
                            expected_failed_checks, register_transformer, skops_trusted_types)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mlwb.config import load_settings
-from mlwb.data import make_card_transactions
+from mlwb.generate import make_card_transactions
 from mlwb.tracking import ensure_experiment, mlflow_client
 from mlwb.train import TrainError, data_hash, train
 
