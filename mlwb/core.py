@@ -24,10 +24,19 @@ from .config import MlwbError
 __all__ = ['atomic_path', 'write_atomically', 'NotReadyError', 'free_port', 'log_tail', 'answers', 'wait_until_ready',
            'quiet_mlflow', 'Registry']
 
-# %% ../nbs/01_core.ipynb #7a0cd660
+# %% ../nbs/01_core.ipynb #5af75d21
 def _fsync(path: Path):
     "Flush `path`'s contents to disk, so that the rename never exposes unwritten blocks."
     with open(path, "rb") as f: os.fsync(f.fileno())
+
+def _umask() -> int:
+    "The process's file-creation mask, read without changing it where Linux tells it."
+    try: status = Path("/proc/self/status").read_text()
+    except OSError: status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"): return int(line.split()[1], 8)
+    mask = os.umask(0o022); os.umask(mask)  # elsewhere: set it and put it back at once
+    return mask
 
 @contextmanager
 def atomic_path(path: Path | str, # the file the block produces; its folder is created if needed
@@ -39,6 +48,7 @@ def atomic_path(path: Path | str, # the file the block produces; its folder is c
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     temporary = Path(name)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would give 0644
     try:
         yield temporary
         _fsync(temporary)

@@ -1,5 +1,6 @@
-"""mlwb.monitor: known shifts are caught, identical data and no-drift windows stay quiet, the report renders
-offline, the command's exit codes, the serving request log, and bad input without a traceback."""
+"""mlwb.profiles, mlwb.monitor and mlwb.report: known shifts are caught, identical data and no-drift
+windows stay quiet, the report renders offline, the command's exit codes, the serving request log, and bad
+input without a traceback."""
 import base64
 import json
 import math
@@ -11,8 +12,10 @@ import pytest
 
 from conftest import run_mlwb
 from mlwb.config import load_settings
-from mlwb.monitor import (EXIT_DATA_QUALITY, EXIT_DRIFT, EXIT_HEALTHY, MonitorError, check_thresholds, compare, fit_reference,
-                          join_late_labels, monitor, read_request_log, report_html, request_rows)
+from mlwb.monitor import (EXIT_DATA_QUALITY, EXIT_DRIFT, EXIT_HEALTHY, check_thresholds, compare, fit_reference,
+                          join_late_labels, monitor, read_request_log, request_rows)
+from mlwb.profiles import MonitorError
+from mlwb.report import report_html
 from mlwb.tracking import mlflow_client
 
 

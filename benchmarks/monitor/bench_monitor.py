@@ -117,7 +117,8 @@ def ensure_evidently() -> Path:
 
 def run_mlwb(reference: pd.DataFrame, current: pd.DataFrame, out: Path) -> dict:
     "mlwb.monitor on the frames in memory: time, peak memory, flagged columns; then the report's time."
-    from mlwb.monitor import monitor, write_report
+    from mlwb.monitor import monitor
+    from mlwb.report import write_report
     monitor(reference.head(1000), current.head(1000))  # warm-up: imports (scipy) and first-call costs
     with PeakMemory() as memory:
         started, cpu = time.perf_counter(), time.process_time()
