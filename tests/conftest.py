@@ -79,7 +79,7 @@ NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
 
 def check_reference_project(ws: Path, project: str):
     "`mlwb check PROJECT` in `ws` after its pipeline ran there: every milestone passes (the completed process)."
-    from mlwb.learn import load_milestones
+    from mlwb.milestones import load_milestones
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", **NO_WARM_KERNELS}
     checked = run_mlwb("check", project, cwd=ws, env=env)
     n = len(load_milestones(ws / "projects" / project))

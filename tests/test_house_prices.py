@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, check_reference_project, run_mlwb, set_stage_parameters
 from mlwb.config import load_settings
-from mlwb.learn import load_milestones
+from mlwb.milestones import load_milestones
 from mlwb.tracking import mlflow_client
 
 PROJECT = "house-prices"
