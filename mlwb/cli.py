@@ -8,7 +8,6 @@ Docs: https://mlwb.github.io/mlwb/cli.html.md"""
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from .config import MlwbError, load_settings
 from .tracking import is_embedded, run_url, tracking_uri, ui_command, ui_url
 
 # %% auto #0
-__all__ = ['COMMANDS_ELSEWHERE', 'SYMBOLS', 'command_elsewhere', 'MlwbGroup', 'main', 'quiet_mlflow', 'stage_detail',
-           'stage_line', 'progress_printer', 'print_summary', 'run_command', 'why_command', 'ui_command_line',
-           'settings_command']
+__all__ = ['COMMANDS_ELSEWHERE', 'SYMBOLS', 'command_elsewhere', 'MlwbGroup', 'main', 'stage_detail', 'stage_line',
+           'progress_printer', 'print_summary', 'run_command', 'why_command', 'ui_command_line', 'settings_command']
 
 # %% ../nbs/90_cli.ipynb #a233298d
 COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
@@ -29,9 +27,9 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "deploy": ("mlwb.deploy", "deploy_command"), "monitor": ("mlwb.report", "monitor_command"),
     "release": ("mlwb.release", "release_command"), "ab": ("mlwb.release", "ab_command"),
     "sweep": ("mlwb.sweep", "sweep_command"), "server": ("mlwb.server", "server_command"),
-    "learn": ("mlwb.learn", "learn_command"), "check": ("mlwb.learn", "check_command"),
-    "progress": ("mlwb.learn", "progress_command"), "new": ("mlwb.learn", "new_command"),
-    "lab": ("mlwb.learn", "lab_command"),
+    "learn": ("mlwb.learn", "learn_command"), "new": ("mlwb.learn", "new_command"),
+    "lab": ("mlwb.learn", "lab_command"), "check": ("mlwb.milestones", "check_command"),
+    "progress": ("mlwb.milestones", "progress_command"),
 }
 
 def command_elsewhere(name: str) -> click.Command | None:
@@ -58,11 +56,6 @@ class MlwbGroup(click.Group):
 @click.version_option(package_name="mlwb")
 def main():
     "mlwb, the ML engineering workbench."
-
-def quiet_mlflow():
-    "Keep MLflow's INFO lines (database set-up and the like) off the terminal; its warnings still show."
-    import mlflow  # MLflow sets its logger's level when imported, so ours comes after
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 # %% ../nbs/90_cli.ipynb #4625459a
 SYMBOLS = {"running": "…", "done": "✓", "cached": "↷", "failed": "✗", "not run": "·"}
@@ -108,7 +101,8 @@ def print_summary(run, settings):
 def run_command(project, parameters, force, from_stage, dev):
     "Run a project's pipeline, reusing stages whose inputs have not changed."
     from mlwb.runner import run_pipeline
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # like quiet_mlflow(), without importing MLflow before it is needed
+    # like mlwb.core.quiet_mlflow(), without importing MLflow before it is needed
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     settings = load_settings()
     project = project or settings.default_project
     click.echo(f"pipeline {project}" + ("  (development mode)" if dev else ""))

@@ -1,4 +1,4 @@
-"""The learner's path: a student's copy of a guided project with the solutions taken out, milestone checks that judge outcomes rather than code, progress kept in the student's workspace, a scaffold for their own project, and JupyterLab to work in.
+"""The learner's path: a student's copy of a guided project with the solutions taken out, in a workspace of their own, a scaffold for their own project, and JupyterLab to work in.
 
 Docs: https://mlwb.github.io/mlwb/learn.html.md"""
 
@@ -7,44 +7,26 @@ Docs: https://mlwb.github.io/mlwb/learn.html.md"""
 # %% ../nbs/38_learn.ipynb #c0dafec9
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 
 import click
-import yaml
 
-from .cache import write_atomically
 from .config import SETTINGS_FILE, MlwbError, Settings, load_settings
-from .pipeline import find_project, load_pipeline
-from .tracking import mlflow_client, tracking_to, tracking_uri
+from .pipeline import find_project
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'HINT', 'COPY_IGNORE', 'MILESTONES_FILE', 'MILESTONE_KEYS', 'CHECKS', 'ROADMAP', 'STEP_OF_CHECK',
-           'PROJECT_NAME', 'PLACEHOLDER', 'TEMPLATE_SUFFIXES', 'LearnError', 'exercise_stub', 'strip_solutions',
-           'strip_notebook', 'workspace_settings', 'check_empty', 'StudentWorkspace', 'start_learning', 'Milestone',
-           'parse_milestone', 'load_milestones', 'CheckFailed', 'CheckContext', 'register_check', 'get_check',
-           'check_arguments', 'check_file_exists', 'check_no_missing', 'stage_result', 'stage_metric',
-           'check_metric_at_least', 'check_metric_at_most', 'check_drift_alarm', 'load_served_model',
-           'check_model_registered', 'free_port', 'example_rows', 'mlwb_executable', 'wait_until_ready', 'serving',
-           'same_predictions', 'model_predictions', 'check_api_answers', 'CheckResult', 'describe_stage_failure',
-           'check_milestone', 'milestone_stages', 'run_until', 'progress_path', 'load_progress', 'record_progress',
-           'choose_milestones', 'check_project', 'roadmap_step', 'progress_lines', 'check_project_name',
-           'template_folder', 'new_project', 'lab_url', 'lab_command_line', 'stage_printer', 'result_lines',
-           'check_command', 'progress_command', 'new_command', 'learn_command', 'start_command', 'lab_command']
+__all__ = ['BEGIN', 'END', 'HINT', 'COPY_IGNORE', 'PROJECT_NAME', 'PLACEHOLDER', 'TEMPLATE_SUFFIXES', 'LearnError',
+           'exercise_stub', 'strip_solutions', 'strip_notebook', 'workspace_settings', 'check_empty',
+           'StudentWorkspace', 'start_learning', 'check_project_name', 'template_folder', 'new_project', 'lab_url',
+           'lab_command_line', 'new_command', 'learn_command', 'start_command', 'lab_command']
 
 # %% ../nbs/38_learn.ipynb #c2222077
 class LearnError(MlwbError):
@@ -56,10 +38,11 @@ BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "# hint:"
 def exercise_stub(block: list, # the lines between the two markers
                   indent: str, # the indentation of the `### BEGIN SOLUTION` line
                  ) -> list:
-    "The lines that replace one solution block: its hints, `# YOUR CODE HERE` and a `NotImplementedError`."
+    "What replaces one solution block: its hints, `# YOUR CODE HERE` and a `NotImplementedError`."
     hints = [line.strip() for line in takewhile(lambda l: l.strip().startswith(HINT), block)]
     first = hints[0][len(HINT):].strip() if hints else "write this part"
-    return [indent + h for h in hints] + [indent + "# YOUR CODE HERE", indent + f"raise NotImplementedError({'Exercise: ' + first!r})"]
+    stub = hints + ["# YOUR CODE HERE", f"raise NotImplementedError({'Exercise: ' + first!r})"]
+    return [indent + line for line in stub]
 
 # %% ../nbs/38_learn.ipynb #2086a5e7
 def _indent(line: str) -> str: return line[: len(line) - len(line.lstrip())]
@@ -72,7 +55,8 @@ def strip_solutions(source: str, # a code cell's source
     for line in source.splitlines():
         marker = line.strip()
         if marker == BEGIN:
-            if block is not None: raise LearnError(f"{where}: '{BEGIN}' inside another solution block")
+            if block is not None:
+                raise LearnError(f"{where}: '{BEGIN}' inside another solution block")
             block, indent = [], _indent(line)
         elif marker == END:
             if block is None: raise LearnError(f"{where}: '{END}' without a '{BEGIN}' before it")
@@ -84,7 +68,7 @@ def strip_solutions(source: str, # a code cell's source
 
 # %% ../nbs/38_learn.ipynb #3272a8cf
 def strip_notebook(path: Path | str) -> int:
-    "Replace every solution block in the notebook at `path` by its exercise stub; the number of blocks."
+    "Replace each solution block in the notebook at `path` by its stub; the number of blocks."
     import nbformat
     path = Path(path)
     notebook, count = nbformat.read(path, as_version=4), 0
@@ -96,20 +80,24 @@ def strip_notebook(path: Path | str) -> int:
     return count
 
 # %% ../nbs/38_learn.ipynb #2de29436
-COPY_IGNORE = ("data", "artifacts", ".ipynb_checkpoints", "__pycache__", "runs", "mlruns")  # run outputs stay behind
+# what a run of the full version left behind stays behind
+COPY_IGNORE = ("data", "artifacts", ".ipynb_checkpoints", "__pycache__", "runs", "mlruns")
 
 def workspace_settings(settings: Settings, # the settings in force where the command runs
                        project: str, # the project the workspace is for
                       ) -> str:
-    "The `settings.ini` text of a student workspace: the current settings, an embedded store and `project` as default."
-    values = {k: v for k, v in vars(settings).items() if k != "workspace"} | {"tracking_uri": "", "runs_dir": "runs", "default_project": project}
-    lines = ["# A student workspace made by `mlwb learn start`: runs, MLflow and progress stay in this folder.", "[mlwb]"]
+    "A student workspace's `settings.ini`: current settings, embedded store, `project` as default."
+    values = {k: v for k, v in vars(settings).items() if k != "workspace"}
+    values |= {"tracking_uri": "", "runs_dir": "runs", "default_project": project}
+    lines = ["# A student workspace made by `mlwb learn start`: "
+             "runs, MLflow and progress stay in this folder.", "[mlwb]"]
     return "\n".join(lines + [f"{key} = {value}" for key, value in values.items()]) + "\n"
 
 def check_empty(folder: Path):
     "Raise unless `folder` is missing or empty."
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise LearnError(f"{folder}: already exists and is not empty; choose another folder (or remove it to start again)")
+        raise LearnError(f"{folder}: already exists and is not empty; "
+                         "choose another folder (or remove it to start again)")
 
 # %% ../nbs/38_learn.ipynb #bbd053c7
 @dataclass
@@ -119,7 +107,7 @@ class StudentWorkspace:
     project: Path  # the project's copy inside it
     exercises: dict  # notebook name -> number of exercises in it
 
-def start_learning(project: str, # a project name under the workspace's projects/, or a project folder
+def start_learning(project: str, # a project name under the workspace's projects/, or a folder
                    folder: Path | str | None = None, # the new workspace; ./learn/<project> if None
                    settings: Settings | None = None,
                   ) -> StudentWorkspace:
@@ -134,396 +122,29 @@ def start_learning(project: str, # a project name under the workspace's projects
     (folder / SETTINGS_FILE).write_text(workspace_settings(settings, source.name))
     return StudentWorkspace(folder, target, exercises)
 
-# %% ../nbs/38_learn.ipynb #d4abc2ae
-MILESTONES_FILE = "milestones.yml"
-MILESTONE_KEYS = ("id", "title", "stage", "minutes", "check", "with", "hint")
-
-@dataclass(frozen=True)
-class Milestone:
-    "One outcome a student must reach, and how to check it."
-    id: int
-    title: str
-    stage: str  # the pipeline stage whose outcome is checked
-    check: str  # a check registered with `register_check`
-    args: dict = field(default_factory=dict)  # the check's arguments (`with:` in the file)
-    minutes: int = 0  # how long a student typically needs
-    hint: str = ""  # what to try when the check fails
-
-# %% ../nbs/38_learn.ipynb #03d46844
-def parse_milestone(entry, where: str) -> Milestone:
-    "One entry of `milestones.yml`, checked; `where` names it in errors."
-    if not isinstance(entry, dict): raise LearnError(f"{where}: expected a mapping with id, title, stage and check")
-    for key in entry:
-        if key not in MILESTONE_KEYS: raise LearnError(f"{where}: unknown key '{key}'; allowed: {', '.join(MILESTONE_KEYS)}")
-    for key in ("title", "stage", "check"):
-        if not isinstance(entry.get(key), str) or not entry[key].strip(): raise LearnError(f"{where}: '{key}' is required (text)")
-    for key in ("id", "minutes"):
-        if not isinstance(entry.get(key, 0), int) or isinstance(entry.get(key), bool): raise LearnError(f"{where}: '{key}' must be a whole number")
-    if not isinstance(entry.get("with") or {}, dict): raise LearnError(f"{where}: 'with' must be a mapping of the check's arguments")
-    if "id" not in entry: raise LearnError(f"{where}: 'id' is required (a whole number)")
-    return Milestone(entry["id"], entry["title"], entry["stage"], entry["check"], dict(entry.get("with") or {}),
-                     entry.get("minutes", 0), str(entry.get("hint") or ""))
-
-# %% ../nbs/38_learn.ipynb #22dbaf1c
-def load_milestones(folder: Path | str) -> list:
-    "The milestones of the project in `folder`, checked: known checks with fitting arguments, unique ids."
-    path = Path(folder) / MILESTONES_FILE
-    if not path.is_file(): raise LearnError(f"{path}: file not found; a project needs one for `mlwb check`")
-    try: spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e: raise LearnError(f"{path}: not valid YAML: {e}") from None
-    entries = spec.get("milestones") if isinstance(spec, dict) else None
-    if not isinstance(entries, list) or not entries: raise LearnError(f"{path}: expected a non-empty 'milestones' list")
-    milestones = [parse_milestone(entry, f"{path}: milestones[{i}]") for i, entry in enumerate(entries)]
-    for i, m in enumerate(milestones): check_arguments(m, f"{path}: milestones[{i}] (id {m.id})")
-    ids = [m.id for m in milestones]
-    if len(set(ids)) != len(ids): raise LearnError(f"{path}: milestone ids must be unique, got {ids}")
-    return milestones
-
-# %% ../nbs/38_learn.ipynb #edfee144
-class CheckFailed(MlwbError):
-    "A milestone's outcome is not there yet; the message says what is wrong."
-
-@dataclass
-class CheckContext:
-    "What a check may look at."
-    settings: Settings
-    folder: Path  # the project folder; a check's paths are relative to it
-    run: object = None  # the mlwb.runner.PipelineRun the checks judge, if any
-
-CHECKS = {}
-
-def register_check(name: str, # the name milestones.yml uses in `check:`
-                   fn, # fn(ctx, **arguments) -> a sentence on what was found; raises CheckFailed
-                  ):
-    "Make `fn` available to milestones as `check: name`."
-    CHECKS[name] = fn
-    return fn
-
-def get_check(name: str):
-    "The check registered as `name`."
-    if name not in CHECKS: raise LearnError(f"no check named '{name}'; registered checks: {', '.join(sorted(CHECKS))}")
-    return CHECKS[name]
-
-def check_arguments(milestone: Milestone, where: str):
-    "Raise unless the milestone's check exists and accepts its `with:` arguments."
-    try: inspect.signature(get_check(milestone.check)).bind(None, **milestone.args)
-    except LearnError as e: raise LearnError(f"{where}: {e}") from None
-    except TypeError as e: raise LearnError(f"{where}: the arguments in 'with' do not fit check '{milestone.check}': {e}") from None
-
-# %% ../nbs/38_learn.ipynb #ab0ce093
-def check_file_exists(ctx: CheckContext, path: str) -> str:
-    "The file at `path` exists."
-    file = ctx.folder / path
-    if not file.is_file(): raise CheckFailed(f"{path}: file not found in {ctx.folder}; the stage that writes it has not written it")
-    return f"{path} is there ({file.stat().st_size:,} bytes)"
-
-def check_no_missing(ctx: CheckContext, path: str, columns: list | None = None) -> str:
-    "The table at `path` has no missing values (in `columns`, or anywhere)."
-    from mlwb.tables import load_table
-    check_file_exists(ctx, path)
-    table = load_table(ctx.folder / path, columns=columns)
-    missing = table.isna().sum()
-    missing = missing[missing > 0]
-    if len(missing):
-        raise CheckFailed(f"{path}: {int(missing.sum()):,} missing values, in " + ", ".join(f"'{c}' ({n:,})" for c, n in missing.items()))
-    return f"{path}: no missing values in {len(table):,} rows" + (f" ({', '.join(columns)})" if columns else "")
-
-register_check("file_exists", check_file_exists)
-register_check("no_missing", check_no_missing);
-
-# %% ../nbs/38_learn.ipynb #9bc098af
-def stage_result(ctx: CheckContext, stage: str):
-    "The runner's result for `stage` in the checked pipeline run."
-    result = next((r for r in (ctx.run.results if ctx.run else []) if r.stage == stage), None)
-    if result is None or result.status not in ("done", "cached"):
-        raise CheckFailed(f"stage '{stage}' did not finish in the checked pipeline run")
-    return result
-
-def stage_metric(ctx: CheckContext, stage: str, metric: str) -> float:
-    "The metric `metric` that `stage` logged in the checked pipeline run."
-    result = stage_result(ctx, stage)
-    metrics = mlflow_client(ctx.settings).get_run(result.cached_from or result.run_id).data.metrics
-    if metric not in metrics: raise CheckFailed(f"stage '{stage}' logged no metric '{metric}'; it logged: {', '.join(sorted(metrics)) or 'none'}")
-    return metrics[metric]
-
-# %% ../nbs/38_learn.ipynb #413c9711
-def check_metric_at_least(ctx: CheckContext, stage: str, metric: str, value: float) -> str:
-    "The metric that `stage` logged is at least `value`."
-    found = stage_metric(ctx, stage, metric)
-    if not found >= value: raise CheckFailed(f"{metric} of stage '{stage}' is {found:.4g}; it must be at least {value}")
-    return f"{metric} of stage '{stage}' is {found:.4g} (at least {value})"
-
-def check_metric_at_most(ctx: CheckContext, stage: str, metric: str, value: float) -> str:
-    "The metric that `stage` logged is at most `value`."
-    found = stage_metric(ctx, stage, metric)
-    if not found <= value: raise CheckFailed(f"{metric} of stage '{stage}' is {found:.4g}; it must be at most {value}")
-    return f"{metric} of stage '{stage}' is {found:.4g} (at most {value})"
-
-register_check("metric_at_least", check_metric_at_least)
-register_check("metric_at_most", check_metric_at_most);
-
-# %% ../nbs/38_learn.ipynb #dede8eb5
-def check_drift_alarm(ctx: CheckContext, path: str, drifted: list) -> str:
-    "The monitoring summary at `path` alarms on the windows in `drifted` and on no other."
-    check_file_exists(ctx, path)
-    try: windows = {w["window"]: bool(w["drift"]) for w in json.loads((ctx.folder / path).read_text())}
-    except (ValueError, TypeError, KeyError) as e: raise CheckFailed(f"{path}: expected a JSON list of {{window, drift, ...}} objects ({e})") from None
-    missing = [w for w in drifted if w not in windows]
-    if missing: raise CheckFailed(f"{path}: no window named {', '.join(missing)}; windows: {', '.join(windows)}")
-    silent = [w for w in drifted if not windows[w]]
-    false_alarms = [w for w, alarm in windows.items() if alarm and w not in drifted]
-    if silent or false_alarms:
-        raise CheckFailed(f"{path}: " + "; ".join(filter(None, [silent and f"no alarm on drifted {', '.join(silent)}",
-                                                                false_alarms and f"false alarm on {', '.join(false_alarms)}"])))
-    return f"{path}: alarm on {', '.join(drifted) or 'no window'}, and on no other of {len(windows)} windows"
-
-register_check("drift_alarm", check_drift_alarm);
-
-# %% ../nbs/38_learn.ipynb #8d399651
-def load_served_model(settings: Settings, uri: str):
-    "The pyfunc model at `uri` from the workspace's store, or CheckFailed saying why it cannot be loaded."
-    import mlflow
-    try:
-        with tracking_to(settings): return mlflow.pyfunc.load_model(uri)
-    except Exception as e: raise CheckFailed(f"{uri}: cannot be loaded: {type(e).__name__}: {str(e)[:300]}") from None
-
-def check_model_registered(ctx: CheckContext, name: str, alias: str = "champion") -> str:
-    "The alias exists, and the model it names loads and predicts on its own input example."
-    from mlflow.exceptions import MlflowException
-    try: version = mlflow_client(ctx.settings).get_model_version_by_alias(name, alias)
-    except MlflowException: raise CheckFailed(f"the model registry has no '{name}' version with the alias '{alias}'") from None
-    model = load_served_model(ctx.settings, f"models:/{name}@{alias}")
-    if model.input_example is None: raise CheckFailed(f"models:/{name}@{alias}: logged without an input example")
-    predictions = model.predict(model.input_example)
-    if len(predictions) != len(model.input_example): raise CheckFailed(f"models:/{name}@{alias}: {len(predictions)} predictions for {len(model.input_example)} rows")
-    return f"{name}@{alias} is version {version.version}; it loads and scores its {len(predictions)} example rows"
-
-register_check("model_registered", check_model_registered);
-
-# %% ../nbs/38_learn.ipynb #cf66ce8d
-def free_port() -> int:
-    "A TCP port on 127.0.0.1 that nothing listens on now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-def example_rows(ctx: CheckContext, model, rows: str, n: int = 20):
-    "The first `n` rows of the file `rows`, with the columns of `model`'s signature."
-    import pandas as pd
-    from mlwb.tables import load_table
-    check_file_exists(ctx, rows)
-    path = ctx.folder / rows
-    table = pd.read_json(path, orient="records") if path.suffix == ".json" else load_table(path)
-    schema = model.metadata.get_input_schema()
-    columns = schema.input_names() if schema is not None and schema.has_input_names() else list(table.columns)
-    missing = [c for c in columns if c not in table.columns]
-    if missing: raise CheckFailed(f"{rows}: lacks the model's input column(s) {', '.join(missing)}")
-    return table[columns].head(n)
-
-# %% ../nbs/38_learn.ipynb #1e68ed73
-def mlwb_executable() -> list:
-    "The command that runs `mlwb` with this Python."
-    script = Path(sys.executable).with_name("mlwb")
-    return [str(script)] if script.exists() else [shutil.which("mlwb") or "mlwb"]
-
-def wait_until_ready(url: str, process, seconds: float = 120) -> None:
-    "Return when `url` answers 200; raise CheckFailed if the server exits or `seconds` pass first."
-    import httpx
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CheckFailed(f"`mlwb serve` exited with status {process.returncode}: {process.stdout.read()[-1500:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200: return
-        except httpx.HTTPError: pass
-        time.sleep(0.3)
-    raise CheckFailed(f"`mlwb serve` did not answer {url} within {seconds:.0f} s")
-
-# %% ../nbs/38_learn.ipynb #9eeab674
-@contextmanager
-def serving(settings: Settings, model: str):
-    "`mlwb serve` of `model` on a free loopback port for the block; yields its base URL."
-    port = free_port()
-    command = mlwb_executable() + ["serve", model, "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "MLWB_WORKSPACE": str(settings.workspace), "MLFLOW_TRACKING_URI": tracking_uri(settings)}
-    process = subprocess.Popen(command, cwd=settings.workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}/health/ready", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None: os.killpg(process.pid, signal.SIGTERM)
-        try: process.wait(timeout=30)
-        except subprocess.TimeoutExpired: os.killpg(process.pid, signal.SIGKILL); process.wait()
-
-# %% ../nbs/38_learn.ipynb #42e3c2c0
-def same_predictions(served: list, expected) -> bool:
-    "Whether the served predictions match the expected ones (numbers to 1e-6)."
-    import numpy as np
-    expected = np.asarray(expected).tolist()
-    if len(served) != len(expected): return False
-    try: return bool(np.allclose(np.asarray(served, dtype=float), np.asarray(expected, dtype=float), rtol=1e-6, atol=1e-6))
-    except (TypeError, ValueError): return served == expected
-
-def model_predictions(settings: Settings, uri: str, model, rows):
-    "What the model at `uri` predicts for `rows`: a scikit-learn model's `predict` (labels for a classifier), else the pyfunc output."
-    if "sklearn" not in model.metadata.flavors: return model.predict(rows)
-    import mlflow
-    with tracking_to(settings): return mlflow.sklearn.load_model(uri).predict(rows)
-
-def check_api_answers(ctx: CheckContext, model: str, rows: str, n: int = 20) -> str:
-    "`mlwb serve` of `model` answers POST /predict on example rows with the model's own predictions."
-    import httpx
-    loaded = load_served_model(ctx.settings, model)
-    sample = example_rows(ctx, loaded, rows, n)
-    expected = model_predictions(ctx.settings, model, loaded, sample)
-    with serving(ctx.settings, model) as url:
-        body = json.dumps({"records": json.loads(sample.to_json(orient="records"))})  # NaN becomes null
-        response = httpx.post(f"{url}/predict", content=body, timeout=60, headers={"Content-Type": "application/json"})
-    if response.status_code != 200: raise CheckFailed(f"POST /predict answered {response.status_code}: {response.text[:500]}")
-    served = response.json().get("predictions") if isinstance(response.json(), dict) else None
-    if not isinstance(served, list) or not same_predictions(served, expected):
-        raise CheckFailed(f"POST /predict answered {str(served)[:200]}; the model itself predicts {list(expected)[:10]}")
-    return f"`mlwb serve {model}` answered {len(served)} rows with the model's own predictions"
-
-register_check("api_answers", check_api_answers);
-
-# %% ../nbs/38_learn.ipynb #3642f9b3
-@dataclass
-class CheckResult:
-    "The verdict on one milestone."
-    milestone: Milestone
-    passed: bool
-    detail: str  # what the check found, or what is wrong
-
-def describe_stage_failure(stage: str, status: str, error: str | None) -> str:
-    "Why `stage` left nothing to check, in the student's terms."
-    if status == "not run": return f"stage '{stage}' did not run: an earlier stage failed"
-    match = re.search(r"failed (in cell \d+ of \S+): NotImplementedError: (.*)", error or "")
-    if match: return f"exercise not done yet ({match.group(1)}): {match.group(2)}"
-    return error or f"stage '{stage}' failed"
-
-# %% ../nbs/38_learn.ipynb #a8454e19
-def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
-    "Run `milestone`'s check on the outcome of its stage in `ctx.run`."
-    result = next((r for r in (ctx.run.results if ctx.run else []) if r.stage == milestone.stage), None)
-    if result is not None and result.status not in ("done", "cached"):
-        return CheckResult(milestone, False, describe_stage_failure(milestone.stage, result.status, result.error))
-    try: return CheckResult(milestone, True, get_check(milestone.check)(ctx, **milestone.args) or "passed")
-    except MlwbError as e: return CheckResult(milestone, False, str(e))
-    except Exception as e: return CheckResult(milestone, False, f"{type(e).__name__}: {e}")
-
-# %% ../nbs/38_learn.ipynb #a4d87015
-def milestone_stages(milestones: list) -> list:
-    "The stages that `milestones` check, each once, in the order they are first named."
-    return list(dict.fromkeys(m.stage for m in milestones))
-
-def run_until(folder: Path, stages: list, settings: Settings, on_event=None):
-    "Run (or reuse), in development mode, `stages` of the project in `folder` and the stages they need; the `PipelineRun`."
-    from mlwb.runner import run_pipeline
-    return run_pipeline(str(folder), settings, on_event=on_event, dev=True, targets=stages)
-
-# %% ../nbs/38_learn.ipynb #37695c8d
-def progress_path(settings: Settings) -> Path: return settings.workspace / ".mlwb" / "progress.json"
-
-def load_progress(settings: Settings) -> dict:
-    "`{project: {milestone id: {title, passed, checked, detail}}}` from the workspace's progress file."
-    path = progress_path(settings)
-    if not path.is_file(): return {}
-    try: return json.loads(path.read_text())
-    except ValueError: raise LearnError(f"{path}: not valid JSON; remove it to start the record again") from None
-
-def record_progress(settings: Settings, project: str, results: list) -> dict:
-    "Add the verdicts in `results` to the workspace's progress file; the whole record."
-    progress = load_progress(settings)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    entries = progress.setdefault(project, {})
-    for r in results:
-        entries[str(r.milestone.id)] = {"title": r.milestone.title, "passed": r.passed, "checked": now, "detail": r.detail[:1000]}
-    write_atomically(progress_path(settings), json.dumps(progress, indent=1))
-    return progress
-
-# %% ../nbs/38_learn.ipynb #ebd667e5
-def choose_milestones(milestones: list, pipeline, number: int | None, where: Path) -> list:
-    "The milestones to check: all, or the one with id `number`; each must name a stage of `pipeline`."
-    for m in milestones:
-        if m.stage not in pipeline.names:
-            raise LearnError(f"{where}: milestone {m.id} names stage '{m.stage}', which {pipeline.folder / 'pipeline.yml'} does not have; stages: {', '.join(pipeline.names)}")
-    if number is None: return milestones
-    chosen = [m for m in milestones if m.id == number]
-    if not chosen: raise LearnError(f"{where}: no milestone {number}; milestones: {', '.join(str(m.id) for m in milestones)}")
-    return chosen
-
-# %% ../nbs/38_learn.ipynb #b05bbc42
-def check_project(project: str | None = None, # a project name or folder; the workspace's default_project if None
-                  milestone: int | None = None, # check only this milestone
-                  settings: Settings | None = None,
-                  on_event=None, # the runner's progress callback, on_event(event, stage_result)
-                 ) -> list:
-    "Run the student's pipeline up to the chosen milestones' stages, check each milestone, record the verdicts."
-    settings = settings or load_settings()
-    folder = find_project(project or settings.default_project, settings)
-    pipeline = load_pipeline(folder)
-    chosen = choose_milestones(load_milestones(folder), pipeline, milestone, folder / MILESTONES_FILE)
-    run = run_until(folder, milestone_stages(chosen), settings, on_event)
-    results = [check_milestone(m, CheckContext(settings, folder, run)) for m in chosen]
-    record_progress(settings, pipeline.name, results)
-    return results
-
-# %% ../nbs/38_learn.ipynb #be9f704d
-ROADMAP = {  # step: (title, words in stage names that belong to it)
-    "problem": ("Understand the business problem", ()),
-    "data": ("Collect and prepare data", ("ingest", "collect", "load", "prepare", "clean", "feature", "split", "data")),
-    "train": ("Train", ("train", "tune", "fit", "sweep")),
-    "validate": ("Validate", ("evaluate", "validate", "register")),
-    "deploy": ("Deploy", ("serve", "deploy", "predict", "batch")),
-    "monitor": ("Monitor", ("monitor", "drift")),
-    "release": ("Release", ("release", "ab", "canary", "rollout")),
-}
-STEP_OF_CHECK = {"api_answers": "deploy", "drift_alarm": "monitor", "model_registered": "validate"}
-
-def roadmap_step(milestone: Milestone) -> str:
-    "The roadmap step `milestone` belongs to."
-    if milestone.check in STEP_OF_CHECK: return STEP_OF_CHECK[milestone.check]
-    return next((step for step, (_, words) in ROADMAP.items() if any(w in milestone.stage for w in words)), "train")
-
-# %% ../nbs/38_learn.ipynb #3beab748
-def progress_lines(project: str, milestones: list, entries: dict) -> list:
-    "The progress report of `project`: milestones by roadmap step, ✓ done, ✗ last check failed, · not checked."
-    done = [m for m in milestones if entries.get(str(m.id), {}).get("passed")]
-    left = sum(m.minutes for m in milestones if m not in done)
-    lines = [f"{project}: {len(done)} of {len(milestones)} milestones done, about {left} minutes of work left"]
-    for step, (title, _) in ROADMAP.items():
-        mine = [m for m in milestones if roadmap_step(m) == step]
-        if mine: lines.append(f"  {title}")
-        for m in mine:
-            mark = "✓" if m in done else "✗" if str(m.id) in entries else "·"
-            lines.append(f"    {mark} {m.id:>2}. {m.title}  ({m.minutes} min)")
-    following = next((m for m in milestones if m not in done), None)
-    lines.append(f"next: milestone {following.id}, {following.title}; then `mlwb check --milestone {following.id}`" if following else "every milestone is done")
-    return lines
-
 # %% ../nbs/38_learn.ipynb #786823ac
 PROJECT_NAME = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 PLACEHOLDER = "{{project}}"
 TEMPLATE_SUFFIXES = (".ipynb", ".yml", ".yaml", ".md", ".txt", ".py", ".ini", ".json")
 
 def check_project_name(name: str):
-    "Raise unless `name` is lower-case words of letters and digits joined by dashes, at most 40 characters."
+    "Raise unless `name` is lower-case words of letters and digits joined by dashes, 40 at most."
     if not PROJECT_NAME.fullmatch(name or "") or len(name) > 40:
-        raise LearnError(f"project name {name!r}: expected lower-case letters and digits in words joined by dashes, "
-                         "starting with a letter, at most 40 characters (for example 'churn-model')")
+        raise LearnError(f"project name {name!r}: expected lower-case letters and digits in words "
+                         "joined by dashes, starting with a letter, at most 40 characters "
+                         "(for example 'churn-model')")
 
 def template_folder(settings: Settings) -> Path:
-    "The project template: the workspace's projects/_template, else the one beside the mlwb package."
+    "The project template: the workspace's projects/_template, else the one beside mlwb."
     import mlwb
-    for folder in (settings.projects_path / "_template", Path(mlwb.__file__).resolve().parents[1] / "projects" / "_template"):
+    beside_package = Path(mlwb.__file__).resolve().parents[1] / "projects" / "_template"
+    for folder in (settings.projects_path / "_template", beside_package):
         if (folder / "pipeline.yml").is_file(): return folder
     raise LearnError(f"no project template: {settings.projects_path / '_template'} does not exist")
 
 # %% ../nbs/38_learn.ipynb #97490c7f
 def new_project(name: str, # the new project's name
-                parent: Path | str | None = None, # the folder to create it in; the workspace's projects/ if None
+                parent: Path | str | None = None, # the folder to create it in; projects/ if None
                 settings: Settings | None = None,
                ) -> Path:
     "A new project `name` copied from the template, with its name filled in; the project folder."
@@ -534,7 +155,8 @@ def new_project(name: str, # the new project's name
     shutil.copytree(template_folder(settings), target, ignore=shutil.ignore_patterns(*COPY_IGNORE))
     for file in target.rglob("*"):
         if file.is_file() and file.suffix in TEMPLATE_SUFFIXES:
-            file.write_text(file.read_text(encoding="utf-8").replace(PLACEHOLDER, name), encoding="utf-8")
+            text = file.read_text(encoding="utf-8")
+            file.write_text(text.replace(PLACEHOLDER, name), encoding="utf-8")
     return target
 
 # %% ../nbs/38_learn.ipynb #b1344995
@@ -543,65 +165,25 @@ def lab_url(port: int, token: str, path: str = "") -> str:
     return f"http://127.0.0.1:{port}/lab" + (f"/tree/{path}" if path else "") + f"?token={token}"
 
 def lab_command_line(settings: Settings, port: int, token: str, open_browser: bool = True) -> list:
-    "The command that runs JupyterLab on the workspace, on 127.0.0.1, with `token` and the project's kernel."
-    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={settings.workspace}", "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-            f"--MappingKernelManager.default_kernel_name={settings.kernel_name}", f"--ServerApp.open_browser={open_browser}"] + \
-           (["--ServerApp.allow_root=True"] if os.geteuid() == 0 else [])  # containers and CI often run as root
-
-# %% ../nbs/38_learn.ipynb #a2b28212
-def stage_printer(event: str, result):
-    "The runner's progress callback for `mlwb check`: a line per finished stage."
-    marks = {"done": "✓", "cached": "↷", "failed": "✗", "not run": "·"}
-    if event in marks: click.echo(f"  {marks[event]} {result.stage:<12} {event}" + (f" in {result.seconds:.1f} s" if event == "done" else ""))
-
-def result_lines(result: CheckResult) -> list:
-    "How `mlwb check` shows one milestone's verdict."
-    m = result.milestone
-    lines = [f"{'✓' if result.passed else '✗'} {m.id}. {m.title}", f"    {result.detail}"]
-    return lines + ([f"    hint: {m.hint}"] if not result.passed and m.hint else [])
-
-# %% ../nbs/38_learn.ipynb #87707867
-def _quiet_mlflow():
-    "Keep MLflow's INFO lines off the terminal."
-    import logging, mlflow
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-@click.command("check")
-@click.argument("project", required=False)
-@click.option("--milestone", "-m", type=int, help="Check only this milestone (its id).")
-def check_command(project, milestone):
-    "Run your pipeline up to the milestones' stages and check each milestone; nothing in your files changes."
-    _quiet_mlflow()
-    settings = load_settings()
-    click.echo(f"checking {project or settings.default_project} in {settings.workspace}")
-    results = check_project(project, milestone, settings, on_event=stage_printer)
-    for result in results: click.echo("\n".join(result_lines(result)))
-    passed = sum(r.passed for r in results)
-    click.echo(f"{passed} of {len(results)} milestones pass; `mlwb progress` shows the whole path")
-    sys.exit(0 if passed == len(results) else 1)
+    "The command that runs JupyterLab on the workspace, on 127.0.0.1, with `token` and the kernel."
+    # containers and CI often run as root
+    root = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
+    return [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={settings.workspace}",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--MappingKernelManager.default_kernel_name={settings.kernel_name}",
+            f"--ServerApp.open_browser={open_browser}"] + root
 
 # %% ../nbs/38_learn.ipynb #a4046570
-@click.command("progress")
-@click.argument("project", required=False)
-def progress_command(project):
-    "Show the milestones of your projects, and which are done."
-    settings = load_settings()
-    progress = load_progress(settings)
-    names = [project] if project else sorted(n for n in set(progress) | {settings.default_project}
-                                             if (settings.projects_path / n / MILESTONES_FILE).is_file())
-    if not names: click.echo(f"no project with a {MILESTONES_FILE} in {settings.projects_path}")
-    for name in names:
-        folder = find_project(name, settings)
-        click.echo("\n".join(progress_lines(folder.name, load_milestones(folder), progress.get(folder.name, {}))))
-
 @click.command("new")
 @click.argument("name")
-@click.option("--dir", "parent", type=click.Path(file_okay=False), help="Create the project in this folder (default: the workspace's projects/).")
+@click.option("--dir", "parent", type=click.Path(file_okay=False),
+              help="Create the project in this folder (default: the workspace's projects/).")
 def new_command(name, parent):
-    "Start a project of your own, NAME, from the template: a pipeline that runs, notebooks, README, milestones."
+    "Start a project of your own, NAME, from the template: a working pipeline, notebooks, README."
     folder = new_project(name, parent)
-    click.echo(f"created {folder}\nrun it:   mlwb run {name if not parent else folder}\ncheck it: mlwb check {name if not parent else folder}")
+    where = folder if parent else name
+    click.echo(f"created {folder}\nrun it:   mlwb run {where}\ncheck it: mlwb check {where}")
 
 # %% ../nbs/38_learn.ipynb #65604a0d
 @click.group("learn")
@@ -615,8 +197,10 @@ def start_command(project, folder):
     "Copy PROJECT into a new workspace FOLDER (default ./learn/PROJECT) with the exercises to do."
     ws = start_learning(project, folder)
     click.echo(f"workspace: {ws.folder}\nproject:   {ws.project}")
-    for name, n in ws.exercises.items(): click.echo(f"  {name}: {n} exercise{'s' if n != 1 else ''}")
-    click.echo(f"next: cd {ws.folder} && mlwb lab   (then `mlwb check` when a milestone is done, `mlwb progress` to see the path)")
+    for name, n in ws.exercises.items():
+        click.echo(f"  {name}: {n} exercise{'s' if n != 1 else ''}")
+    click.echo(f"next: cd {ws.folder} && mlwb lab   "
+               "(then `mlwb check` when a milestone is done, `mlwb progress` to see the path)")
 
 # %% ../nbs/38_learn.ipynb #7416179b
 @click.command("lab")

@@ -1072,7 +1072,7 @@ def serve_model(uri: str, # any MLflow model URI: models:/name@alias, models:/na
 
 # %% ../nbs/08_serve.ipynb #35545edc
 def _quiet_mlflow():
-    "Keep MLflow's INFO lines off the terminal (as `mlwb.cli.quiet_mlflow` does; a lower notebook cannot import the CLI)."
+    "Keep MLflow's INFO lines off the terminal (as `mlwb.core.quiet_mlflow` does; a lower notebook cannot import the CLI)."
     import logging, mlflow  # MLflow sets its logger's level when imported, so ours comes after
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: a temporary workspace with its own settings, runs folder and embedded MLflow store."""
+"""Shared fixtures: a temporary workspace with its own settings, runs folder and embedded MLflow store, and
+each guided project run twice in a workspace of its own."""
+import copy
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -79,10 +82,64 @@ NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
 
 def check_reference_project(ws: Path, project: str):
     "`mlwb check PROJECT` in `ws` after its pipeline ran there: every milestone passes (the completed process)."
-    from mlwb.learn import load_milestones
+    from mlwb.milestones import load_milestones
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", **NO_WARM_KERNELS}
     checked = run_mlwb("check", project, cwd=ws, env=env)
     n = len(load_milestones(ws / "projects" / project))
     assert checked.returncode == 0 and f"{n} of {n} milestones pass" in checked.stdout, checked.stdout + checked.stderr
     assert "✗" not in checked.stdout and "with the model's own predictions" in checked.stdout, checked.stdout  # the API milestone really served
     return checked
+
+
+# The guided projects: their stages in order, and what makes a test run of them smaller than the default --
+# parameters set in the workspace copy's pipeline.yml (so `mlwb check` reuses the same runs), or given on
+# the command line of `mlwb run`.
+PROJECTS = {
+    "fraud-detection": {"stages": ["ingest", "clean", "features", "train", "evaluate", "register", "monitor"],
+                        "args": ["-p", "n_cards=1000"]},
+    "house-prices": {"stages": ["ingest", "clean", "split", "train", "evaluate", "register"],
+                     "smaller": {"ingest": {"n_houses": 1500}}},
+    "recommender": {"stages": ["ingest", "clean", "split", "train", "evaluate", "register"]},
+    "support-intent": {"stages": ["ingest", "clean", "split", "baseline", "train", "evaluate", "register"],
+                       "smaller": {"ingest": {"n_messages": 2000}, "train": {"max_epochs": 12}}},
+}
+
+
+@dataclass
+class ProjectRun:
+    "A guided project's pipeline run twice in a fresh workspace: the workspace and both completed processes."
+    name: str
+    stages: list
+    ws: Path
+    first: subprocess.CompletedProcess
+    second: subprocess.CompletedProcess
+
+    @property
+    def folder(self) -> Path: return self.ws / "projects" / self.name
+
+
+@pytest.fixture(scope="session", params=sorted(PROJECTS))
+def project_run(request, tmp_path_factory) -> ProjectRun:
+    """Each guided project run twice in a workspace of its own, once per test session: the tests of every
+    project (tests/test_projects.py) and those of one (tests/test_<project>.py) share the runs."""
+    name, spec = request.param, PROJECTS[request.param]
+    ws = tmp_path_factory.mktemp(name) / "ws"
+    shutil.copytree(REPO / "projects" / name, ws / "projects" / name,
+                    ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints", "__pycache__"))
+    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    if spec.get("smaller"): set_stage_parameters(ws / "projects" / name, copy.deepcopy(spec["smaller"]))
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
+    first = run_mlwb("run", name, *spec.get("args", []), cwd=ws, env=env)
+    second = run_mlwb("run", name, *spec.get("args", []), cwd=ws, env=env)
+    return ProjectRun(name, spec["stages"], ws, first, second)
+
+
+def stage_runs(ws: Path, project: str) -> dict:
+    "The child runs of the first pipeline run of `project` in `ws`, by stage name."
+    from mlwb.config import load_settings
+    from mlwb.tracking import mlflow_client
+    client = mlflow_client(load_settings(ws, environ={}))
+    experiment = client.get_experiment_by_name(project)
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    return {r.data.tags["mlwb.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import MLWB, REPO, run_mlwb
 from mlwb.config import load_settings
-from mlwb.learn import free_port, lab_url
+from mlwb.core import free_port
+from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
 
 CHROMIUM = "/usr/bin/chromium"

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import NO_WARM_KERNELS, REPO, run_mlwb
 from mlwb.config import load_settings
-from mlwb.learn import BEGIN, load_milestones, load_progress
+from mlwb.learn import BEGIN
+from mlwb.milestones import load_milestones, load_progress
 from mlwb.tracking import mlflow_client
 
 FRAUD = REPO / "projects" / "fraud-detection"
