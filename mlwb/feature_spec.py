@@ -16,8 +16,8 @@ from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, RobustScaler, Sta
 
 from .core import Registry
 from .features import (
-    DATETIME_PARTS, DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf,
-    WindowAggregates)
+    DATETIME_PARTS, DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder,
+    TextTfidf, WindowAggregates)
 
 # %% auto #0
 __all__ = ['TRANSFORMERS', 'SCALERS', 'IMPUTATIONS', 'BUILT_IN', 'register_transformer', 'transformer_factory',
