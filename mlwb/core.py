@@ -118,7 +118,7 @@ class Registry:
         self._items[name] = obj
         return obj
 
-# %% ../nbs/01_core.ipynb #a7a55c08
+# %% ../nbs/01_core.ipynb #7964af99
 @patch
 def _load_entry_points(self: Registry):
     "Add what installed packages declare under the registry's entry-point group, once."
@@ -140,6 +140,12 @@ def __getitem__(self: Registry, name: str):
     if name not in self._items:
         raise self.error(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items)) or '(none)'}")
     return self._items[name]
+
+@patch
+def unregister(self: Registry, name: str):
+    "Remove `name` (a demo or a test's temporary entry); an unknown name raises the registry's error."
+    self[name]
+    del self._items[name]
 
 @patch
 def __contains__(self: Registry, name: str) -> bool: return name in self.names()

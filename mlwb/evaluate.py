@@ -1,4 +1,4 @@
-"""Judging a model the way the business will: metrics that match the decision, thresholds chosen from costs, metrics per slice, calibration, a release gate against a baseline and the champion, and a model card -- all logged to MLflow.
+"""Judging a model the way the business will: metrics that match the decision, ranking metrics for recommendations, figures drawn without pyplot, calibration, and a threshold chosen from the costs of the two mistakes.
 
 Docs: https://mlwb.github.io/mlwb/evaluate.html.md"""
 
@@ -8,62 +8,69 @@ Docs: https://mlwb.github.io/mlwb/evaluate.html.md"""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.inspection import permutation_importance
-from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score, log_loss,
-                             precision_recall_curve, precision_score, r2_score, recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import (average_precision_score, brier_score_loss, confusion_matrix, f1_score,
+                             log_loss, precision_recall_curve, precision_score, r2_score,
+                             recall_score, roc_auc_score, roc_curve)
 
 from .config import MlwbError
 
 # %% auto #0
-__all__ = ['TOLERANCE', 'EvaluationError', 'classification_metrics', 'regression_metrics', 'precision_at_k', 'recall_at_k',
-           'ndcg_at_k', 'map_at_k', 'average_precision_at_k', 'ranking_metrics', 'roc_figure',
-           'precision_recall_figure', 'confusion_figure', 'calibration_table', 'calibration_figure',
-           'classification_figures', 'residuals_figure', 'feature_importance', 'importance_figure', 'expected_cost',
-           'cost_curve', 'ThresholdChoice', 'choose_threshold', 'cost_curve_figure', 'metrics_by_slice', 'GateVerdict',
-           'validation_gate', 'model_card', 'log_figures', 'log_verdict', 'log_model_card']
+__all__ = ['EvaluationError', 'classification_metrics', 'regression_metrics', 'precision_at_k', 'recall_at_k', 'ndcg_at_k',
+           'map_at_k', 'average_precision_at_k', 'ranking_metrics', 'roc_figure', 'precision_recall_figure',
+           'confusion_figure', 'calibration_table', 'calibration_figure', 'classification_figures', 'residuals_figure',
+           'expected_cost', 'cost_curve', 'ThresholdChoice', 'choose_threshold', 'cost_curve_figure']
 
 # %% ../nbs/13_evaluate.ipynb #e169d27e
 class EvaluationError(MlwbError):
-    "Labels, scores, cutoffs, costs or metrics given to an evaluation that are not what was expected."
+    "Labels, scores, cutoffs, costs or metrics given to an evaluation that are not as expected."
 
 # %% ../nbs/13_evaluate.ipynb #f7c0cef3
 def _numbers(values, name: str) -> np.ndarray:
     "`values` as a 1-D float array; nothing, text, NaN or infinity is an error naming `name`."
     try: array = np.asarray(values, dtype=float)
-    except (TypeError, ValueError): raise EvaluationError(f"{name}: expected numbers, got non-numeric values in a {type(values).__name__}") from None
-    if array.ndim != 1: raise EvaluationError(f"{name}: expected a 1-D array, got shape {array.shape}")
+    except (TypeError, ValueError):
+        raise EvaluationError(f"{name}: expected numbers, got non-numeric values "
+                              f"in a {type(values).__name__}") from None
+    if array.ndim != 1:
+        raise EvaluationError(f"{name}: expected a 1-D array, got shape {array.shape}")
     if array.size == 0: raise EvaluationError(f"{name}: expected at least one value, got none")
     bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size: raise EvaluationError(f"{name}: expected finite numbers, found {bad.size} NaN or infinite value(s), the first at position {bad[0]}")
+    if bad.size: raise EvaluationError(f"{name}: expected finite numbers, found {bad.size} NaN or "
+                                       f"infinite value(s), the first at position {bad[0]}")
     return array
 
 def _paired(y_true, other, other_name: str) -> tuple:
     "`y_true` and `other` as float arrays of the same length."
     y, values = _numbers(y_true, "y_true"), _numbers(other, other_name)
-    if len(y) != len(values): raise EvaluationError(f"y_true and {other_name}: expected the same length, got {len(y)} and {len(values)}")
+    if len(y) != len(values): raise EvaluationError(f"y_true and {other_name}: expected the same "
+                                                    f"length, got {len(y)} and {len(values)}")
     return y, values
 
 # %% ../nbs/13_evaluate.ipynb #8821d241
 def _labels_and_scores(y_true, scores, probabilities: bool = True) -> tuple:
-    "0/1 labels holding both classes, and scores of the same length (in [0, 1] when `probabilities`)."
+    "0/1 labels holding both classes, and as many scores (in [0, 1] when `probabilities`)."
     y, s = _paired(y_true, scores, "scores")
     odd = sorted(set(np.unique(y).tolist()) - {0.0, 1.0})
     if odd: raise EvaluationError(f"y_true: expected binary labels 0 and 1, found {odd[:3]}")
-    if len(np.unique(y)) < 2: raise EvaluationError(f"y_true: expected both classes 0 and 1 (ROC AUC and average precision are undefined with one), found only {int(y[0])}")
+    if len(np.unique(y)) < 2:
+        raise EvaluationError(f"y_true: expected both classes 0 and 1 (ROC AUC and average "
+                              f"precision are undefined with one), found only {int(y[0])}")
     if probabilities and (s.min() < 0 or s.max() > 1):
-        raise EvaluationError(f"scores: expected probabilities in [0, 1], got values from {s.min():.3g} to {s.max():.3g}")
+        raise EvaluationError(f"scores: expected probabilities in [0, 1], got values from "
+                              f"{s.min():.3g} to {s.max():.3g}")
     return y.astype(int), s
 
 def _number(value, name: str, low: float = -np.inf, high: float = np.inf) -> float:
     "`value` as a float if it is a finite number in [low, high], else an error naming `name`."
-    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value) and low <= value <= high:
-        return float(value)
-    bounds = "" if low == -np.inf and high == np.inf else f" >= {low:g}" if high == np.inf else f" in [{low:g}, {high:g}]"
+    numeric = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if numeric and np.isfinite(value) and low <= value <= high: return float(value)
+    bounds = "" if low == -np.inf and high == np.inf else f" >= {low:g}"
+    if high != np.inf: bounds = f" in [{low:g}, {high:g}]"
     raise EvaluationError(f"{name}: expected a finite number{bounds}, got {value!r}")
 
 # %% ../nbs/13_evaluate.ipynb #98a72b44
@@ -71,11 +78,13 @@ def classification_metrics(y_true, # 0/1 labels
                            scores, # predicted probability of the positive class, one per label
                            threshold: float = 0.5, # scores at or above it are flagged positive
                           ) -> dict:
-    "Ranking, probability and decision metrics of binary `scores`, and the base rate to read them against."
+    "Ranking, probability and decision metrics of binary `scores`, and the base rate to compare."
     y, p = _labels_and_scores(y_true, scores)
     flagged = (p >= _number(threshold, "threshold")).astype(int)
-    return {"roc_auc": float(roc_auc_score(y, p)), "average_precision": float(average_precision_score(y, p)),
-            "log_loss": float(log_loss(y, p, labels=[0, 1])), "brier": float(brier_score_loss(y, p)),
+    return {"roc_auc": float(roc_auc_score(y, p)),
+            "average_precision": float(average_precision_score(y, p)),
+            "log_loss": float(log_loss(y, p, labels=[0, 1])),
+            "brier": float(brier_score_loss(y, p)),
             "precision": float(precision_score(y, flagged, zero_division=0)),
             "recall": float(recall_score(y, flagged, zero_division=0)),
             "f1": float(f1_score(y, flagged, zero_division=0)), "base_rate": float(y.mean())}
@@ -87,7 +96,8 @@ def regression_metrics(y_true, # true values
     "MAE, RMSE, R² and MAPE (over non-zero targets; `mape_excluded` counts the zeros left out)."
     y, prediction = _paired(y_true, y_pred, "y_pred")
     error, nonzero = prediction - y, y != 0
-    mape = float(np.mean(np.abs(error[nonzero]) / np.abs(y[nonzero]))) if nonzero.any() else float("nan")
+    relative = np.abs(error[nonzero]) / np.abs(y[nonzero])
+    mape = float(np.mean(relative)) if nonzero.any() else float("nan")
     return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2))),
             "r2": float(r2_score(y, prediction)) if len(y) > 1 else float("nan"),
             "mape": mape, "mape_excluded": int((~nonzero).sum())}
@@ -95,30 +105,38 @@ def regression_metrics(y_true, # true values
 # %% ../nbs/13_evaluate.ipynb #b0532998
 def _check_count(value, name: str) -> int:
     "`value` as an int if it is a whole number >= 1, else an error naming `name`."
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1: raise EvaluationError(f"{name}: expected a whole number >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise EvaluationError(f"{name}: expected a whole number >= 1, got {value!r}")
     return int(value)
 
 def _ranked_list(items, user) -> list:
     "A user's ranked items as a list; an item listed twice is an error naming the user."
     items = list(items)
     if len(set(items)) != len(items):
-        raise EvaluationError(f"ranked: user {user!r} lists an item more than once; expected each item at most once per list")
+        raise EvaluationError(f"ranked: user {user!r} lists an item more than once; "
+                              f"expected each item at most once per list")
     return items
 
 def _as_mapping(value, name: str) -> dict:
     "A dict keyed by user, or a list with one entry per user, as a dict."
     if isinstance(value, Mapping): return dict(value)
     if isinstance(value, Sequence) and not isinstance(value, str): return dict(enumerate(value))
-    raise EvaluationError(f"{name}: expected a dict of user -> items or a list with one entry per user, got {type(value).__name__}")
+    raise EvaluationError(f"{name}: expected a dict of user -> items or a list with one entry "
+                          f"per user, got {type(value).__name__}")
 
 # %% ../nbs/13_evaluate.ipynb #dee6e584
 def _users(ranked, relevant) -> list:
     "(ranked items, relevant set) for each user with at least one relevant item."
     ranked_by, relevant_by = _as_mapping(ranked, "ranked"), _as_mapping(relevant, "relevant")
-    if not isinstance(ranked, Mapping) and not isinstance(relevant, Mapping) and len(ranked) != len(relevant):
-        raise EvaluationError(f"ranked and relevant: expected one entry per user in each, got {len(ranked)} and {len(relevant)}")
-    pairs = [(_ranked_list(ranked_by.get(user, []), user), set(items)) for user, items in relevant_by.items() if len(items)]
-    if not pairs: raise EvaluationError("relevant: expected at least one user with a relevant item, found none")
+    as_lists = not isinstance(ranked, Mapping) and not isinstance(relevant, Mapping)
+    if as_lists and len(ranked) != len(relevant):
+        raise EvaluationError(f"ranked and relevant: expected one entry per user in each, "
+                              f"got {len(ranked)} and {len(relevant)}")
+    pairs = [(_ranked_list(ranked_by.get(user, []), user), set(items))
+             for user, items in relevant_by.items() if len(items)]
+    if not pairs:
+        raise EvaluationError("relevant: expected at least one user with a relevant item, "
+                              "found none")
     return pairs
 
 def _hits(items: list, relevant_items: set, k: int) -> np.ndarray:
@@ -127,12 +145,14 @@ def _hits(items: list, relevant_items: set, k: int) -> np.ndarray:
 
 # %% ../nbs/13_evaluate.ipynb #a49293a0
 def _precision(items, relevant_items, k): return _hits(items, relevant_items, k).sum() / k
-def _recall(items, relevant_items, k): return _hits(items, relevant_items, k).sum() / len(relevant_items)
+def _recall(items, relevant_items, k):
+    return _hits(items, relevant_items, k).sum() / len(relevant_items)
 
 def _ndcg(items, relevant_items, k) -> float:
     "Discounted hits over the discounted hits of a perfect ranking."
     hits, discounts = _hits(items, relevant_items, k), 1 / np.log2(np.arange(2, k + 2))
-    return float((hits * discounts[:len(hits)]).sum() / discounts[:min(len(relevant_items), k)].sum())
+    best = discounts[:min(len(relevant_items), k)].sum()
+    return float((hits * discounts[:len(hits)]).sum() / best)
 
 def _average_precision(items, relevant_items, k) -> float:
     "Precision at the rank of each hit in the top `k`, summed, over min(#relevant, k)."
@@ -144,7 +164,8 @@ def _average_precision(items, relevant_items, k) -> float:
 def _mean_over_users(per_user, ranked, relevant, k) -> float:
     "The mean of `per_user(items, relevant_items, k)` over users with relevant items."
     k = _check_count(k, "k")
-    return float(np.mean([per_user(items, relevant_items, k) for items, relevant_items in _users(ranked, relevant)]))
+    users = _users(ranked, relevant)
+    return float(np.mean([per_user(items, wanted, k) for items, wanted in users]))
 
 def precision_at_k(ranked, relevant, k: int) -> float:
     "Mean share of the top-`k` slots holding a relevant item."
@@ -168,13 +189,15 @@ def average_precision_at_k(items, # one user's ranked items
                            k: int) -> float:
     "Average precision at `k` of one user's ranked list."
     k, relevant_items = _check_count(k, "k"), set(relevant_items)
-    if not relevant_items: raise EvaluationError("relevant_items: expected at least one relevant item (average precision is undefined without)")
+    if not relevant_items: raise EvaluationError("relevant_items: expected at least one relevant "
+                                                 "item (average precision is undefined without)")
     return _average_precision(_ranked_list(items, "given"), relevant_items, k)
 
 def ranking_metrics(ranked, relevant, k: int) -> dict:
     "Precision, recall, nDCG and MAP at `k`, named with the cutoff (`precision_at_10`, ...)."
     return {f"{name}_at_{k}": fn(ranked, relevant, k) for name, fn in
-            [("precision", precision_at_k), ("recall", recall_at_k), ("ndcg", ndcg_at_k), ("map", map_at_k)]}
+            [("precision", precision_at_k), ("recall", recall_at_k), ("ndcg", ndcg_at_k),
+             ("map", map_at_k)]}
 
 # %% ../nbs/13_evaluate.ipynb #252fd26c
 def _axes(title: str, xlabel: str, ylabel: str, size: tuple = (5, 4)) -> tuple:
@@ -185,7 +208,7 @@ def _axes(title: str, xlabel: str, ylabel: str, size: tuple = (5, 4)) -> tuple:
     return figure, ax
 
 def roc_figure(y_true, scores) -> Figure:
-    "The ROC curve: recall against false positive rate at every threshold, with the chance diagonal."
+    "The ROC curve: recall against false positive rate at every threshold, and the chance diagonal."
     y, s = _labels_and_scores(y_true, scores, probabilities=False)
     false_positive_rate, true_positive_rate, _ = roc_curve(y, s)
     figure, ax = _axes("ROC curve", "false positive rate", "true positive rate (recall)")
@@ -207,31 +230,37 @@ def precision_recall_figure(y_true, scores) -> Figure:
     return figure
 
 # %% ../nbs/13_evaluate.ipynb #b0ed4939
-def confusion_figure(y_true, scores, threshold: float = 0.5, labels: tuple = ("negative", "positive")) -> Figure:
+def confusion_figure(y_true, scores, threshold: float = 0.5,
+                     labels: tuple = ("negative", "positive")) -> Figure:
     "Counts of true and predicted classes when scores at or above `threshold` are flagged."
     y, s = _labels_and_scores(y_true, scores, probabilities=False)
     counts = confusion_matrix(y, (s >= _number(threshold, "threshold")).astype(int), labels=[0, 1])
-    figure, ax = _axes(f"Confusion matrix at threshold {threshold:.3g}", "predicted", "actual", size=(4.5, 4))
+    figure, ax = _axes(f"Confusion matrix at threshold {threshold:.3g}", "predicted", "actual",
+                       size=(4.5, 4))
     ax.imshow(counts, cmap="Blues")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=labels, yticklabels=labels)
     for (row, column), count in np.ndenumerate(counts):
-        ax.text(column, row, f"{count:,}", ha="center", va="center", color="white" if count > counts.max() / 2 else "black")
+        ax.text(column, row, f"{count:,}", ha="center", va="center",
+                color="white" if count > counts.max() / 2 else "black")
     return figure
 
 # %% ../nbs/13_evaluate.ipynb #a7a56882
 def calibration_table(y_true, scores, n_bins: int = 10) -> pd.DataFrame:
-    "Per bin of equally many cases sorted by score: the mean score, the observed positive rate and the count."
+    "Per bin of equally many cases sorted by score: mean score, observed positive rate and count."
     y, p = _labels_and_scores(y_true, scores)
     n_bins = _check_count(n_bins, "n_bins")
     bins = np.empty(len(p), dtype=int)
     bins[np.argsort(p, kind="stable")] = np.arange(len(p)) * n_bins // len(p)
     frame = pd.DataFrame({"bin": bins, "predicted": p, "observed": y})
-    return frame.groupby("bin").agg(predicted=("predicted", "mean"), observed=("observed", "mean"), n=("observed", "size")).reset_index(drop=True)
+    table = frame.groupby("bin").agg(predicted=("predicted", "mean"),
+                                     observed=("observed", "mean"), n=("observed", "size"))
+    return table.reset_index(drop=True)
 
 def calibration_figure(y_true, scores, n_bins: int = 10) -> Figure:
     "The reliability curve: observed positive rate against mean score per bin, with the diagonal."
     table = calibration_table(y_true, scores, n_bins)
-    figure, ax = _axes("Calibration (reliability)", "mean predicted probability", "observed positive rate")
+    figure, ax = _axes("Calibration (reliability)", "mean predicted probability",
+                       "observed positive rate")
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="calibrated")
     ax.plot(table["predicted"], table["observed"], marker="o", label="model")
     ax.legend(loc="upper left")
@@ -239,13 +268,15 @@ def calibration_figure(y_true, scores, n_bins: int = 10) -> Figure:
 
 # %% ../nbs/13_evaluate.ipynb #dee5d5b6
 def classification_figures(y_true, scores, threshold: float = 0.5) -> dict:
-    "The ROC, precision-recall, confusion-matrix and calibration figures, keyed by a file-friendly name."
-    return {"roc": roc_figure(y_true, scores), "precision_recall": precision_recall_figure(y_true, scores),
-            "confusion_matrix": confusion_figure(y_true, scores, threshold), "calibration": calibration_figure(y_true, scores)}
+    "The ROC, precision-recall, confusion-matrix and calibration figures, by a file-friendly name."
+    return {"roc": roc_figure(y_true, scores),
+            "precision_recall": precision_recall_figure(y_true, scores),
+            "confusion_matrix": confusion_figure(y_true, scores, threshold),
+            "calibration": calibration_figure(y_true, scores)}
 
 # %% ../nbs/13_evaluate.ipynb #6d83426f
 def residuals_figure(y_true, y_pred) -> Figure:
-    "Actual against predicted (with the identity line), and residuals against predicted (with zero)."
+    "Actual against predicted (with the identity line), and residuals against predicted."
     y, prediction = _paired(y_true, y_pred, "y_pred")
     figure = Figure(figsize=(9, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
@@ -258,270 +289,63 @@ def residuals_figure(y_true, y_pred) -> Figure:
     right.set(title="Residuals", xlabel="predicted", ylabel="actual - predicted")
     return figure
 
-# %% ../nbs/13_evaluate.ipynb #2d9def42
-def _own_importances(model):
-    "The model's `feature_importances_`, or its mean absolute coefficients, or None."
-    if hasattr(model, "feature_importances_"): return np.asarray(model.feature_importances_, dtype=float)
-    coef = getattr(model, "coef_", None)
-    return None if coef is None else np.abs(np.atleast_2d(coef)).mean(axis=0)
-
-def _feature_names(feature_names, model, X, count: int) -> list:
-    "The given names, else those of `X` or of the model when they fit, else x0, x1, ..."
-    if feature_names is not None:
-        if len(feature_names) != count: raise EvaluationError(f"feature_names: expected {count} names, one per importance, got {len(feature_names)}")
-        return list(feature_names)
-    for names in (getattr(X, "columns", None), getattr(model, "feature_names_in_", None)):
-        if names is not None and len(names) == count: return list(names)
-    return [f"x{i}" for i in range(count)]
-
-# %% ../nbs/13_evaluate.ipynb #231f3912
-def feature_importance(model, # a fitted estimator or pipeline
-                       feature_names=None, # one name per importance; else taken from X or the model
-                       X=None, y=None, # held-out rows and labels, for permutation importance
-                       method: str = "auto", # "auto": the model's own importances if any, else permutation; or "permutation"
-                       scoring=None, n_repeats: int = 5, seed: int = 0, # passed to permutation_importance
-                      ) -> pd.Series:
-    "Importance per feature, largest first: the model's own, or the score drop when a column of `X` is shuffled."
-    if method not in ("auto", "permutation"): raise EvaluationError(f"method: expected 'auto' or 'permutation', got {method!r}")
-    values = _own_importances(model) if method == "auto" else None
-    if values is None:
-        if X is None or y is None: raise EvaluationError("X and y: expected held-out rows and labels for permutation importance (the model has neither feature_importances_ nor coef_)")
-        values = permutation_importance(model, X, y, scoring=scoring, n_repeats=n_repeats, random_state=seed).importances_mean
-    return pd.Series(values, index=_feature_names(feature_names, model, X, len(values)), name="importance").sort_values(ascending=False)
-
-def importance_figure(importances: pd.Series, top: int = 15) -> Figure:
-    "A horizontal bar chart of the `top` largest importances."
-    shown = importances.head(_check_count(top, "top")).iloc[::-1]
-    figure, ax = _axes("Feature importance", "importance", "", size=(5, 0.8 + 0.3 * len(shown)))
-    ax.barh([str(name) for name in shown.index], shown.to_numpy())
-    return figure
-
 # %% ../nbs/13_evaluate.ipynb #3331a461
 def _costs(cost_fn, cost_fp) -> tuple:
     "The two costs as floats: non-negative, and not both zero."
     cost_fn, cost_fp = _number(cost_fn, "cost_fn", low=0), _number(cost_fp, "cost_fp", low=0)
-    if cost_fn == cost_fp == 0: raise EvaluationError("cost_fn and cost_fp: expected at least one of them to be positive, got both 0")
+    if cost_fn == cost_fp == 0: raise EvaluationError("cost_fn and cost_fp: expected at least one "
+                                                      "of them to be positive, got both 0")
     return cost_fn, cost_fp
 
 def expected_cost(y_true, scores, threshold: float, cost_fn: float, cost_fp: float) -> float:
     "Average cost per case when scores at or above `threshold` are flagged."
     y, s = _labels_and_scores(y_true, scores, probabilities=False)
     (cost_fn, cost_fp), flagged = _costs(cost_fn, cost_fp), s >= _number(threshold, "threshold")
-    return float((cost_fn * np.sum(~flagged & (y == 1)) + cost_fp * np.sum(flagged & (y == 0))) / len(y))
+    missed, false_alarms = np.sum(~flagged & (y == 1)), np.sum(flagged & (y == 0))
+    return float((cost_fn * missed + cost_fp * false_alarms) / len(y))
 
 # %% ../nbs/13_evaluate.ipynb #cfbe4367
 def cost_curve(y_true, scores, # 0/1 labels and any scores where higher means more likely positive
                cost_fn: float, # the cost of one missed positive (false negative)
                cost_fp: float, # the cost of one false alarm (false positive)
               ) -> pd.DataFrame:
-    "Missed positives, false alarms and expected cost per case for each distinct score as the threshold."
+    "Missed positives, false alarms and expected cost per case, each distinct score as threshold."
     y, s = _labels_and_scores(y_true, scores, probabilities=False)
     cost_fn, cost_fp = _costs(cost_fn, cost_fp)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[s[1:] != s[:-1], True]  # the last case of each run of equal scores
-    flagged = np.r_[0, np.flatnonzero(last) + 1]  # threshold above the top score first: flag nothing
+    flagged = np.r_[0, np.flatnonzero(last) + 1]  # a threshold above the top score first: none
     false_positives = flagged - np.r_[0, np.cumsum(y)[last]]
     false_negatives = y.sum() - (flagged - false_positives)
-    curve = pd.DataFrame({"threshold": np.r_[np.nextafter(s[0], np.inf), s[last]], "flagged": flagged, "false_negatives": false_negatives,
-                          "false_positives": false_positives, "expected_cost": (cost_fn * false_negatives + cost_fp * false_positives) / len(y)})
+    cost = (cost_fn * false_negatives + cost_fp * false_positives) / len(y)
+    curve = pd.DataFrame({"threshold": np.r_[np.nextafter(s[0], np.inf), s[last]],
+                          "flagged": flagged, "false_negatives": false_negatives,
+                          "false_positives": false_positives, "expected_cost": cost})
     return curve.iloc[::-1].reset_index(drop=True)
 
 # %% ../nbs/13_evaluate.ipynb #6825982e
 @dataclass
 class ThresholdChoice:
-    "The threshold with the lowest expected cost, the cost there and at 0.5, and the whole cost curve."
+    "The threshold with the lowest expected cost, the cost there and at 0.5, and the cost curve."
     threshold: float # flag cases whose score is at or above it
     expected_cost: float # average cost per case at that threshold
     cost_at_half: float # the same at the default threshold 0.5, for comparison
-    curve: pd.DataFrame # threshold, flagged, false_negatives, false_positives, expected_cost (thresholds ascending)
+    curve: pd.DataFrame # threshold, flagged, false_negatives, false_positives, expected_cost
 
 def choose_threshold(y_true, scores, cost_fn: float, cost_fp: float) -> ThresholdChoice:
-    "The threshold that minimises the expected cost of missed positives and false alarms on held-out data."
+    "The threshold minimising the expected cost of missed positives and false alarms, held out."
     curve = cost_curve(y_true, scores, cost_fn, cost_fp)
     best = curve.loc[curve["expected_cost"].idxmin()]
-    return ThresholdChoice(float(best["threshold"]), float(best["expected_cost"]), expected_cost(y_true, scores, 0.5, cost_fn, cost_fp), curve)
+    return ThresholdChoice(float(best["threshold"]), float(best["expected_cost"]),
+                           expected_cost(y_true, scores, 0.5, cost_fn, cost_fp), curve)
 
 def cost_curve_figure(choice: ThresholdChoice) -> Figure:
     "Expected cost per case against the threshold, marking the chosen threshold and 0.5."
     figure, ax = _axes("Expected cost per case", "threshold", "expected cost")
     ax.plot(choice.curve["threshold"], choice.curve["expected_cost"])
-    ax.axvline(choice.threshold, color="tab:red", label=f"chosen {choice.threshold:.3f} (cost {choice.expected_cost:.3f})")
+    ax.axvline(choice.threshold, color="tab:red",
+               label=f"chosen {choice.threshold:.3f} (cost {choice.expected_cost:.3f})")
     ax.axvline(0.5, color="grey", linestyle=":", label=f"0.5 (cost {choice.cost_at_half:.3f})")
     ax.legend(loc="lower right")
     return figure
-
-# %% ../nbs/13_evaluate.ipynb #192335aa
-def _column(df: pd.DataFrame, value, name: str) -> np.ndarray:
-    "Column `value` of `df`, or `value` itself if it is an array with one entry per row."
-    if isinstance(value, str):
-        if value not in df.columns: raise EvaluationError(f"{name}: no column '{value}' in df; columns are {list(df.columns)}")
-        return df[value].to_numpy()
-    array = np.asarray(value)
-    if array.ndim != 1 or len(array) != len(df): raise EvaluationError(f"{name}: expected {len(df)} values, one per row of df, got shape {array.shape}")
-    return array
-
-def _is_binary(values) -> bool:
-    "Whether all values are 0 or 1."
-    try: return set(np.unique(np.asarray(values, dtype=float)).tolist()) <= {0.0, 1.0}
-    except (TypeError, ValueError): return False
-
-# %% ../nbs/13_evaluate.ipynb #04737851
-def _slice_row(y, s, metric_fn, binary: bool, min_count: int, min_positives: int) -> dict:
-    "Size, positives and metrics of one slice, flagged when too small to trust; a metric error becomes a note."
-    row = {"n": len(y)} | ({"positives": int(np.asarray(y, dtype=float).sum())} if binary else {})
-    row["too_small"] = bool(row["n"] < min_count or row.get("positives", min_positives) < min_positives)
-    try: result = metric_fn(y, s)
-    except (EvaluationError, ValueError) as error: return row | {"note": str(error)}
-    name = getattr(metric_fn, "__name__", "metric")
-    return row | (dict(result) if isinstance(result, Mapping) else {"metric" if name == "<lambda>" else name: float(result)}) | {"note": ""}
-
-def metrics_by_slice(df: pd.DataFrame, # one row per case
-                     by, # the column (or list of columns) that defines the slices
-                     y_true, scores, # column names in df, or arrays with one value per row
-                     metric_fn=classification_metrics, # (y_true, scores) -> dict of metrics, or one number
-                     min_count: int = 100, # fewer cases than this and the slice is flagged too_small
-                     min_positives: int = 10, # for 0/1 labels: fewer positives than this is too small as well
-                    ) -> pd.DataFrame:
-    "One row per slice: its values of `by`, size, positives, metrics, and whether it is too small to trust."
-    by = [by] if isinstance(by, str) else list(by)
-    if not by or any(column not in df.columns for column in by): raise EvaluationError(f"by: expected one or more columns of df, got {by}; columns are {list(df.columns)}")
-    y, s = _column(df, y_true, "y_true"), _column(df, scores, "scores")
-    binary, rows = _is_binary(y), []
-    for key, index in df.groupby(by, dropna=False, sort=True).indices.items():
-        values = key if len(by) > 1 else (key,)
-        rows.append(dict(zip(by, values)) | _slice_row(y[index], s[index], metric_fn, binary, min_count, min_positives))
-    frame = pd.DataFrame(rows)
-    fixed = [*by, "n", *(["positives"] if binary else []), "too_small", "note"]
-    return frame[[c for c in fixed if c not in ("too_small", "note")] + [c for c in frame.columns if c not in fixed] + ["too_small", "note"]]
-
-# %% ../nbs/13_evaluate.ipynb #3873bdd6
-@dataclass
-class GateVerdict:
-    "Whether a candidate model may be released, the reasons in plain words, and the numbers compared."
-    passed: bool
-    reasons: list # one sentence per comparison
-    metric: str
-    candidate: float
-    baseline: float
-    champion: float | None = None # None when there is no champion yet
-    margin: float = 0.0
-    higher_is_better: bool = True
-
-    def to_dict(self) -> dict: return asdict(self)
-
-def _metric_value(metrics, metric: str, name: str) -> float:
-    "`metrics[metric]` as a float, or an error naming the dict."
-    if not isinstance(metrics, Mapping) or metric not in metrics:
-        found = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
-        raise EvaluationError(f"{name}: expected a dict holding the gate metric '{metric}', got {found}")
-    try: return float(metrics[metric])
-    except (TypeError, ValueError): raise EvaluationError(f"{name}['{metric}']: expected a number, got {metrics[metric]!r}") from None
-
-# %% ../nbs/13_evaluate.ipynb #5b2d5c53
-TOLERANCE = 1e-12  # gains this close to the margin count as meeting it (floating-point noise)
-
-def _compare(candidate: float, reference: float, who: str, metric: str, margin: float, higher_is_better: bool) -> tuple:
-    "Whether `candidate` beats `reference` strictly and by at least `margin`, and why, in one sentence."
-    gain = candidate - reference if higher_is_better else reference - candidate
-    direction = "higher" if higher_is_better else "lower"
-    if np.isnan(gain): return False, f"The candidate's {metric} cannot be compared with the {who}'s: one of them is NaN ({candidate} against {reference})."
-    if gain > 0 and gain >= margin - TOLERANCE:
-        return True, f"The candidate's {metric} ({candidate:.4f}) beats the {who}'s ({reference:.4f}) by {gain:.4f} ({direction} is better; required margin {margin:.4f})."
-    return False, f"The candidate's {metric} ({candidate:.4f}) does not beat the {who}'s ({reference:.4f}) by the required margin {margin:.4f} ({direction} is better; improvement {gain:+.4f})."
-
-def validation_gate(candidate_metrics: dict, # metrics of the model that wants to be released
-                    baseline_metrics: dict, # metrics of a trivial model on the same data
-                    champion_metrics: dict | None = None, # metrics of the model in production, if any
-                    metric: str = "average_precision", # the metric that decides
-                    margin: float = 0.0, # the least improvement that counts
-                    higher_is_better: bool = True) -> GateVerdict:
-    "Pass only if the candidate beats the baseline and the champion (if any) on `metric` by `margin`."
-    margin = _number(margin, "margin", low=0)
-    candidate = _metric_value(candidate_metrics, metric, "candidate_metrics")
-    references = {"baseline": _metric_value(baseline_metrics, metric, "baseline_metrics")}
-    if champion_metrics is not None: references["champion"] = _metric_value(champion_metrics, metric, "champion_metrics")
-    results = [_compare(candidate, value, who, metric, margin, higher_is_better) for who, value in references.items()]
-    reasons = [reason for _, reason in results] + ([] if champion_metrics is not None else ["There is no champion yet, so the baseline is the only comparison."])
-    return GateVerdict(all(ok for ok, _ in results), reasons, metric, candidate, references["baseline"], references.get("champion"), margin, higher_is_better)
-
-# %% ../nbs/13_evaluate.ipynb #01ce17fa
-def _cell(value) -> str:
-    "A value as Markdown table text: numbers to 4 significant digits, yes/no, pipes escaped."
-    if isinstance(value, (bool, np.bool_)): return "yes" if value else "no"
-    if isinstance(value, (float, np.floating)): return "n/a" if np.isnan(value) else f"{value:.4g}"
-    return "" if value is None or value is pd.NA else str(value).replace("|", "\\|").replace("\n", " ")
-
-def _table(header: list, rows) -> str:
-    "A Markdown table."
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
-
-def _bullets(value) -> str:
-    "A dict as `- **key:** value` lines, a list as `- item` lines, text as it is."
-    if isinstance(value, Mapping): return "\n".join(f"- **{key}:** {_cell(item)}" for key, item in value.items())
-    if isinstance(value, (list, tuple)): return "\n".join(f"- {item}" for item in value)
-    return str(value).strip()
-
-# %% ../nbs/13_evaluate.ipynb #9722a718
-def _check_card(**fields):
-    "Each field must be non-empty; an empty one is an error naming it."
-    for name, value in fields.items():
-        if value is None or (isinstance(value, (str, list, tuple, Mapping)) and not (value.strip() if isinstance(value, str) else value)):
-            raise EvaluationError(f"model_card: '{name}' is required and must not be empty")
-
-def model_card(name: str, version, task: str, # what the model is called and does
-               metrics: dict, # held-out metrics, name -> number
-               data_summary, # what the model was trained and tested on: a dict, a list or text
-               intended_use: str, # who should use it for what (and what not)
-               limitations, # known weaknesses: a list or text
-               gate_verdict: GateVerdict, # the release gate's verdict
-               slices: pd.DataFrame | None = None, # metrics per slice, as from `metrics_by_slice`
-              ) -> str:
-    "A model card in Markdown."
-    _check_card(name=name, version=version, task=task, metrics=metrics, data_summary=data_summary, intended_use=intended_use, limitations=limitations)
-    if not isinstance(gate_verdict, GateVerdict): raise EvaluationError(f"gate_verdict: expected a GateVerdict from validation_gate, got {type(gate_verdict).__name__}")
-    gate = f"**{'Passed' if gate_verdict.passed else 'Failed'}** on `{gate_verdict.metric}` with margin {gate_verdict.margin:g}.\n\n" + _bullets(gate_verdict.reasons)
-    parts = [f"# Model card: {name}, version {version}", f"**Task:** {task}", "## Intended use", str(intended_use).strip(),
-             "## Data", _bullets(data_summary), "## Metrics", _table(["metric", "value"], metrics.items()), "## Release gate", gate]
-    if slices is not None: parts += ["## Metrics by slice", _table(list(slices.columns), slices.itertuples(index=False))]
-    return "\n\n".join(parts + ["## Limitations", _bullets(limitations)]) + "\n"
-
-# %% ../nbs/13_evaluate.ipynb #4e78ec22
-def _run_target(run_id, client) -> tuple:
-    "The client and run to log to: `run_id` on `client` (MLflow's current store if None), else the active run."
-    import mlflow
-    if run_id is None:
-        if mlflow.active_run() is None: raise EvaluationError("run_id: expected a run id or an active MLflow run, found neither")
-        run_id = mlflow.active_run().info.run_id
-    return client or mlflow.MlflowClient(), run_id
-
-def log_figures(figures: dict, # name -> matplotlib Figure; the name becomes the file name
-                run_id: str | None = None, client=None, # the run to log to (default: the active run)
-                folder: str = "figures") -> list:
-    "Log each figure as a PNG image under `folder/` of the run; return the artifact paths."
-    for name, figure in figures.items():
-        if not isinstance(figure, Figure): raise EvaluationError(f"figures['{name}']: expected a matplotlib Figure, got {type(figure).__name__}")
-    client, run_id = _run_target(run_id, client)
-    paths = {name: f"{folder}/{name}" + ("" if str(name).endswith(".png") else ".png") for name in figures}
-    for name, figure in figures.items(): client.log_figure(run_id, figure, paths[name])
-    return list(paths.values())
-
-# %% ../nbs/13_evaluate.ipynb #48452f23
-def log_verdict(verdict: GateVerdict, run_id: str | None = None, client=None) -> None:
-    "Record the gate's verdict on the run: `mlwb.gate.*` tags, the compared numbers as metrics, `gate_verdict.json`."
-    if not isinstance(verdict, GateVerdict): raise EvaluationError(f"verdict: expected a GateVerdict, got {type(verdict).__name__}")
-    client, run_id = _run_target(run_id, client)
-    client.set_tag(run_id, "mlwb.gate.passed", str(verdict.passed).lower())
-    client.set_tag(run_id, "mlwb.gate.metric", verdict.metric)
-    for role in ("candidate", "baseline", "champion"):
-        value = getattr(verdict, role)
-        if value is not None and not np.isnan(value): client.log_metric(run_id, f"gate_{role}_{verdict.metric}", value)
-    client.log_dict(run_id, verdict.to_dict(), "gate_verdict.json")
-
-def log_model_card(text: str, run_id: str | None = None, client=None) -> str:
-    "Log a model card as `model_card.md` in the run; return the artifact path."
-    if not isinstance(text, str) or not text.strip(): raise EvaluationError("text: expected the model card's Markdown text, got nothing")
-    client, run_id = _run_target(run_id, client)
-    client.log_text(run_id, text, "model_card.md")
-    return "model_card.md"

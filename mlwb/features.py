@@ -1,4 +1,4 @@
-"""Feature engineering that survives production: transformers that learn only from training data and travel inside the model, target encoding without leakage, window aggregates that never see the future, and a small spec that builds it all.
+"""Feature engineering that survives production: transformers that learn only from training data and travel inside the model, target encoding without leakage, and window aggregates that never see the future.
 
 Docs: https://mlwb.github.io/mlwb/features.html.md"""
 
@@ -7,28 +7,18 @@ Docs: https://mlwb.github.io/mlwb/features.html.md"""
 # %% ../nbs/08_features.ipynb #11d020a2
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin, clone
-from sklearn.compose import ColumnTransformer
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.impute import SimpleImputer
 from sklearn.model_selection import KFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, RobustScaler, StandardScaler
 from sklearn.utils.validation import _check_feature_names_in, check_is_fitted, validate_data
 
 from .config import MlwbError
 
 # %% auto #0
-__all__ = ['DATETIME_PARTS', 'CYCLES', 'OUT_OF_FOLD_REASON', 'TRANSFORMERS', 'SCALERS', 'IMPUTATIONS', 'FeatureError',
-           'DateTimeFeatures', 'FrequencyEncoder', 'OutOfFoldTargetEncoder', 'TextTfidf', 'WindowAggregates',
-           'check_point_in_time', 'expected_failed_checks', 'register_transformer', 'transformer_factory',
-           'numeric_features', 'categorical_features', 'datetime_features', 'text_features', 'frequency_features',
-           'target_encoded_features', 'window_features', 'passthrough_features', 'FeatureTransformer', 'build_features',
-           'skops_trusted_types']
+__all__ = ['DATETIME_PARTS', 'CYCLES', 'OUT_OF_FOLD_REASON', 'BY_DESIGN', 'FeatureError', 'DateTimeFeatures', 'FrequencyEncoder',
+           'OutOfFoldTargetEncoder', 'TextTfidf', 'WindowAggregates', 'check_point_in_time', 'expected_failed_checks']
 
 # %% ../nbs/08_features.ipynb #060f46e8
 class FeatureError(MlwbError, ValueError):
@@ -36,26 +26,29 @@ class FeatureError(MlwbError, ValueError):
 
 # %% ../nbs/08_features.ipynb #511bd8b4
 def _as_frame(estimator, X, reset: bool) -> pd.DataFrame:
-    "`X` as a DataFrame; its column names and count are recorded (`reset`, at fit) or checked against fit."
+    "`X` as a DataFrame; its column names and count are recorded (`reset`, at fit) or checked."
     if hasattr(X, "columns"):  # a DataFrame keeps its types: text, date-times, categories
         validate_data(estimator, X, reset=reset, skip_check_array=True)
         return X
     finite = not estimator.__sklearn_tags__().input_tags.allow_nan
-    return pd.DataFrame(validate_data(estimator, X, reset=reset, dtype=None, ensure_all_finite=finite))
+    return pd.DataFrame(validate_data(estimator, X, reset=reset, dtype=None,
+                                      ensure_all_finite=finite))
 
 def _columns(frame: pd.DataFrame) -> list:
-    "The columns of `frame` as a list of series (by position: names may repeat in arrays turned to frames)."
+    "The columns of `frame` as a list of series, by position (an array's names may repeat)."
     return [frame.iloc[:, j] for j in range(frame.shape[1])]
 
 # %% ../nbs/08_features.ipynb #2607cbe8
 DATETIME_PARTS = ("year", "month", "day_of_week", "hour", "is_weekend")
-CYCLES = {"month": 12, "day_of_week": 7, "hour": 24}  # parts on a circle, and the length of the circle
+CYCLES = {"month": 12, "day_of_week": 7, "hour": 24}  # parts on a circle, and its length
 
 def _to_datetime(values: pd.Series, where: str) -> pd.Series:
     "`values` as date-times; a value that is not one raises `FeatureError` naming `where`."
     try: return pd.to_datetime(values)
     except (ValueError, TypeError, OverflowError) as e:
-        raise FeatureError(f"{where}: expected date-times, got values like {values.iloc[0]!r} ({e})") from None
+        example = values.iloc[0]
+        raise FeatureError(f"{where}: expected date-times, got values like {example!r} "
+                           f"({e})") from None
 
 def _datetime_part(t: pd.Series, part: str) -> np.ndarray:
     "One calendar `part` of the date-times `t` as floats (NaN where `t` is missing)."
@@ -74,7 +67,7 @@ def _part_names(part: str, cyclical: bool) -> list:
 
 # %% ../nbs/08_features.ipynb #257074ef
 class DateTimeFeatures(TransformerMixin, BaseEstimator):
-    "Calendar parts of date-time columns (year, month, day of week, hour, weekend), optionally with sine and cosine."
+    "Calendar parts of date-time columns (year, month, weekday, hour, weekend), maybe cyclical."
 
     def __init__(self, parts=DATETIME_PARTS, # which of DATETIME_PARTS to make
                  cyclical=False): # also the sine and cosine of month, day of week and hour
@@ -82,7 +75,8 @@ class DateTimeFeatures(TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         unknown = [p for p in self.parts if p not in DATETIME_PARTS]
-        if unknown: raise FeatureError(f"DateTimeFeatures: unknown part(s) {unknown}; expected some of {list(DATETIME_PARTS)}")
+        if unknown: raise FeatureError(f"DateTimeFeatures: unknown part(s) {unknown}; "
+                                       f"expected some of {list(DATETIME_PARTS)}")
         _as_frame(self, X, reset=True)
         return self
 
@@ -90,34 +84,40 @@ class DateTimeFeatures(TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         frame = _as_frame(self, X, reset=False)
         times = [_to_datetime(c, f"DateTimeFeatures: column {c.name!r}") for c in _columns(frame)]
-        out = [v for t in times for p in self.parts for v in _with_cycle(p, _datetime_part(t, p), self.cyclical)]
+        out = [v for t in times for p in self.parts
+               for v in _with_cycle(p, _datetime_part(t, p), self.cyclical)]
         return np.column_stack(out) if out else np.empty((len(frame), 0))
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self)
         columns = _check_feature_names_in(self, input_features)
-        return np.asarray([f"{c}_{n}" for c in columns for p in self.parts for n in _part_names(p, self.cyclical)], dtype=object)
+        names = [f"{c}_{n}" for c in columns for p in self.parts
+                 for n in _part_names(p, self.cyclical)]
+        return np.asarray(names, dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.allow_nan = tags.input_tags.string = True  # missing date-times; dates written as text
+        # missing date-times; dates written as text
+        tags.input_tags.allow_nan = tags.input_tags.string = True
         return tags
 
 # %% ../nbs/08_features.ipynb #d4496d81
-def _lookup(categories: np.ndarray, values: np.ndarray, column: pd.Series, default: float) -> np.ndarray:
-    "The value of each entry of `column` in `categories` -> `values`; `default` for a category not in them."
+def _lookup(categories: np.ndarray, values: np.ndarray, column: pd.Series,
+            default: float) -> np.ndarray:
+    "The value of each entry of `column` in `categories` -> `values`; `default` for other ones."
     position = pd.Index(categories).get_indexer(column)  # -1 where not found
     return np.where(position >= 0, values[position], default)
 
 # %% ../nbs/08_features.ipynb #ee814908
 class FrequencyEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
-    "Each category becomes its share (or count) of the training rows; a category not seen in training becomes 0."
+    "Each category becomes its share (or count) of the training rows; an unseen category becomes 0."
 
     def __init__(self, normalize=True): # True: share of the rows; False: number of rows
         self.normalize = normalize
 
     def fit(self, X, y=None):
-        counts = [c.value_counts(dropna=False, normalize=self.normalize) for c in _columns(_as_frame(self, X, reset=True))]
+        columns = _columns(_as_frame(self, X, reset=True))
+        counts = [c.value_counts(dropna=False, normalize=self.normalize) for c in columns]
         self.categories_ = [c.index.to_numpy(dtype=object) for c in counts]
         self.frequencies_ = [c.to_numpy(dtype=float) for c in counts]
         return self
@@ -125,7 +125,8 @@ class FrequencyEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
     def transform(self, X):
         check_is_fitted(self)
         frame = _as_frame(self, X, reset=False)
-        encoded = [_lookup(k, f, c, 0.0) for k, f, c in zip(self.categories_, self.frequencies_, _columns(frame))]
+        learned = zip(self.categories_, self.frequencies_, _columns(frame))
+        encoded = [_lookup(k, f, c, 0.0) for k, f, c in learned]
         return np.column_stack(encoded).reshape(len(frame), -1)
 
     def __sklearn_tags__(self):
@@ -135,22 +136,29 @@ class FrequencyEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
 # %% ../nbs/08_features.ipynb #2eaa8834
 def _target_stats(column: pd.Series, y: np.ndarray, smoothing: float, prior: float) -> tuple:
-    "The categories of `column` and their smoothed mean target: (sum + smoothing * prior) / (count + smoothing)."
-    stats = pd.DataFrame({"category": column.to_numpy(dtype=object), "y": y}).groupby("category", dropna=False).y.agg(["sum", "count"])
-    return stats.index.to_numpy(dtype=object), ((stats["sum"] + smoothing * prior) / (stats["count"] + smoothing)).to_numpy(float)
+    "The categories of `column` and their smoothed mean target."
+    frame = pd.DataFrame({"category": column.to_numpy(dtype=object), "y": y})
+    stats = frame.groupby("category", dropna=False).y.agg(["sum", "count"])
+    smoothed = (stats["sum"] + smoothing * prior) / (stats["count"] + smoothing)
+    return stats.index.to_numpy(dtype=object), smoothed.to_numpy(float)
 
 def _numeric_target(y, n_rows: int) -> np.ndarray:
     "`y` as finite floats, one per row; anything else raises `FeatureError`."
-    if y is None: raise FeatureError("OutOfFoldTargetEncoder requires y to be passed, but the target y is None")
+    if y is None:
+        raise FeatureError("OutOfFoldTargetEncoder requires y to be passed, "
+                           "but the target y is None")
     try: y = np.asarray(y, dtype=float).reshape(-1)
-    except (ValueError, TypeError): raise FeatureError("OutOfFoldTargetEncoder: y must be numeric (0/1 labels or numbers)") from None
-    if len(y) != n_rows: raise FeatureError(f"OutOfFoldTargetEncoder: y has {len(y)} values but X has {n_rows} rows")
+    except (ValueError, TypeError):
+        raise FeatureError("OutOfFoldTargetEncoder: y must be numeric "
+                           "(0/1 labels or numbers)") from None
+    if len(y) != n_rows:
+        raise FeatureError(f"OutOfFoldTargetEncoder: y has {len(y)} values but X has {n_rows} rows")
     if not np.isfinite(y).all(): raise FeatureError("OutOfFoldTargetEncoder: y contains NaN or inf")
     return y
 
 # %% ../nbs/08_features.ipynb #c27545f7
 class OutOfFoldTargetEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
-    "Smoothed mean target per category; the training rows are encoded out of fold, so none sees its own target."
+    "Smoothed mean target per category; training rows are encoded out of fold, without their own."
 
     def __init__(self, n_splits=5, # folds for encoding the training rows in fit_transform
                  smoothing=10.0, # weight of the prior, in rows
@@ -159,12 +167,14 @@ class OutOfFoldTargetEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimat
 
     def _statistics(self, frame: pd.DataFrame, y: np.ndarray) -> tuple:
         if not (isinstance(self.smoothing, (int, float)) and self.smoothing >= 0):
-            raise FeatureError(f"OutOfFoldTargetEncoder: smoothing must be a number >= 0, got {self.smoothing!r}")
+            raise FeatureError(f"OutOfFoldTargetEncoder: smoothing must be a number >= 0, "
+                               f"got {self.smoothing!r}")
         prior = float(y.mean())
         return [_target_stats(c, y, self.smoothing, prior) for c in _columns(frame)], prior
 
     def _encode(self, frame: pd.DataFrame, stats: list, prior: float) -> np.ndarray:
-        return np.column_stack([_lookup(*s, c, prior) for s, c in zip(stats, _columns(frame))]).reshape(len(frame), -1)
+        encoded = [_lookup(*s, c, prior) for s, c in zip(stats, _columns(frame))]
+        return np.column_stack(encoded).reshape(len(frame), -1)
 
     def fit(self, X, y=None):
         frame = _as_frame(self, X, reset=True)
@@ -174,13 +184,16 @@ class OutOfFoldTargetEncoder(OneToOneFeatureMixin, TransformerMixin, BaseEstimat
 
     def transform(self, X):
         check_is_fitted(self)
-        return self._encode(_as_frame(self, X, reset=False), list(zip(self.categories_, self.encodings_)), self.prior_)
+        stats = list(zip(self.categories_, self.encodings_))
+        return self._encode(_as_frame(self, X, reset=False), stats, self.prior_)
 
     def fit_transform(self, X, y=None):
         frame = _as_frame(self.fit(X, y), X, reset=False)
         y, out = _numeric_target(y, len(frame)), np.empty(frame.shape)
-        for train, held_out in KFold(self.n_splits, shuffle=True, random_state=self.random_state).split(frame):
-            out[held_out] = self._encode(frame.iloc[held_out], *self._statistics(frame.iloc[train], y[train]))
+        folds = KFold(self.n_splits, shuffle=True, random_state=self.random_state)
+        for train, held_out in folds.split(frame):
+            stats = self._statistics(frame.iloc[train], y[train])
+            out[held_out] = self._encode(frame.iloc[held_out], *stats)
         return out
 
     def __sklearn_tags__(self):
@@ -194,21 +207,25 @@ def _text_column(X) -> pd.Series:
     "One column of text from a 1-D sequence or a one-column table; missing text becomes ''."
     values = np.asarray(X, dtype=object)
     if values.ndim == 2 and values.shape[1] == 1: values = values[:, 0]
-    if values.ndim != 1: raise FeatureError(f"TextTfidf: expected one text column, got an input of shape {values.shape}")
+    if values.ndim != 1:
+        raise FeatureError(f"TextTfidf: expected one text column, "
+                           f"got an input of shape {values.shape}")
     return pd.Series(values).where(pd.notna(values), "").astype(str)
 
 class TextTfidf(TransformerMixin, BaseEstimator):
-    "TF-IDF of one text column, given as a series or a one-column table; missing text counts as empty."
+    "TF-IDF of one text column, given as a series or a one-column table; missing text is empty."
 
     def __init__(self, max_features=5_000, # keep the most frequent words
                  ngram_range=(1, 1), # (1, 2) adds pairs of words
                  min_df=1, # drop words in fewer rows than this
                  sublinear_tf=True): # 1 + log(count) instead of the count
-        self.max_features, self.ngram_range, self.min_df, self.sublinear_tf = max_features, ngram_range, min_df, sublinear_tf
+        self.max_features, self.ngram_range = max_features, ngram_range
+        self.min_df, self.sublinear_tf = min_df, sublinear_tf
 
     def fit(self, X, y=None):
-        self.vectorizer_ = TfidfVectorizer(max_features=self.max_features, ngram_range=self.ngram_range,
-                                           min_df=self.min_df, sublinear_tf=self.sublinear_tf).fit(_text_column(X))
+        vectorizer = TfidfVectorizer(max_features=self.max_features, ngram_range=self.ngram_range,
+                                     min_df=self.min_df, sublinear_tf=self.sublinear_tf)
+        self.vectorizer_ = vectorizer.fit(_text_column(X))
         return self
 
     def transform(self, X):
@@ -221,48 +238,53 @@ class TextTfidf(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array, tags.input_tags.one_d_array, tags.input_tags.string = False, True, True
+        tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = tags.input_tags.string = True
         return tags
 
 # %% ../nbs/08_features.ipynb #0c866280
 def _event_column(frame: pd.DataFrame, ref, role: str) -> pd.Series:
-    "Column `ref` of `frame`, complete; a missing column or value raises `FeatureError` naming the `role`."
+    "Column `ref` of `frame`; a missing column or value raises `FeatureError` naming `role`."
     if ref not in frame.columns:
         raise FeatureError(f"WindowAggregates: {role} column {ref!r} is not in the input, "
                            f"which has {frame.shape[1]} feature(s): {list(frame.columns)}")
     if frame[ref].isna().any():
-        raise FeatureError(f"WindowAggregates: {role} column {ref!r} has missing values (NaN); events must be complete")
+        raise FeatureError(f"WindowAggregates: {role} column {ref!r} has missing values (NaN); "
+                           f"events must be complete")
     return frame[ref].reset_index(drop=True)
 
 def _events(frame: pd.DataFrame, key, time, value) -> pd.DataFrame:
-    "The events: key as a group number, time, value, a 1 for counting, time in seconds; sorted by group and time."
-    when = _to_datetime(_event_column(frame, time, "time"), f"WindowAggregates: time column {time!r}")
-    events = pd.DataFrame({"group": pd.factorize(_event_column(frame, key, "key"))[0], "time": when, "one": 1.0,
-                           "value": 0.0 if value is None else _event_column(frame, value, "value").to_numpy(float),
+    "The events (key as a group number, time, value, a 1, seconds), sorted by group and time."
+    times = _event_column(frame, time, "time")
+    when = _to_datetime(times, f"WindowAggregates: time column {time!r}")
+    values = 0.0 if value is None else _event_column(frame, value, "value").to_numpy(float)
+    events = pd.DataFrame({"group": pd.factorize(_event_column(frame, key, "key"))[0], "time": when,
+                           "one": 1.0, "value": values,
                            "seconds": when.to_numpy("datetime64[ns]").astype("int64") / 1e9})
     return events.sort_values(["group", "time"], kind="stable")
 
 def _past(events: pd.DataFrame, window, columns: list, how: str) -> pd.DataFrame:
-    "`how` ('sum', 'max') of `columns` over the same group's events in the `window` strictly before each event."
+    "`how` ('sum', 'max') of `columns` over the group's events in the `window` before each."
     rolling = events.groupby("group", sort=True).rolling(window, on="time", closed="left")[columns]
     past = getattr(rolling, how)()  # rows come out by group then time: the order of `events`
     return pd.DataFrame(past.to_numpy(), index=events.index, columns=columns).sort_index()
 
 # %% ../nbs/08_features.ipynb #1ce4430f
 class WindowAggregates(TransformerMixin, BaseEstimator):
-    "Per key: count and sum of a value over past windows, and seconds since the previous event, from strictly earlier events of X."
+    "Per key: count and sum of a value over past windows, and seconds since the previous event."
 
-    def __init__(self, key="card_id", # column of the entity whose history counts (a name, or a position for arrays)
+    def __init__(self, key="card_id", # column of the entity whose history counts (name or position)
                  time="timestamp", # column of the event time
                  value="amount", # column to sum over each window; None for counts only
                  windows=("1h", "24h", "7D")): # look-back durations
         self.key, self.time, self.value, self.windows = key, time, value, windows
 
     def _durations(self) -> list:
-        "The windows as `Timedelta`s; no window, or one that is not a duration, raises `FeatureError`."
+        "The windows as `Timedelta`s; none, or one that is not a duration, raises `FeatureError`."
         try: durations = [pd.Timedelta(w) for w in self.windows]
         except (ValueError, TypeError): durations = []
-        if not durations: raise FeatureError(f"WindowAggregates: windows must be one or more durations like '1h' or '7D', got {self.windows!r}")
+        if not durations: raise FeatureError(f"WindowAggregates: windows must be one or more "
+                                             f"durations like '1h' or '7D', got {self.windows!r}")
         return durations
 
     def fit(self, X, y=None):
@@ -274,16 +296,20 @@ class WindowAggregates(TransformerMixin, BaseEstimator):
     def transform(self, X):
         "Features of the rows of `X`, from the earlier events in `X` itself."
         check_is_fitted(self)
-        events, durations = _events(_as_frame(self, X, reset=False), self.key, self.time, self.value), self._durations()
+        frame, durations = _as_frame(self, X, reset=False), self._durations()
+        events = _events(frame, self.key, self.time, self.value)
         sums = [_past(events, w, ["one", "value"], "sum").fillna(0.0) for w in durations]
-        out = [s[c].to_numpy() for s in sums for c in (["one", "value"] if self.value is not None else ["one"])]
-        since = events.seconds.sort_index() - _past(events, max(durations), ["seconds"], "max").seconds
+        counted = ["one", "value"] if self.value is not None else ["one"]
+        out = [s[c].to_numpy() for s in sums for c in counted]
+        latest = _past(events, max(durations), ["seconds"], "max").seconds
+        since = events.seconds.sort_index() - latest
         return np.column_stack(out + [since.fillna(max(durations).total_seconds()).to_numpy()])
 
     def get_feature_names_out(self, input_features=None):
         check_is_fitted(self)
         _check_feature_names_in(self, input_features)
-        names = [[f"count_{w}"] + ([f"{self.value}_sum_{w}"] if self.value is not None else []) for w in self.windows]
+        summed = lambda w: [f"{self.value}_sum_{w}"] if self.value is not None else []
+        names = [[f"count_{w}"] + summed(w) for w in self.windows]
         return np.asarray(sum(names, []) + ["seconds_since_previous"], dtype=object)
 
     def __sklearn_tags__(self):
@@ -293,24 +319,26 @@ class WindowAggregates(TransformerMixin, BaseEstimator):
 
 # %% ../nbs/08_features.ipynb #389b4f37
 def _features_of(transformer, df: pd.DataFrame) -> np.ndarray:
-    "A fresh clone of `transformer` fitted on `df`, and the features it gives `df`, as a dense float array."
+    "The features a fresh clone of `transformer`, fitted on `df`, gives `df`: a dense float array."
     out = clone(transformer).fit(df).transform(df)
-    return np.asarray(out.toarray() if hasattr(out, "toarray") else out, dtype=float).reshape(len(df), -1)
+    dense = out.toarray() if hasattr(out, "toarray") else out
+    return np.asarray(dense, dtype=float).reshape(len(df), -1)
 
 def _first_difference(expected: np.ndarray, got: np.ndarray, cutoff) -> None:
     "Raise `FeatureError` naming the first row and feature where `got` differs from `expected`."
     differs = ~np.isclose(expected, got, equal_nan=True)
     if not differs.any(): return
     row, feature = np.argwhere(differs)[0]
-    raise FeatureError(f"point-in-time check: feature {feature} of row {row} is {expected[row, feature]} on the full data "
-                       f"but {got[row, feature]} on the data cut off at {cutoff}: it depends on later events")
+    raise FeatureError(f"point-in-time check: feature {feature} of row {row} is "
+                       f"{expected[row, feature]} on the full data but {got[row, feature]} "
+                       f"on the data cut off at {cutoff}: it depends on later events")
 
-def check_point_in_time(transformer, # an unfitted transformer of event tables (a clone is fitted for each cut)
+def check_point_in_time(transformer, # an unfitted transformer of event tables (cloned for each cut)
                         df: pd.DataFrame, # the events
                         time: str, # the column of event times
                         n_cutoffs: int = 5, # moments to cut at, spread evenly over the events
                        ) -> list:
-    "Check that rows before each cutoff get the same features from the data cut off there; return the cutoffs."
+    "Check that rows before each cutoff get the same features from data cut off there; the cutoffs."
     full = _features_of(transformer, df)
     cutoffs = list(df[time].quantile(np.linspace(0, 1, n_cutoffs + 2)[1:-1]))
     for cutoff in cutoffs:
@@ -319,138 +347,12 @@ def check_point_in_time(transformer, # an unfitted transformer of event tables (
     return cutoffs
 
 # %% ../nbs/08_features.ipynb #90666e46
-OUT_OF_FOLD_REASON = ("fit_transform returns out-of-fold encodings of the training rows, transform the full-data ones: "
-                      "they differ by design, to keep a row's own target out of its encoding")
+OUT_OF_FOLD_REASON = ("fit_transform returns out-of-fold encodings of the training rows, transform "
+                      "the full-data ones: they differ by design, to keep a row's own target out "
+                      "of its encoding")
+BY_DESIGN = ("check_transformer_general", "check_transformer_data_not_an_array")
 
 def expected_failed_checks(estimator) -> dict:
-    "The scikit-learn estimator checks that `estimator` fails by design, with the reason (for `check_estimator`)."
+    "The scikit-learn checks `estimator` fails by design, with the reason (for `check_estimator`)."
     if not isinstance(estimator, OutOfFoldTargetEncoder): return {}
-    return {check: OUT_OF_FOLD_REASON for check in ("check_transformer_general", "check_transformer_data_not_an_array")}
-
-# %% ../nbs/08_features.ipynb #d2aa0f06
-TRANSFORMERS = {}  # kind of feature -> factory(columns, **options) returning a transformer
-
-def register_transformer(name: str, # the key to use in a feature spec
-                         factory, # factory(columns, **options) -> a transformer, "passthrough" or "drop"
-                        ):
-    "Register (or replace) a kind of feature under `name`, for use in feature specs; returns `factory`."
-    if not isinstance(name, str) or not callable(factory):
-        raise FeatureError(f"register_transformer: expected a name and a callable, got {name!r}, {factory!r}")
-    TRANSFORMERS[name] = factory
-    return factory
-
-def transformer_factory(name: str):
-    "The factory registered under `name`; an unknown name raises `FeatureError` listing the known ones."
-    if name not in TRANSFORMERS:
-        known = ", ".join(sorted(TRANSFORMERS))
-        raise FeatureError(f"feature spec: unknown key {name!r}; expected one of {known} (or register it with register_transformer)")
-    return TRANSFORMERS[name]
-
-# %% ../nbs/08_features.ipynb #4cc37df4
-SCALERS = {"standard": StandardScaler, "robust": RobustScaler, "minmax": MinMaxScaler, None: None}
-IMPUTATIONS = ("median", "mean", "most_frequent", None)
-
-def _choose(kind: str, option: str, value, choices):
-    "`value` if it is one of `choices`, else a `FeatureError` naming the spec entry and option."
-    if value not in choices: raise FeatureError(f"feature spec {kind!r}: option {option!r} must be one of {list(choices)}, got {value!r}")
-    return value
-
-def _scaled(transformer, kind: str, scaling):
-    "`transformer` followed by the scaler named `scaling` (none for None)."
-    return make_pipeline(transformer, SCALERS[scaling]()) if _choose(kind, "scaling", scaling, SCALERS) else transformer
-
-def _check_one_column(columns, kind: str) -> None:
-    "Raise `FeatureError` unless `columns` is one column name (or a list of one)."
-    if not (isinstance(columns, str) or len(columns) == 1): raise FeatureError(f"feature spec {kind!r}: takes one column, got {list(columns)}")
-
-# %% ../nbs/08_features.ipynb #673b2511
-def numeric_features(columns, scaling="standard", imputation="median"):
-    "Impute missing numbers (`imputation`), then scale (`scaling`)."
-    imputer = [SimpleImputer(strategy=imputation)] if _choose("numeric", "imputation", imputation, IMPUTATIONS) else []
-    steps = imputer + ([SCALERS[scaling]()] if _choose("numeric", "scaling", scaling, SCALERS) else [])
-    return make_pipeline(*steps) if steps else "passthrough"
-
-def categorical_features(columns, min_frequency=None, max_categories=None):
-    "One-hot categories; unseen ones become zeros (or the infrequent column, with `min_frequency`)."
-    return OneHotEncoder(handle_unknown="infrequent_if_exist", min_frequency=min_frequency, max_categories=max_categories)
-
-def datetime_features(columns, parts=DATETIME_PARTS, cyclical=True, scaling="standard"):
-    "Calendar parts of date-time columns, scaled."
-    return _scaled(DateTimeFeatures(parts=parts, cyclical=cyclical), "datetime", scaling)
-
-def text_features(columns, max_features=5_000, ngram_range=(1, 1), min_df=1, sublinear_tf=True):
-    "TF-IDF of one text column."
-    _check_one_column(columns, "text")
-    return TextTfidf(max_features=max_features, ngram_range=ngram_range, min_df=min_df, sublinear_tf=sublinear_tf)
-
-# %% ../nbs/08_features.ipynb #bbf0bbc9
-def frequency_features(columns, normalize=True):
-    "Each category's share of the training rows."
-    return FrequencyEncoder(normalize=normalize)
-
-def target_encoded_features(columns, n_splits=5, smoothing=10.0, random_state=0):
-    "Smoothed, out-of-fold mean target per category."
-    return OutOfFoldTargetEncoder(n_splits=n_splits, smoothing=smoothing, random_state=random_state)
-
-def window_features(columns, windows=("1h", "24h", "7D"), scaling="standard"):
-    "Past-window counts and sums per key; `columns` are the key, time and value columns, in that order."
-    if isinstance(columns, str) or len(columns) != 3:
-        raise FeatureError(f"feature spec 'window': columns must be [key, time, value], got {columns!r}")
-    return _scaled(WindowAggregates(*columns, windows=windows), "window", scaling)
-
-def passthrough_features(columns):
-    "The columns as they are."
-    return "passthrough"
-
-TRANSFORMERS.update({"numeric": numeric_features, "categorical": categorical_features, "datetime": datetime_features,
-                     "text": text_features, "frequency": frequency_features, "target_encode": target_encoded_features,
-                     "window": window_features, "passthrough": passthrough_features})
-
-# %% ../nbs/08_features.ipynb #62c8d520
-def _names(columns) -> list:
-    "`columns` as a list of names."
-    return [columns] if isinstance(columns, str) else list(columns)
-
-def _check_columns(transformers: list, X) -> None:
-    "Raise `FeatureError` unless `X` is a DataFrame with every column of every spec entry."
-    if not hasattr(X, "columns"): raise FeatureError(f"feature spec: expected a DataFrame with named columns, got {type(X).__name__}")
-    for name, _, columns in transformers:
-        missing = [c for c in _names(columns) if c not in X.columns]
-        if missing: raise FeatureError(f"feature spec {name!r}: column(s) {missing} not in the data; its columns are {list(X.columns)}")
-
-class FeatureTransformer(ColumnTransformer):
-    "A `ColumnTransformer` built from a feature spec; a column missing from the data raises `FeatureError` naming it."
-
-    def fit_transform(self, X, y=None, **params):
-        _check_columns(self.transformers, X)
-        return super().fit_transform(X, y, **params)
-
-    def transform(self, X, **params):
-        _check_columns(self.transformers, X)
-        return super().transform(X, **params)
-
-# %% ../nbs/08_features.ipynb #91980688
-def _entry(name: str, entry) -> tuple:
-    "The `(name, transformer, columns)` of one spec entry: a column list or name, or a dict of `columns` and options."
-    factory = transformer_factory(name)
-    options = dict(entry) if isinstance(entry, dict) else {"columns": entry}
-    columns = options.pop("columns", None)
-    if not (isinstance(columns, (str, list, tuple)) and columns and all(isinstance(c, str) for c in _names(columns))):
-        raise FeatureError(f"feature spec {name!r}: expected a column name or a list of them, got {columns!r}")
-    known = list(inspect.signature(factory).parameters)[1:]
-    unknown = [o for o in options if o not in known]
-    if unknown: raise FeatureError(f"feature spec {name!r}: unknown option(s) {unknown}; expected some of {known}")
-    return name, factory(columns, **options), columns
-
-def build_features(spec: dict, # {kind: columns, or {"columns": ..., option: value}}; kinds from TRANSFORMERS
-                   remainder: str = "drop", # what happens to columns the spec does not name: "drop" or "passthrough"
-                  ) -> FeatureTransformer:
-    "A `ColumnTransformer` (a `FeatureTransformer`) with one named step per entry of the feature `spec`."
-    if not isinstance(spec, dict) or not spec: raise FeatureError(f"feature spec: expected a non-empty dict, got {spec!r}")
-    return FeatureTransformer([_entry(name, entry) for name, entry in spec.items()], remainder=remainder)
-
-# %% ../nbs/08_features.ipynb #741917a9
-def skops_trusted_types() -> list:
-    "The type names a model built here needs in MLflow's `skops_trusted_types`: our classes and `numpy.dtype`."
-    ours = (FeatureTransformer, DateTimeFeatures, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf, WindowAggregates)
-    return [f"{c.__module__}.{c.__qualname__}" for c in ours] + ["numpy.dtype"]
+    return {check: OUT_OF_FOLD_REASON for check in BY_DESIGN}

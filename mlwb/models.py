@@ -1,4 +1,4 @@
-"""A registry of named models, and PyTorch networks wrapped as scikit-learn estimators -- an MLP for tables, matrix factorisation for recommendations, a text classifier -- that are seeded, stop early, pick their device and pickle.
+"""A registry of named models and their search spaces, and the base that turns a PyTorch network into a scikit-learn estimator: it picks its device, is seeded, stops early and pickles.
 
 Docs: https://mlwb.github.io/mlwb/models.html.md"""
 
@@ -9,49 +9,46 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
-import pandas as pd
 import torch
 from fastcore.basics import patch
-from scipy import sparse
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
-from sklearn.ensemble import (HistGradientBoostingClassifier, HistGradientBoostingRegressor, RandomForestClassifier,
-                              RandomForestRegressor)
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import (HistGradientBoostingClassifier, HistGradientBoostingRegressor,
+                              RandomForestClassifier, RandomForestRegressor)
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.utils import check_random_state
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, SequentialSampler,
+                              TensorDataset)
 from tqdm.auto import tqdm
 
 from .config import MlwbError
+from .core import Registry
 
 # %% auto #0
-__all__ = ['TASKS', 'PARAMETER_RULES', 'TOKEN', 'PAD', 'UNKNOWN', 'SEARCH_SPACES', 'RANGE_KINDS', 'ModelError', 'register_model',
-           'list_models', 'get_model', 'linear_model', 'pick_device', 'seed_from', 'seeded', 'make_loader',
-           'split_validation', 'EarlyStopping', 'check_parameters', 'predict_batches', 'train_epoch', 'TorchEstimator',
-           'TorchClassifier', 'mlp', 'TorchMLPClassifier', 'TorchRegressor', 'TorchMLPRegressor', 'FactorizationNet',
-           'MatrixFactorization', 'tokenize', 'build_vocabulary', 'encode_tokens', 'TextNet', 'TorchTextClassifier',
-           'skops_trusted_types', 'register_search_space', 'search_space']
+__all__ = ['TASKS', 'MODELS', 'SEARCH_SPACES', 'RANGE_KINDS', 'PARAMETER_RULES', 'ModelError', 'register_model', 'list_models',
+           'get_model', 'linear_model', 'register_search_space', 'search_space', 'pick_device', 'seed_from', 'seeded',
+           'make_loader', 'split_validation', 'EarlyStopping', 'check_parameters', 'predict_batches', 'train_epoch',
+           'TorchEstimator', 'TorchClassifier']
 
 # %% ../nbs/10_models.ipynb #fd9214f5
 class ModelError(MlwbError, ValueError):
     "A model name, parameter or input that is not what was expected."
 
 TASKS = ("classification", "regression", "recommendation", "text_classification")
-_REGISTRY: dict = {}  # model name -> {task: factory}
+MODELS = Registry("model", ModelError)  # model name -> {task: factory}
 
 # %% ../nbs/10_models.ipynb #991b87ef
 def _check_task(task, where: str):
     "Raise `ModelError` unless `task` is one of `TASKS`."
-    if task not in TASKS: raise ModelError(f"{where}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in TASKS:
+        raise ModelError(f"{where}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
 
 def register_model(name: str, # the name pipelines and notebooks use, e.g. "hist_gb"
                    factory, # a callable: factory(**params) returns a new, unfitted estimator
@@ -59,23 +56,28 @@ def register_model(name: str, # the name pipelines and notebooks use, e.g. "hist
                   ):
     "Register `factory` as model `name` for `task`; registering again replaces it."
     _check_task(task, "register_model")
-    if not (isinstance(name, str) and name.strip()): raise ModelError(f"register_model: 'name' must be a non-empty string, got {name!r}")
-    _REGISTRY.setdefault(name, {})[task] = factory
+    if not (isinstance(name, str) and name.strip()):
+        raise ModelError(f"register_model: 'name' must be a non-empty string, got {name!r}")
+    by_task = MODELS[name] if name in MODELS else {}
+    MODELS.register(name, {**by_task, task: factory})
     return factory
 
 def list_models(task: str | None = None) -> list:
     "The registered model names, sorted; only those with a variant for `task` when given."
     if task is not None: _check_task(task, "list_models")
-    return sorted(name for name, by_task in _REGISTRY.items() if task is None or task in by_task)
+    return [name for name, by_task in MODELS.items() if task is None or task in by_task]
 
 # %% ../nbs/10_models.ipynb #26433e36
 def _factory(name: str, task: str | None):
     "The factory of model `name` for `task`; `task` may be left out when `name` has only one."
-    if name not in _REGISTRY: raise ModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    by_task = _REGISTRY[name]
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    by_task = MODELS[name]
     if task is None and len(by_task) == 1: return next(iter(by_task.values()))
-    if task is None: raise ModelError(f"model {name!r} exists for several tasks; pass task= one of: {', '.join(by_task)}")
-    if task not in by_task: raise ModelError(f"model {name!r} has no variant for task {task!r}; it has: {', '.join(by_task)}")
+    if task is None: raise ModelError(f"model {name!r} exists for several tasks; "
+                                      f"pass task= one of: {', '.join(by_task)}")
+    if task not in by_task: raise ModelError(f"model {name!r} has no variant for task {task!r}; "
+                                             f"it has: {', '.join(by_task)}")
     return by_task[task]
 
 def get_model(name: str, # a registered model name, see `list_models()`
@@ -87,7 +89,8 @@ def get_model(name: str, # a registered model name, see `list_models()`
     try: return factory(**params)
     except TypeError as e:
         valid = ", ".join(factory().get_params(deep=False))
-        raise ModelError(f"model {name!r}: bad parameter ({e}); valid parameters: {valid}") from None
+        raise ModelError(f"model {name!r}: bad parameter ({e}); "
+                         f"valid parameters: {valid}") from None
 
 # %% ../nbs/10_models.ipynb #a51829de
 def linear_model(alpha: float = 0.0, **params):
@@ -101,25 +104,63 @@ register_model("random_forest", RandomForestRegressor, task="regression")
 register_model("hist_gb", HistGradientBoostingClassifier, task="classification")
 register_model("hist_gb", HistGradientBoostingRegressor, task="regression");
 
+# %% ../nbs/10_models.ipynb #fbe04f09
+SEARCH_SPACES = Registry("search space", ModelError)  # model name -> {parameter: range}
+RANGE_KINDS = ("int", "float", "log", "choice")
+
+def _check_range(name: str, parameter: str, spec):
+    "Raise `ModelError` unless `spec` is a range like ('int', 1, 10)."
+    if not (isinstance(spec, tuple) and spec and spec[0] in RANGE_KINDS):
+        raise ModelError(f"search space of {name!r}: parameter {parameter!r} needs a range like "
+                         f"('int', 1, 10); kinds: {', '.join(RANGE_KINDS)}")
+
+def register_search_space(name: str, space: dict) -> dict:
+    "Declare the parameter ranges worth searching for model `name`."
+    if name not in MODELS: raise ModelError(f"register_search_space: unknown model {name!r}; "
+                                            f"known models: {', '.join(list_models())}")
+    for parameter, spec in space.items(): _check_range(name, parameter, spec)
+    SEARCH_SPACES.register(name, dict(space))
+    return space
+
+def search_space(name: str) -> dict:
+    "The declared search space of model `name`."
+    if name not in SEARCH_SPACES: raise ModelError(f"model {name!r} declares no search space; "
+                                                   f"models that do: {', '.join(SEARCH_SPACES)}")
+    return SEARCH_SPACES[name]
+
+# %% ../nbs/10_models.ipynb #807304e4
+register_search_space("logistic", {"C": ("log", 1e-3, 1e2)})
+register_search_space("linear", {"alpha": ("log", 1e-4, 1e2)})
+register_search_space("random_forest", {"n_estimators": ("int", 50, 300),
+                                        "max_depth": ("int", 3, 16),
+                                        "min_samples_leaf": ("int", 1, 20)})
+register_search_space("hist_gb", {"learning_rate": ("log", 0.02, 0.3), "max_iter": ("int", 50, 300),
+                                  "max_leaf_nodes": ("int", 8, 64),
+                                  "l2_regularization": ("log", 1e-6, 1.0)});
+
 # %% ../nbs/10_models.ipynb #18c44b1b
+def _bad_device(device) -> str:
+    return f"parameter 'device': expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}"
+
 def pick_device(device: str = "auto") -> str:
-    "The torch device to use: for 'auto', 'cuda' when a GPU is present, else 'cpu'; others are checked."
+    "The torch device to use: for 'auto', 'cuda' if there is a GPU, else 'cpu'; others are checked."
     if device == "auto": return "cuda" if torch.cuda.is_available() else "cpu"
     try: chosen = torch.device(device)
-    except (RuntimeError, TypeError): raise ModelError(f"parameter 'device': expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from None
+    except (RuntimeError, TypeError): raise ModelError(_bad_device(device)) from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"parameter 'device' is {device!r}, but PyTorch sees no CUDA GPU; use 'auto' or 'cpu'")
-    if chosen.type not in ("cpu", "cuda"): raise ModelError(f"parameter 'device': expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise ModelError(f"parameter 'device' is {device!r}, but PyTorch sees no CUDA GPU; "
+                         f"use 'auto' or 'cpu'")
+    if chosen.type not in ("cpu", "cuda"): raise ModelError(_bad_device(device))
     return str(chosen)
 
 # %% ../nbs/10_models.ipynb #2b08c055
 def seed_from(random_state) -> int:
-    "A seed for torch from scikit-learn's `random_state`: fixed for an int, fresh for None, drawn from a RandomState."
+    "A seed for torch from scikit-learn's `random_state`: fixed for an int, fresh for None."
     return int(check_random_state(random_state).randint(0, 2**31 - 1))
 
 @contextmanager
 def seeded(seed: int, device: str = "cpu"):
-    "Run a block with torch's generators seeded with `seed`; the caller's generator state is restored afterwards."
+    "Run a block with torch's generators seeded with `seed`; the caller's state is restored after."
     devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -128,15 +169,17 @@ def seeded(seed: int, device: str = "cpu"):
 # %% ../nbs/10_models.ipynb #d03470fe
 def make_loader(tensors: list, # tensors with one row per example, e.g. [X, y]
                 batch_size: int, # rows per batch (the last batch may be smaller)
-                generator: torch.Generator | None = None, # shuffles the rows each epoch; None keeps their order
+                generator: torch.Generator | None = None, # shuffles rows each epoch; None: in order
                ) -> DataLoader:
-    "A `DataLoader` over rows of `tensors`, a whole batch per fetch, shuffled by `generator` if given."
+    "A `DataLoader` over rows of `tensors`, a whole batch per fetch, shuffled by `generator`."
     dataset = TensorDataset(*tensors)
-    order = RandomSampler(dataset, generator=generator) if generator is not None else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, batch_size, drop_last=False))
+    shuffled = generator is not None
+    order = RandomSampler(dataset, generator=generator) if shuffled else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=None,
+                      sampler=BatchSampler(order, batch_size, drop_last=False))
 
 def split_validation(n: int, fraction: float, generator: torch.Generator) -> tuple:
-    "Row numbers `(train, valid)` with `fraction` of `n` rows held out at random; `valid` is None when too few."
+    "Row numbers `(train, valid)`, `fraction` of `n` rows held out at random (None when too few)."
     n_valid = int(round(n * fraction))
     if n_valid < 1 or n - n_valid < 1: return torch.arange(n), None
     order = torch.randperm(n, generator=generator)
@@ -144,8 +187,9 @@ def split_validation(n: int, fraction: float, generator: torch.Generator) -> tup
 
 # %% ../nbs/10_models.ipynb #8150ddc9
 class EarlyStopping:
-    "Track the validation loss, keep a copy of the best weights, and say when `patience` epochs passed without a better one."
-    def __init__(self, patience: int | None): self.patience, self.best_loss, self.best_epoch, self.best_state = patience, np.inf, 0, None
+    "Track the validation loss, keep the best weights, say when `patience` epochs did not improve."
+    def __init__(self, patience: int | None):
+        self.patience, self.best_loss, self.best_epoch, self.best_state = patience, np.inf, 0, None
 
     def step(self, epoch: int, loss: float, module: nn.Module) -> bool:
         "Record epoch `epoch`'s validation `loss`; True when training should stop."
@@ -156,7 +200,8 @@ class EarlyStopping:
 
 # %% ../nbs/10_models.ipynb #47ecead2
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-def _is_number(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
 
 _WHOLE = ("a whole number >= 1", lambda v: _is_int(v) and v >= 1)
 PARAMETER_RULES = {  # parameter: (what it must be, test)
@@ -165,9 +210,12 @@ PARAMETER_RULES = {  # parameter: (what it must be, test)
     "dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "validation_fraction": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "patience": ("None or a whole number >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
-    "hidden_sizes": ("a tuple of whole numbers >= 1", lambda v: isinstance(v, (tuple, list)) and all(_is_int(s) and s >= 1 for s in v)),
-    "max_vocabulary": ("None or a whole number >= 1", lambda v: v is None or (_is_int(v) and v >= 1)),
-    **{name: _WHOLE for name in ("batch_size", "max_epochs", "n_factors", "embedding_dim", "max_length", "min_freq")},
+    "hidden_sizes": ("a tuple of whole numbers >= 1",
+                     lambda v: isinstance(v, (tuple, list)) and all(_WHOLE[1](s) for s in v)),
+    "max_vocabulary": ("None or a whole number >= 1",
+                       lambda v: v is None or (_is_int(v) and v >= 1)),
+    **{name: _WHOLE for name in ("batch_size", "max_epochs", "n_factors", "embedding_dim",
+                                 "max_length", "min_freq")},
 }
 
 def check_parameters(estimator):
@@ -175,22 +223,25 @@ def check_parameters(estimator):
     for name, value in estimator.get_params(deep=False).items():
         expected, test = PARAMETER_RULES.get(name, (None, None))
         if test is not None and not test(value):
-            raise ModelError(f"{type(estimator).__name__}: parameter '{name}' must be {expected}, got {value!r}")
+            raise ModelError(f"{type(estimator).__name__}: parameter '{name}' must be {expected}, "
+                             f"got {value!r}")
 
 # %% ../nbs/10_models.ipynb #39a4210d
 def _progress(epochs: int, verbose: bool, name: str):
-    "A per-epoch progress bar over `range(1, epochs + 1)`, disabled unless `verbose` (and always under `IN_TEST`)."
+    "A per-epoch progress bar over `range(1, epochs + 1)`, if `verbose` (never under `IN_TEST`)."
     hidden = not verbose or bool(os.environ.get("IN_TEST"))
     return tqdm(range(1, epochs + 1), desc=name, unit="epoch", disable=hidden, leave=False)
 
 @torch.no_grad()
-def predict_batches(module: nn.Module, X: torch.Tensor, device: str, batch_size: int = 4_096) -> torch.Tensor:
-    "The outputs of `module` for every row of `X`, in evaluation mode and batch by batch, on `device`."
+def predict_batches(module: nn.Module, X: torch.Tensor, device: str,
+                    batch_size: int = 4_096) -> torch.Tensor:
+    "The outputs of `module` for every row of `X`, in evaluation mode, batch by batch, on `device`."
     module.eval()
     return torch.cat([module(xb.to(device)) for (xb,) in make_loader([X], batch_size)])
 
 # %% ../nbs/10_models.ipynb #28713da9
-def train_epoch(module: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer, device: str) -> float:
+def train_epoch(module: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer,
+                device: str) -> float:
     "One pass over `loader`, updating `module` by `optimizer`; the mean training loss."
     module.train()
     total, count = 0.0, 0
@@ -205,10 +256,10 @@ def train_epoch(module: nn.Module, loader: DataLoader, loss_fn: nn.Module, optim
 
 # %% ../nbs/10_models.ipynb #51162a8c
 class TorchEstimator(BaseEstimator):
-    "Base of mlwb's PyTorch estimators: seeding, device, the training loop with early stopping, and pickling."
+    "Base of mlwb's PyTorch estimators: seeding, device, training loop, early stopping, pickling."
 
     def fit(self, X, y):
-        "Train a new network on `X`, `y`; with a validation split, keep the weights of its best epoch."
+        "Train a new network on `X`, `y`; with a validation split, keep its best epoch's weights."
         check_parameters(self)
         X_t, y_t = self._prepare_fit(X, y)
         self.device_ = pick_device(self.device)
@@ -229,12 +280,14 @@ class TorchEstimator(BaseEstimator):
 # %% ../nbs/10_models.ipynb #07c6292c
 @patch
 def _epochs(self: TorchEstimator, loader: DataLoader, valid: tuple | None) -> tuple:
-    "Train for up to `max_epochs`, validating after each; restore the best weights. The history and best epoch."
+    "Train up to `max_epochs`, validating after each, then restore the best weights."
     loss_fn = self._loss_fn().to(self.device_)
-    optimizer = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    optimizer = torch.optim.AdamW(self.module_.parameters(), lr=self.lr,
+                                  weight_decay=self.weight_decay)
     stopper, history = EarlyStopping(self.patience), []
     for epoch in (bar := _progress(self.max_epochs, self.verbose, type(self).__name__)):
-        record = {"epoch": epoch, "train_loss": train_epoch(self.module_, loader, loss_fn, optimizer, self.device_)}
+        loss = train_epoch(self.module_, loader, loss_fn, optimizer, self.device_)
+        record = {"epoch": epoch, "train_loss": loss}
         if valid is not None: record.update(self._validate(valid, loss_fn))
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
@@ -248,7 +301,8 @@ def _validate(self: TorchEstimator, valid: tuple, loss_fn: nn.Module) -> dict:
     "The validation loss and metrics of the network as it is now."
     X_valid, y_valid = valid
     outputs = predict_batches(self.module_, X_valid, self.device_)
-    return {"valid_loss": loss_fn(outputs, y_valid.to(self.device_)).item(), **self._valid_metrics(outputs.cpu(), y_valid)}
+    return {"valid_loss": loss_fn(outputs, y_valid.to(self.device_)).item(),
+            **self._valid_metrics(outputs.cpu(), y_valid)}
 
 @patch
 def _outputs(self: TorchEstimator, X) -> torch.Tensor:
@@ -262,7 +316,8 @@ def __getstate__(self: TorchEstimator) -> dict:
     "The pickled state: the estimator's attributes, with the network as NumPy weights."
     state = dict(BaseEstimator.__getstate__(self))
     if "module_" in state:
-        state["module_"] = {k: v.detach().cpu().numpy() for k, v in self.module_.state_dict().items()}
+        weights = self.module_.state_dict().items()
+        state["module_"] = {k: v.detach().cpu().numpy() for k, v in weights}
         state["device_"] = "cpu"
     return state
 
@@ -274,44 +329,39 @@ def __setstate__(self: TorchEstimator, state: dict):
     BaseEstimator.__setstate__(self, state)
     if weights is None: return
     with torch.device("meta"): module = self._build_module()
-    module.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in weights.items()}, assign=True)
+    module.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in weights.items()},
+                           assign=True)
     self.module_ = module.eval()
-
-# %% ../nbs/10_models.ipynb #ee199490
-def _validated(estimator, X, y="no_validation", reset: bool = True, **checks):
-    "`X` (and `y`) checked and converted by scikit-learn's `validate_data`; a problem raises `ModelError`."
-    try: return validate_data(estimator, X, y, reset=reset, dtype=np.float32, **checks)
-    except ValueError as e: raise ModelError(f"{type(estimator).__name__}: {e}") from None
-
-def _tensor(a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-    "A torch tensor of its own memory from array `a` (which may be read-only)."
-    return torch.tensor(np.asarray(a), dtype=dtype)
 
 # %% ../nbs/10_models.ipynb #21222a6b
 class TorchClassifier(ClassifierMixin, TorchEstimator):
     "A `TorchEstimator` that predicts classes: cross-entropy loss, `classes_`, `predict_proba`."
 
     def _encode_classes(self, y) -> np.ndarray:
-        "Learn `classes_` and `class_weight_` from `y`; `y` as class positions. Fewer than two classes is an error."
+        "Learn `classes_` (two at least) and `class_weight_` from `y`; `y` as class positions."
         try: check_classification_targets(y)
         except ValueError as e: raise ModelError(f"{type(self).__name__}: {e}") from None
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ModelError(f"{type(self).__name__}: y has 1 class ({self.classes_[0]!r}); a classifier needs at least 2 classes")
+            raise ModelError(f"{type(self).__name__}: y has 1 class ({self.classes_[0]!r}); "
+                             f"a classifier needs at least 2 classes")
         self.class_weight_ = self._class_weights(y)
         return y_index
 
     def _class_weights(self, y) -> np.ndarray | None:
-        "The loss weight of each class from the `class_weight` parameter (None, 'balanced' or {label: weight})."
+        "The loss weight of each class from `class_weight` (None, 'balanced' or {label: weight})."
         if self.class_weight is None: return None
-        try: return compute_class_weight(self.class_weight, classes=self.classes_, y=y).astype(np.float32)
-        except (ValueError, TypeError) as e: raise ModelError(f"{type(self).__name__}: parameter 'class_weight': {e}") from None
+        try: weights = compute_class_weight(self.class_weight, classes=self.classes_, y=y)
+        except (ValueError, TypeError) as e:
+            raise ModelError(f"{type(self).__name__}: parameter 'class_weight': {e}") from None
+        return weights.astype(np.float32)
 
 # %% ../nbs/10_models.ipynb #45eff617
 @patch
 def _loss_fn(self: TorchClassifier) -> nn.Module:
     "Cross-entropy, weighted by class when `class_weight` is set."
-    return nn.CrossEntropyLoss(weight=None if self.class_weight_ is None else torch.from_numpy(self.class_weight_))
+    weights = self.class_weight_
+    return nn.CrossEntropyLoss(weight=None if weights is None else torch.from_numpy(weights))
 
 @patch
 def _valid_metrics(self: TorchClassifier, outputs: torch.Tensor, y: torch.Tensor) -> dict:
@@ -328,326 +378,3 @@ def predict(self: TorchClassifier, X) -> np.ndarray:
     "The most probable class for each row of `X`."
     proba = self.predict_proba(X)  # checks that the model is fitted
     return self.classes_[proba.argmax(1)]
-
-# %% ../nbs/10_models.ipynb #1a9ce813
-def mlp(n_inputs: int, hidden_sizes, n_outputs: int, dropout: float = 0.0) -> nn.Sequential:
-    "Linear layers of `hidden_sizes` with ReLU and dropout after each, then a linear layer to `n_outputs`."
-    layers, width = [], n_inputs
-    for size in hidden_sizes:
-        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-        width = size
-    return nn.Sequential(*layers, nn.Linear(width, n_outputs))
-
-# %% ../nbs/10_models.ipynb #77945957
-class TorchMLPClassifier(TorchClassifier):
-    "A multi-layer perceptron classifier for numeric tables, trained with PyTorch, as a scikit-learn estimator."
-    def __init__(self, hidden_sizes=(64, 32), # width of each hidden layer
-                 dropout=0.1, # share of activations zeroed in training, after each hidden layer
-                 lr=1e-3, # learning rate of AdamW
-                 batch_size=64, # rows per training step
-                 max_epochs=100, # passes over the training rows, at most
-                 weight_decay=0.0, # AdamW's weight decay (a penalty on large weights)
-                 class_weight=None, # None, "balanced" or {label: weight}: weights of the classes in the loss
-                 validation_fraction=0.1, # share of rows held out for early stopping; 0 trains on all rows for max_epochs
-                 patience=10, # stop after this many epochs without a better validation loss; None never stops early
-                 random_state=None, # an int makes training repeatable
-                 device="auto", # "auto" (CUDA if present), "cpu" or "cuda[:N]"
-                 verbose=False, # show a progress bar per epoch
-                ):
-        self.hidden_sizes, self.dropout, self.lr, self.batch_size, self.max_epochs = hidden_sizes, dropout, lr, batch_size, max_epochs
-        self.weight_decay, self.class_weight, self.validation_fraction, self.patience = weight_decay, class_weight, validation_fraction, patience
-        self.random_state, self.device, self.verbose = random_state, device, verbose
-
-    def _prepare_fit(self, X, y) -> tuple:
-        X, y = _validated(self, X, y)
-        return _tensor(X), _tensor(self._encode_classes(y), torch.long)
-
-    def _prepare_X(self, X) -> torch.Tensor: return _tensor(_validated(self, X, reset=False))
-    def _build_module(self) -> nn.Module: return mlp(self.n_features_in_, self.hidden_sizes, len(self.classes_), self.dropout)
-
-# %% ../nbs/10_models.ipynb #a404f43e
-class TorchRegressor(RegressorMixin, TorchEstimator):
-    "A `TorchEstimator` that predicts a number: mean squared error loss, R² as its `score`."
-    def _loss_fn(self) -> nn.Module: return nn.MSELoss()
-
-class TorchMLPRegressor(TorchRegressor):
-    "A multi-layer perceptron regressor for numeric tables, trained with PyTorch, as a scikit-learn estimator."
-    def __init__(self, hidden_sizes=(64, 32), # width of each hidden layer
-                 dropout=0.0, # share of activations zeroed in training, after each hidden layer
-                 lr=1e-3, # learning rate of AdamW
-                 batch_size=64, # rows per training step
-                 max_epochs=100, # passes over the training rows, at most
-                 weight_decay=0.0, # AdamW's weight decay (a penalty on large weights)
-                 validation_fraction=0.1, # share of rows held out for early stopping; 0 trains on all rows for max_epochs
-                 patience=10, # stop after this many epochs without a better validation loss; None never stops early
-                 random_state=None, # an int makes training repeatable
-                 device="auto", # "auto" (CUDA if present), "cpu" or "cuda[:N]"
-                 verbose=False, # show a progress bar per epoch
-                ):
-        self.hidden_sizes, self.dropout, self.lr, self.batch_size, self.max_epochs = hidden_sizes, dropout, lr, batch_size, max_epochs
-        self.weight_decay, self.validation_fraction, self.patience = weight_decay, validation_fraction, patience
-        self.random_state, self.device, self.verbose = random_state, device, verbose
-
-# %% ../nbs/10_models.ipynb #16a8aab9
-@patch
-def _prepare_fit(self: TorchMLPRegressor, X, y) -> tuple:
-    "Check `X` and `y`; learn `y_mean_` and `y_scale_`; the features and the standardised target as tensors."
-    X, y = _validated(self, X, y, y_numeric=True)
-    self.y_mean_, self.y_scale_ = float(np.mean(y)), float(np.std(y)) or 1.0
-    return _tensor(X), _tensor((y - self.y_mean_) / self.y_scale_)
-
-@patch
-def _prepare_X(self: TorchMLPRegressor, X) -> torch.Tensor: return _tensor(_validated(self, X, reset=False))
-
-@patch
-def _build_module(self: TorchMLPRegressor) -> nn.Module:
-    return nn.Sequential(mlp(self.n_features_in_, self.hidden_sizes, 1, self.dropout), nn.Flatten(0))  # one number per row
-
-@patch
-def _valid_metrics(self: TorchMLPRegressor, outputs: torch.Tensor, y: torch.Tensor) -> dict:
-    "Validation root mean squared error, in the target's units."
-    return {"valid_rmse": (outputs - y).pow(2).mean().sqrt().item() * self.y_scale_}
-
-@patch
-def predict(self: TorchMLPRegressor, X) -> np.ndarray:
-    "The predicted target for each row of `X`."
-    return self._outputs(X).double().numpy() * self.y_scale_ + self.y_mean_
-
-# %% ../nbs/10_models.ipynb #2f85e1e6
-def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
-    "An embedding of `n` rows plus row 0 for unknown ids: small random rows, row 0 zero and never trained."
-    layer = nn.Embedding(n + 1, dim, padding_idx=0)
-    nn.init.normal_(layer.weight, std=std)
-    with torch.no_grad(): layer.weight[0].zero_()
-    return layer
-
-class FactorizationNet(nn.Module):
-    "rating = global mean + user bias + item bias + user factors · item factors, for pairs of (user row, item row)."
-    def __init__(self, n_users: int, n_items: int, n_factors: int, global_mean: float):
-        super().__init__()
-        self.user_factors, self.item_factors = _embedding(n_users, n_factors, 0.1), _embedding(n_items, n_factors, 0.1)
-        self.user_bias, self.item_bias = _embedding(n_users, 1, 0.0), _embedding(n_items, 1, 0.0)
-        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
-
-    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
-        users, items = pairs[:, 0], pairs[:, 1]
-        taste = (self.user_factors(users) * self.item_factors(items)).sum(1)
-        return self.global_mean + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0] + taste
-
-    def all_items(self, users: torch.Tensor) -> torch.Tensor:
-        "Predicted ratings of every known item (columns 0, 1, ... for item rows 1, 2, ...) for each user row."
-        items = slice(1, None)
-        return (self.global_mean + self.user_bias(users) + self.item_bias.weight[items, 0]
-                + self.user_factors(users) @ self.item_factors.weight[items].T)
-
-# %% ../nbs/10_models.ipynb #631253e8
-def _id_columns(X, user_col: str, item_col: str, where: str) -> tuple:
-    "The user ids and item ids in `X`: its `user_col` and `item_col` columns, or the two columns of an array."
-    if isinstance(X, pd.DataFrame):
-        missing = [c for c in (user_col, item_col) if c not in X.columns]
-        if missing: raise ModelError(f"{where}: X has no column(s) {', '.join(map(repr, missing))}; found: {', '.join(map(str, X.columns))}")
-        users, items = X[user_col].to_numpy(), X[item_col].to_numpy()
-    else:
-        X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != 2: raise ModelError(f"{where}: X must be a DataFrame with columns {user_col!r} and {item_col!r}, or an array of shape (n, 2) of (user id, item id); got shape {X.shape}")
-        users, items = X[:, 0], X[:, 1]
-    if len(users) == 0: raise ModelError(f"{where}: X has no rows")
-    if pd.isna(users).any() or pd.isna(items).any(): raise ModelError(f"{where}: X has missing user or item ids")
-    return users, items
-
-def _rows_of(ids: np.ndarray, known: np.ndarray) -> np.ndarray:
-    "The embedding row of each id: its position in the sorted `known` ids plus 1, or 0 when unknown."
-    return pd.Index(known).get_indexer(ids) + 1
-
-# %% ../nbs/10_models.ipynb #cdd0aa43
-class MatrixFactorization(TorchRegressor):
-    "A recommender: user and item factors and biases learned from ratings, as a scikit-learn estimator."
-    def __init__(self, n_factors=16, # length of each user's and item's factor vector
-                 lr=0.01, # learning rate of AdamW
-                 batch_size=256, # ratings per training step
-                 max_epochs=50, # passes over the training ratings, at most
-                 weight_decay=0.0, # AdamW's weight decay: shrinks factors and biases towards zero
-                 validation_fraction=0.1, # share of ratings held out for early stopping
-                 patience=5, # stop after this many epochs without a better validation loss; None never stops early
-                 user_col="user_id", # the user id column, when X is a DataFrame
-                 item_col="item_id", # the item id column, when X is a DataFrame
-                 random_state=None, # an int makes training repeatable
-                 device="auto", # "auto" (CUDA if present), "cpu" or "cuda[:N]"
-                 verbose=False, # show a progress bar per epoch
-                ):
-        self.n_factors, self.lr, self.batch_size, self.max_epochs, self.weight_decay = n_factors, lr, batch_size, max_epochs, weight_decay
-        self.validation_fraction, self.patience, self.user_col, self.item_col = validation_fraction, patience, user_col, item_col
-        self.random_state, self.device, self.verbose = random_state, device, verbose
-
-    def _pairs(self, X) -> torch.Tensor:
-        "The (user row, item row) pairs of `X`, unknown ids as row 0."
-        users, items = _id_columns(X, self.user_col, self.item_col, type(self).__name__)
-        return _tensor(np.stack([_rows_of(users, self.user_ids_), _rows_of(items, self.item_ids_)], 1), torch.long)
-
-    def _build_module(self) -> nn.Module: return FactorizationNet(len(self.user_ids_), len(self.item_ids_), self.n_factors, self.global_mean_)
-    def _prepare_X(self, X) -> torch.Tensor: return self._pairs(X)
-    def _valid_metrics(self, outputs, y) -> dict: return {"valid_rmse": (outputs - y).pow(2).mean().sqrt().item()}
-
-# %% ../nbs/10_models.ipynb #82d14f1b
-def _ratings(y, n: int, where: str) -> np.ndarray:
-    "The ratings `y` as finite float64 numbers, one per row of X."
-    try: y = column_or_1d(np.asarray(y, dtype=np.float64))
-    except (ValueError, TypeError) as e: raise ModelError(f"{where}: y must be numeric ratings, one per row ({e})") from None
-    if len(y) != n: raise ModelError(f"{where}: X has {n} rows but y has {len(y)} ratings")
-    if not np.isfinite(y).all(): raise ModelError(f"{where}: y contains NaN or infinite ratings")
-    return y
-
-@patch
-def _prepare_fit(self: MatrixFactorization, X, y) -> tuple:
-    "Learn the ids, rating statistics and seen pairs; the pairs and ratings as tensors."
-    users, items = _id_columns(X, self.user_col, self.item_col, type(self).__name__)
-    y = _ratings(y, len(users), type(self).__name__)
-    self.user_ids_, self.item_ids_ = np.unique(users), np.unique(items)
-    self.global_mean_, self.rating_range_ = float(y.mean()), (float(y.min()), float(y.max()))
-    pairs = self._pairs(X)
-    ones = np.ones(len(pairs), dtype=np.float32)
-    self.seen_ = sparse.csr_matrix((ones, (pairs[:, 0].numpy(), pairs[:, 1].numpy())), shape=(len(self.user_ids_) + 1, len(self.item_ids_) + 1))
-    return pairs, _tensor(y)
-
-@patch
-def predict(self: MatrixFactorization, X) -> np.ndarray:
-    "The predicted rating of each (user, item) pair in `X`, within the range of the training ratings."
-    return np.clip(self._outputs(X).double().numpy(), *self.rating_range_)
-
-# %% ../nbs/10_models.ipynb #ae631ee2
-@patch
-@torch.no_grad()
-def recommend(self: MatrixFactorization, user_ids, # the users to recommend to (ids as in training; unknown ones get the most liked items)
-              k: int = 10, # items per user, at most
-              exclude_seen: bool = True, # leave out the items each user rated in training
-             ) -> pd.DataFrame:
-    "The top `k` items for each user, best first: a table with columns user_id, rank, item_id, score."
-    check_is_fitted(self)
-    users = np.asarray(user_ids).ravel()
-    rows = _rows_of(users, self.user_ids_)
-    self.module_.eval()
-    scores = self.module_.all_items(torch.as_tensor(rows, device=self.device_)).cpu().double().numpy()
-    if exclude_seen: scores[self.seen_[rows][:, 1:].toarray() > 0] = -np.inf
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    table = pd.DataFrame({"user_id": np.repeat(users, top.shape[1]), "rank": np.tile(np.arange(1, top.shape[1] + 1), len(users)),
-                          "item_id": self.item_ids_[top.ravel()], "score": np.take_along_axis(scores, top, 1).ravel()})
-    return table[np.isfinite(table.score)].reset_index(drop=True)
-
-# %% ../nbs/10_models.ipynb #a8a8165b
-TOKEN = re.compile(r"[^\W_]+")  # a run of letters and digits
-PAD, UNKNOWN = 0, 1  # the two reserved rows of the vocabulary
-
-def tokenize(text: str) -> list:
-    "The lower-cased runs of letters and digits in `text`."
-    return TOKEN.findall(text.lower())
-
-def build_vocabulary(token_lists: list, min_freq: int = 1, max_size: int | None = None) -> dict:
-    "`{token: row}` for tokens seen at least `min_freq` times, most frequent first, rows from 2."
-    counts = Counter(token for tokens in token_lists for token in tokens)
-    kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))[:max_size]
-    return {token: row for row, token in enumerate(kept, start=2)}
-
-def encode_tokens(token_lists: list, vocabulary: dict, max_length: int) -> torch.Tensor:
-    "A (texts × length) tensor of vocabulary rows: the first `max_length` tokens of each text, then padding."
-    width = max(1, min(max_length, max(map(len, token_lists), default=1)))
-    codes = torch.full((len(token_lists), width), PAD, dtype=torch.long)
-    for i, tokens in enumerate(token_lists):
-        row = [vocabulary.get(t, UNKNOWN) for t in tokens[:width]]
-        codes[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return codes
-
-# %% ../nbs/10_models.ipynb #db2d47a2
-def _texts(X, where: str) -> list:
-    "`X` as a list of strings; anything else (a table, a missing value, a number) raises `ModelError`."
-    if isinstance(X, str): raise ModelError(f"{where}: X must be a sequence of texts, not a single string")
-    values = X.to_numpy() if isinstance(X, (pd.Series, pd.Index)) else np.asarray(X, dtype=object)
-    if values.ndim != 1: raise ModelError(f"{where}: X must be one-dimensional, one text per row; got shape {values.shape}")
-    if len(values) == 0: raise ModelError(f"{where}: X has no texts")
-    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
-    if bad is not None: raise ModelError(f"{where}: X[{bad}] is not a string: {values[bad]!r}")
-    return list(values)
-
-# %% ../nbs/10_models.ipynb #1dc32ff2
-class TextNet(nn.Module):
-    "Average the vectors of a text's tokens (padding left out), then a linear layer to one score per class."
-    def __init__(self, n_rows: int, embedding_dim: int, n_classes: int):
-        super().__init__()
-        self.embed = nn.EmbeddingBag(n_rows, embedding_dim, mode="mean", padding_idx=PAD)
-        self.out = nn.Linear(embedding_dim, n_classes)
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor: return self.out(self.embed(codes))
-
-class TorchTextClassifier(TorchClassifier):
-    "A bag-of-embeddings text classifier (fastText-like), trained with PyTorch, as a scikit-learn estimator."
-    def __init__(self, embedding_dim=32, # length of each token's vector
-                 min_freq=1, # keep tokens seen at least this often in training
-                 max_vocabulary=None, # keep at most this many tokens (the most frequent); None keeps all
-                 max_length=64, # tokens read from each text, at most
-                 lr=0.01, batch_size=32, max_epochs=30, weight_decay=0.0, class_weight=None,  # as for TorchMLPClassifier
-                 validation_fraction=0.1, patience=5, random_state=None, device="auto", verbose=False,
-                ):
-        self.embedding_dim, self.min_freq, self.max_vocabulary, self.max_length = embedding_dim, min_freq, max_vocabulary, max_length
-        self.lr, self.batch_size, self.max_epochs, self.weight_decay, self.class_weight = lr, batch_size, max_epochs, weight_decay, class_weight
-        self.validation_fraction, self.patience, self.random_state, self.device, self.verbose = validation_fraction, patience, random_state, device, verbose
-
-    def _prepare_X(self, X) -> torch.Tensor:
-        return encode_tokens([tokenize(t) for t in _texts(X, type(self).__name__)], self.vocabulary_, self.max_length)
-
-    def _build_module(self) -> nn.Module: return TextNet(len(self.vocabulary_) + 2, self.embedding_dim, len(self.classes_))
-
-    def __sklearn_tags__(self):
-        "Tell scikit-learn's checks that X is a list of strings, not a table."
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array, tags.input_tags.one_d_array, tags.input_tags.string = False, True, True
-        return tags
-
-# %% ../nbs/10_models.ipynb #accc5ff9
-@patch
-def _prepare_fit(self: TorchTextClassifier, X, y) -> tuple:
-    "Learn the vocabulary and the classes; the texts and labels as tensors."
-    texts = _texts(X, type(self).__name__)
-    try: check_consistent_length(texts, y)
-    except ValueError as e: raise ModelError(f"{type(self).__name__}: {e}") from None
-    token_lists = [tokenize(t) for t in texts]
-    self.vocabulary_ = build_vocabulary(token_lists, self.min_freq, self.max_vocabulary)
-    y_index = self._encode_classes(column_or_1d(np.asarray(y)))
-    return encode_tokens(token_lists, self.vocabulary_, self.max_length), _tensor(y_index, torch.long)
-
-# %% ../nbs/10_models.ipynb #a327264f
-register_model("torch_mlp", TorchMLPClassifier, task="classification")
-register_model("torch_mlp", TorchMLPRegressor, task="regression")
-register_model("matrix_factorization", MatrixFactorization, task="recommendation")
-register_model("text_classifier", TorchTextClassifier, task="text_classification");
-
-# %% ../nbs/10_models.ipynb #623ec90a
-def skops_trusted_types() -> list:
-    "The types skops must trust to load mlwb's PyTorch models: pass as `skops_trusted_types=` to MLflow."
-    classes = (TorchMLPClassifier, TorchMLPRegressor, MatrixFactorization, TorchTextClassifier)
-    return [f"{c.__module__}.{c.__qualname__}" for c in classes] + ["scipy.sparse._csr.csr_matrix"]
-
-# %% ../nbs/10_models.ipynb #fbe04f09
-SEARCH_SPACES: dict = {}  # model name -> {parameter: range}
-RANGE_KINDS = ("int", "float", "log", "choice")
-
-def register_search_space(name: str, space: dict) -> dict:
-    "Declare the parameter ranges worth searching for model `name`."
-    if name not in _REGISTRY: raise ModelError(f"register_search_space: unknown model {name!r}; known models: {', '.join(list_models())}")
-    for parameter, spec in space.items():
-        if not (isinstance(spec, tuple) and spec and spec[0] in RANGE_KINDS):
-            raise ModelError(f"search space of {name!r}: parameter {parameter!r} needs a range like ('int', 1, 10); kinds: {', '.join(RANGE_KINDS)}")
-    SEARCH_SPACES[name] = dict(space)
-    return space
-
-def search_space(name: str) -> dict:
-    "The declared search space of model `name`."
-    if name not in SEARCH_SPACES: raise ModelError(f"model {name!r} declares no search space; models that do: {', '.join(sorted(SEARCH_SPACES))}")
-    return SEARCH_SPACES[name]
-
-# %% ../nbs/10_models.ipynb #807304e4
-register_search_space("logistic", {"C": ("log", 1e-3, 1e2)})
-register_search_space("linear", {"alpha": ("log", 1e-4, 1e2)})
-register_search_space("random_forest", {"n_estimators": ("int", 50, 300), "max_depth": ("int", 3, 16), "min_samples_leaf": ("int", 1, 20)})
-register_search_space("hist_gb", {"learning_rate": ("log", 0.02, 0.3), "max_iter": ("int", 50, 300), "max_leaf_nodes": ("int", 8, 64), "l2_regularization": ("log", 1e-6, 1.0)})
-register_search_space("torch_mlp", {"lr": ("log", 1e-4, 1e-2), "dropout": ("float", 0.0, 0.5), "hidden_sizes": ("choice", [(32,), (64, 32), (128, 64)])})
-register_search_space("matrix_factorization", {"n_factors": ("int", 4, 64), "lr": ("log", 1e-3, 5e-2), "weight_decay": ("log", 1e-6, 1e-2)})
-register_search_space("text_classifier", {"embedding_dim": ("int", 16, 128), "lr": ("log", 1e-3, 5e-2)});

@@ -82,7 +82,7 @@ def version_metrics(client, name: str, version: str) -> dict:
 # %% ../nbs/28_release.ipynb #d22bbe4a
 def gate(client, name: str, version: str, metric: str = "average_precision", margin: float = 0.0, higher_is_better: bool = True):
     "The `GateVerdict` of `name`/`version` against the current champion."
-    from mlwb.evaluate import validation_gate
+    from mlwb.review import validation_gate
     candidate = version_metrics(client, name, version)
     if metric not in candidate: raise ReleaseError(f"model '{name}' version {version}: no metric '{metric}' logged; the gate needs it")
     worst = -math.inf if higher_is_better else math.inf

@@ -258,7 +258,7 @@ def _patch_skl2onnx():
     from skl2onnx._parse import sklearn_parsers_map
     from skl2onnx._supported_operators import sklearn_operator_name_map
     from sklearn.compose import ColumnTransformer
-    from mlwb.features import FeatureTransformer
+    from mlwb.feature_spec import FeatureTransformer
     sklearn_parsers_map.setdefault(FeatureTransformer, sklearn_parsers_map[ColumnTransformer])
     sklearn_operator_name_map.setdefault(FeatureTransformer, sklearn_operator_name_map[ColumnTransformer])
     if getattr(trees.add_node, "_mlwb", False): return

@@ -18,8 +18,9 @@ from sklearn.metrics import accuracy_score, average_precision_score, mean_absolu
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
+from . import torch_models  # noqa: F401 -- registers the PyTorch models (torch_mlp, ...) by name
 from .config import MlwbError
-from .features import build_features
+from .feature_spec import build_features
 from .models import get_model
 
 # %% auto #0
@@ -125,7 +126,8 @@ def data_hash(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 # %% ../nbs/12_train.ipynb #90df82db
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "mlwb.features.", "mlwb.models.")
+TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "mlwb.features.", "mlwb.feature_spec.",
+                    "mlwb.models.", "mlwb.torch_models.")
 
 def serialization_for(pipeline: Pipeline) -> tuple:
     "(`'skops'`, trusted types) when skops can save `pipeline` with known types only, else (`'cloudpickle'`, None)."
@@ -192,7 +194,7 @@ def train(data: pd.DataFrame, # training rows: feature columns and the target
           target: str, # the column to predict
           model="hist_gb", # a registered model name or an unfitted estimator
           task: str = "classification", # classification or regression
-          features: dict | None = None, # a feature spec for `mlwb.features.build_features`
+          features: dict | None = None, # a feature spec for `mlwb.feature_spec.build_features`
           params: dict | None = None, # parameters of a named model
           valid: pd.DataFrame | None = None, # validation rows; without them, metrics come from cross-validation
           folds: int = 5, # cross-validation folds when `valid` is not given (0: no validation)

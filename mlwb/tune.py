@@ -173,7 +173,7 @@ def tune(data: pd.DataFrame, # training rows: features and the target
          target: str, # the column to predict
          model: str = "hist_gb", # a registered model name with a search space
          task: str = "classification", # classification or regression
-         features: dict | None = None, # a feature spec for `mlwb.features.build_features`
+         features: dict | None = None, # a feature spec for `mlwb.feature_spec.build_features`
          params: dict | None = None, # model parameters held fixed (not searched), e.g. {"max_epochs": 20}
          metric: str = "average_precision", # what to optimise (see HIGHER_IS_BETTER)
          n_trials: int = 20, # trials in all

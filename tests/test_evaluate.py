@@ -1,5 +1,5 @@
-"""Evaluation: metrics against scikit-learn and hand-computed values, ranking edge cases, thresholds under
-asymmetric costs, the release gate, evidence landing in an MLflow run, and a clear error for each bad input."""
+"""Evaluation and review (mlwb.evaluate, mlwb.review): metrics against scikit-learn and hand-computed values,
+ranking edge cases, thresholds under asymmetric costs, the release gate, evidence landing in an MLflow run, and a clear error for each bad input."""
 import json
 import math
 
@@ -14,11 +14,12 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
 from mlwb.config import MlwbError, load_settings
-from mlwb.evaluate import (EvaluationError, GateVerdict, average_precision_at_k, calibration_table, choose_threshold,
+from mlwb.evaluate import (EvaluationError, average_precision_at_k, calibration_table, choose_threshold,
                            classification_figures, classification_metrics, cost_curve, cost_curve_figure, expected_cost,
-                           feature_importance, importance_figure, log_figures, log_model_card, log_verdict, map_at_k,
-                           metrics_by_slice, model_card, ndcg_at_k, precision_at_k, ranking_metrics, recall_at_k,
-                           regression_metrics, residuals_figure, validation_gate)
+                           map_at_k, ndcg_at_k, precision_at_k, ranking_metrics, recall_at_k, regression_metrics,
+                           residuals_figure)
+from mlwb.review import (GateVerdict, feature_importance, importance_figure, log_figures, log_model_card, log_verdict,
+                         metrics_by_slice, model_card, validation_gate)
 from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
 
 

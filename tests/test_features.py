@@ -1,4 +1,4 @@
-"""mlwb.features: leakage prevention, the estimator contract, round trips inside a Pipeline, and clear errors for bad specs."""
+"""mlwb.features and mlwb.feature_spec: leakage prevention, the estimator contract, round trips inside a Pipeline, and clear errors for bad specs."""
 import pickle
 import warnings
 
@@ -15,9 +15,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from mlwb.config import MlwbError
 from mlwb.generate import make_card_transactions
-from mlwb.features import (TRANSFORMERS, DateTimeFeatures, FeatureError, FeatureTransformer, FrequencyEncoder,
-                           OutOfFoldTargetEncoder, TextTfidf, WindowAggregates, build_features, check_point_in_time,
-                           expected_failed_checks, register_transformer, skops_trusted_types)
+from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, build_features, register_transformer,
+                               skops_trusted_types)
+from mlwb.features import (DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf,
+                           WindowAggregates, check_point_in_time, expected_failed_checks)
 
 SPEC = {"numeric": {"columns": ["amount", "distance_from_home_km"], "scaling": "standard", "imputation": "median"},
         "categorical": ["merchant_category"],
@@ -182,7 +183,7 @@ def test_pipeline_skops_round_trip_needs_exactly_our_trusted_types(fitted):
     data = skops.io.dumps(model)
     assert sorted(skops.io.get_untrusted_types(data=data)) == sorted(skops_trusted_types())
     assert np.array_equal(skops.io.loads(data, trusted=skops_trusted_types()).predict_proba(X), model.predict_proba(X))
-    assert all(name.startswith("mlwb.features.") for name in skops_trusted_types()[:-1])
+    assert all(name.startswith(("mlwb.features.", "mlwb.feature_spec.")) for name in skops_trusted_types()[:-1])
 
 
 def test_clone_and_nested_params(fitted):
@@ -258,13 +259,12 @@ def test_feature_errors_are_mlwb_errors_and_value_errors(cards):
 
 def test_registered_transformers_work_in_specs(cards):
     from sklearn.preprocessing import FunctionTransformer
-    register_transformer("log_amount", lambda columns: FunctionTransformer(np.log1p, feature_names_out="one-to-one"))
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # the registry as it was, once the block ends
+        patch.setattr(TRANSFORMERS, "_items", dict(TRANSFORMERS._items))
+        register_transformer("log_amount", lambda columns: FunctionTransformer(np.log1p, feature_names_out="one-to-one"))
         features = build_features({"log_amount": ["amount"]})
         assert isinstance(features, FeatureTransformer)
         assert np.allclose(features.fit_transform(cards)[:, 0], np.log1p(cards.amount))
         assert features.get_feature_names_out().tolist() == ["log_amount__amount"]
-    finally:
-        del TRANSFORMERS["log_amount"]
     with pytest.raises(FeatureError, match="unknown key 'log_amount'"):
         build_features({"log_amount": ["amount"]})

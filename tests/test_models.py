@@ -24,8 +24,9 @@ from sklearn.utils.estimator_checks import (check_do_not_raise_errors_in_init_or
                                             parametrize_with_checks)
 
 from mlwb.config import load_settings
-from mlwb.models import (MatrixFactorization, ModelError, TorchMLPClassifier, TorchMLPRegressor, TorchTextClassifier,
-                         get_model, list_models, seed_from, skops_trusted_types, split_validation)
+from mlwb.models import ModelError, get_model, list_models, seed_from, split_validation
+from mlwb.torch_models import (MatrixFactorization, TorchMLPClassifier, TorchMLPRegressor, TorchTextClassifier,
+                               skops_trusted_types)
 from mlwb.tracking import ensure_experiment, mlflow_client, tracking_uri
 
 # Small and quick: the checks fit each estimator dozens of times on 2 CPU cores. TorchTextClassifier is not in this

@@ -184,7 +184,7 @@ def test_metadata_shows_the_torchscript_fast_path(tmp_path):
     from mlflow.models import infer_signature
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from mlwb.models import TorchMLPClassifier
+    from mlwb.torch_models import TorchMLPClassifier
     X = card_rows(300, seed=4)[["amount", "hour"]]
     mlp = TorchMLPClassifier(hidden_sizes=(8,), max_epochs=5, random_state=0, device="cpu")
     pipeline = make_pipeline(StandardScaler(), mlp).fit(X, (X.amount > 60).astype(int))

@@ -25,7 +25,7 @@ def blend(recommendations: pd.DataFrame, # rows of (user_id, item_id, score), as
     return recommendations.assign(score=score).iloc[order]
 
 
-def unrated_items(model, # a fitted `mlwb.models.MatrixFactorization`
+def unrated_items(model, # a fitted `mlwb.torch_models.MatrixFactorization`
                   users, # user ids; unknown ones get every item, scored by the item's bias
                  ) -> pd.DataFrame:
     "Every item each user has not rated, with its predicted rating: rows of (user_id, rank, item_id, score)."
