@@ -153,13 +153,17 @@ def test_command_line_predict(in_store, tmp_path):
 
 
 WAITS_FOR_GO = """
-import sys
+import os, select, signal, sys
 import mlflow
 
 class WaitsForGo(mlflow.pyfunc.PythonModel):
-    "Announces on stdout that it is scoring, then waits for a line on stdin: the run cannot end before the test says go."
+    "Says on stdout that it is scoring, then waits for stdin: the run cannot end before the test says go."
     def predict(self, context, model_input, params=None):
+        wake, wake_up = os.pipe()  # a signal caught by any thread writes here, so the wait below ends at once
+        os.set_blocking(wake_up, False)
+        signal.set_wakeup_fd(wake_up)
         print("scoring", flush=True)
+        select.select([sys.stdin, wake], [], [])  # Ctrl-C raises KeyboardInterrupt as soon as this returns
         sys.stdin.readline()
         return (model_input["amount"] * 2).tolist()
 
