@@ -18,14 +18,13 @@ import pandas as pd
 from .profiles import (DRIFT_TESTS, ColumnProfile, MonitorError, adjust_p_values, check_names,
                            column_drift, column_findings, column_kind, duplicate_share, finding,
                            profile_column, require_column, schema_findings, share_finding)
-from .serve import read_log_file
 
 # %% auto #0
 __all__ = ['EXIT_HEALTHY', 'EXIT_DRIFT', 'EXIT_DATA_QUALITY', 'EXIT_PERFORMANCE', 'EXIT_MEANINGS', 'SEVERITY',
-           'DEFAULT_THRESHOLDS', 'NEW_TEST_THRESHOLD', 'LOWER_IS_BETTER', 'LOG_FIELDS', 'worst_exit_code',
-           'check_thresholds', 'performance_metrics', 'choose_metric', 'metric_drop', 'ReferenceProfile',
-           'fit_reference', 'WindowResult', 'drift_table', 'compare', 'join_late_labels', 'split_windows',
-           'MonitorResult', 'monitor', 'read_request_log', 'request_rows', 'error_rate_finding']
+           'DEFAULT_THRESHOLDS', 'NEW_TEST_THRESHOLD', 'LOWER_IS_BETTER', 'worst_exit_code', 'check_thresholds',
+           'performance_metrics', 'choose_metric', 'metric_drop', 'ReferenceProfile', 'fit_reference', 'WindowResult',
+           'drift_table', 'compare', 'join_late_labels', 'split_windows', 'MonitorResult', 'monitor',
+           'error_rate_finding']
 
 # %% ../nbs/26_monitor.ipynb #bcf85934
 EXIT_HEALTHY, EXIT_DRIFT, EXIT_DATA_QUALITY, EXIT_PERFORMANCE = 0, 3, 4, 5
@@ -347,44 +346,6 @@ def monitor(reference: pd.DataFrame | ReferenceProfile, # reference data, or its
     results = [compare(profile, rows, thresholds, name) for name, rows in windows]
     return MonitorResult(profile, thresholds, results)
 
-# %% ../nbs/26_monitor.ipynb #cff1c888
-# --- request log section, on its way to mlwb.request_log ---
-LOG_FIELDS = ("ts", "request_id", "row", "model", "version", "variant", "status", "latency_ms",
-              "prediction", "probability")
-
-def _to_time(value, name: str):
-    if value is None: return None
-    try: moment = pd.Timestamp(value)
-    except ValueError: raise MonitorError(f"{name}: '{value}' is not a date or time") from None
-    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
-
-# %% ../nbs/26_monitor.ipynb #04233ab1
-def read_request_log(folder: Path | str, # a serving log folder, e.g. runs/requests/fraud-detection
-                     since=None, until=None, # keep since <= ts < until (ISO times, UTC if no zone)
-                    ) -> pd.DataFrame:
-    "The request log under `folder` as a table: one row per record, `inputs` expanded into columns."
-    folder = Path(folder)
-    files = sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []
-    if not files: raise MonitorError(f"{folder}: no request log files (*.jsonl) found")
-    records = [r for path in files for r in read_log_file(path)]
-    if not records: raise MonitorError(f"{folder}: the request log is empty")
-    meta = pd.DataFrame([{k: r.get(k) for k in LOG_FIELDS} for r in records])
-    inputs = pd.DataFrame.from_records([r.get("inputs") or {} for r in records])
-    inputs = inputs.drop(columns=[c for c in inputs.columns if c in LOG_FIELDS])
-    log = pd.concat([meta, inputs], axis=1)
-    log["ts"] = pd.to_datetime(log.ts, utc=True, format="ISO8601")
-    keep = pd.Series(True, index=log.index)
-    if since is not None: keep &= log.ts >= _to_time(since, "--since")
-    if until is not None: keep &= log.ts < _to_time(until, "--until")
-    return log[keep].sort_values("ts", kind="stable").reset_index(drop=True)
-
-def request_rows(log: pd.DataFrame) -> pd.DataFrame:
-    "The scored rows of a request log: failed requests dropped, numeric text columns as numbers."
-    rows = log[log.row.notna()].reset_index(drop=True)
-    for column in ("prediction", "probability"):
-        if column in rows and rows[column].notna().sum() == 0: rows = rows.drop(columns=column)
-    return rows.infer_objects()
-
 # %% ../nbs/26_monitor.ipynb #7cb807f1
 def error_rate_finding(log: pd.DataFrame, thresholds: dict) -> list:
     "A finding for the share of failed requests (status 400 or more) in a request log window."
@@ -393,4 +354,3 @@ def error_rate_finding(log: pd.DataFrame, thresholds: dict) -> list:
     share = float((pd.to_numeric(requests.status, errors="coerce") >= 400).mean())
     return share_finding("failed_requests", None, share, thresholds["max_error_rate"],
                          f"{share:.1%} of requests failed")
-# --- end of the request log section ---

@@ -22,7 +22,8 @@ import pandas as pd
 from .core import quiet_mlflow, write_atomically
 from .monitor import (EXIT_MEANINGS, MonitorResult, ReferenceProfile, WindowResult,
                           check_thresholds, join_late_labels, monitor, split_windows)
-from .monitor import LOG_FIELDS, error_rate_finding, read_request_log, request_rows
+from .request_log import LOG_FIELDS, read_request_log, request_rows
+from .monitor import error_rate_finding
 from .profiles import ColumnProfile, MonitorError, drift_test, require_column
 
 # %% auto #0

@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,8 @@ from click.testing import CliRunner
 from conftest import MLWB, REPO, run_mlwb
 from mlwb.cli import main
 from mlwb.config import MlwbError, load_settings
-from mlwb.deploy import deploy_files, load_batch_model, predict_file
+from mlwb.batch import load_batch_model, predict_file
+from mlwb.container import deploy_files
 from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
 
 MODEL_URI = "models:/fraud@champion"
@@ -152,18 +152,54 @@ def test_command_line_predict(in_store, tmp_path):
     assert failed.exit_code == 2 and "error: input file" in failed.output and "'account'" in failed.output and "Traceback" not in failed.output
 
 
+WAITS_FOR_GO = """
+import os, select, signal, sys
+import mlflow
+
+class WaitsForGo(mlflow.pyfunc.PythonModel):
+    "Says on stdout that it is scoring, then waits for stdin: the run cannot end before the test says go."
+    def predict(self, context, model_input, params=None):
+        wake, wake_up = os.pipe()  # a signal caught by any thread writes here, so the wait below ends at once
+        os.set_blocking(wake_up, False)
+        signal.set_wakeup_fd(wake_up)
+        print("scoring", flush=True)
+        select.select([sys.stdin, wake], [], [])  # Ctrl-C raises KeyboardInterrupt as soon as this returns
+        sys.stdin.readline()
+        return (model_input["amount"] * 2).tolist()
+
+mlflow.models.set_model(WaitsForGo())
+"""
+
+
+@pytest.fixture(scope="module")
+def waiting_model(tmp_path_factory):
+    "A model folder whose predict blocks until its process reads a line from stdin."
+    import mlflow.pyfunc
+    folder = tmp_path_factory.mktemp("waiting")
+    (folder / "waits_for_go.py").write_text(WAITS_FOR_GO)
+    mlflow.pyfunc.save_model(folder / "model", python_model=str(folder / "waits_for_go.py"),
+                             input_example=card_rows(3)[["amount"]], pip_requirements=[])
+    return folder / "model"
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_run_leaves_no_output(in_store, tmp_path, signal_number):
-    card_rows(200_000, seed=6).to_parquet(tmp_path / "big.parquet", index=False)
+def test_interrupted_run_leaves_no_output(in_store, waiting_model, tmp_path, signal_number):
+    card_rows(1_000, seed=6).to_parquet(tmp_path / "big.parquet", index=False)
     output = tmp_path / "scores.parquet"
-    process = subprocess.Popen([str(MLWB), "predict", MODEL_URI, str(tmp_path / "big.parquet"), str(output), "--chunk-rows", "500", "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".scores.parquet.*.partial")) and process.poll() is None and time.monotonic() < deadline: time.sleep(0.01)
-    assert process.poll() is None, process.communicate()  # still running: it is interrupted mid-run
-    time.sleep(0.2)
-    process.send_signal(signal_number)
-    _, stderr = process.communicate(timeout=30)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([str(MLWB), "predict", str(waiting_model), str(tmp_path / "big.parquet"), str(output),
+                                    "--chunk-rows", "500", "--quiet"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        lines = iter(process.stdout.readline, "")  # blocks until a line comes, or the process ends
+        assert "scoring" in (line.strip() for line in lines), (tmp_path / "stderr.txt").read_text()
+        assert process.poll() is None and list(tmp_path.glob(".scores.parquet.*.partial"))  # mid-run, in the model
+        process.send_signal(signal_number)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None: process.kill(); process.wait()
+        process.stdin.close(); process.stdout.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
     assert process.returncode != 0 and not output.exists(), stderr
     if signal_number == signal.SIGINT:  # cleanup ran: not even the temporary file is left
         assert not list(tmp_path.glob(".scores.parquet*")), list(tmp_path.iterdir())
@@ -184,7 +220,7 @@ def deployment(store, tmp_path_factory):
 def test_deploy_writes_every_file(deployment):
     out, files = deployment
     assert set(files) == {"Dockerfile", "settings.ini", "README.md", "k8s/deployment.yaml", "k8s/service.yaml", "k8s/hpa.yaml"}
-    assert (out / "model" / "MLmodel").is_file() and (out / "app" / "constraints.txt").is_file() and (out / "app" / "mlwb" / "deploy.py").is_file()
+    assert (out / "model" / "MLmodel").is_file() and (out / "app" / "constraints.txt").is_file() and (out / "app" / "mlwb" / "container.py").is_file()
     assert (out / "app" / "constraints.txt").read_text() == (REPO / "constraints.txt").read_text()
     assert not list(out.parent.glob(".fraud*"))  # no temporary folder left beside it
 

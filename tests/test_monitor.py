@@ -12,8 +12,17 @@ import pytest
 
 from conftest import run_mlwb
 from mlwb.config import load_settings
-from mlwb.monitor import (EXIT_DATA_QUALITY, EXIT_DRIFT, EXIT_HEALTHY, check_thresholds, compare, fit_reference,
-                          join_late_labels, monitor, read_request_log, request_rows)
+from mlwb.monitor import (
+    EXIT_DATA_QUALITY,
+    EXIT_DRIFT,
+    EXIT_HEALTHY,
+    check_thresholds,
+    compare,
+    fit_reference,
+    join_late_labels,
+    monitor,
+)
+from mlwb.request_log import read_request_log, request_rows
 from mlwb.profiles import MonitorError
 from mlwb.report import report_html
 from mlwb.tracking import mlflow_client

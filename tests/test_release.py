@@ -145,7 +145,7 @@ def test_rollback_restores_the_previous_champion(ws):
 # --- routing ---------------------------------------------------------------------------------------------------------
 
 def test_routing_is_sticky_and_splits_within_tolerance():
-    from mlwb.release import choose
+    from mlwb.rollout import choose
     keys = [f"user-{i}" for i in range(50_000)]
     first = [choose(k, 0.1) for k in keys]
     assert first == [choose(k, 0.1) for k in keys]  # sticky: the same key, the same variant
@@ -186,7 +186,7 @@ class Server:
         except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def records(self) -> list:
-        from mlwb.serve import read_log_file
+        from mlwb.request_log import read_log_file
         return [record for f in self.log_dir.rglob("*.jsonl") for record in read_log_file(f)]
 
 
@@ -198,7 +198,7 @@ def ab_server(ws):
 
 
 def test_a_real_server_routes_sticky_by_key(ab_server):
-    from mlwb.release import choose
+    from mlwb.rollout import choose
     with httpx.Client() as http:
         answers = {f"user-{i}": [ab_server.predict(0.45, f"user-{i}", http).json() for _ in range(2)] for i in range(40)}
     for key, (a, b) in answers.items():
@@ -281,7 +281,7 @@ def write_log(folder: Path, n: int, share: float, seed: int = 0) -> pd.DataFrame
 
 
 def test_the_srm_check_fires_on_a_skewed_split(tmp_path):
-    from mlwb.release import analyze_ab
+    from mlwb.rollout import analyze_ab
     outcomes = write_log(tmp_path / "skewed", 4000, share=0.4)
     outcomes.to_csv(tmp_path / "outcomes.csv", index=False)
     report = analyze_ab(tmp_path / "skewed", tmp_path / "outcomes.csv", share=0.5)
@@ -294,7 +294,8 @@ def test_the_srm_check_fires_on_a_skewed_split(tmp_path):
 
 
 def test_door_refusals_count_for_no_variant(tmp_path):
-    from mlwb.release import analyze_ab, read_request_log
+    from mlwb.rollout import analyze_ab
+    from mlwb.request_log import read_request_log
     outcomes = write_log(tmp_path / "log", 4000, share=0.5)
     log = read_request_log(tmp_path / "log")
     refused = pd.DataFrame({"request_id": [f"refused-{i}" for i in range(400)], "row": None, "variant": None, "status": 401, "prediction": None})

@@ -134,7 +134,7 @@ class Server:
             except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def log_records(self) -> list:
-        from mlwb.serve import read_log_file
+        from mlwb.request_log import read_log_file
         return [record for f in sorted(self.log_dir.rglob("*.jsonl")) for record in read_log_file(f)]
 
 
@@ -255,7 +255,8 @@ def test_a_datetime_column_refuses_a_string_that_is_no_date(tmp_path):
     from fastapi.testclient import TestClient
     from mlflow.models import infer_signature
     from mlwb.config import load_settings
-    from mlwb.serve import ModelStore, ServeOptions, ServerState, create_app
+    from mlwb.model_store import ModelStore
+    from mlwb.serve import ServeOptions, ServerState, create_app
     (tmp_path / "hour_model.py").write_text(HOUR_MODEL)
     example = pd.DataFrame({"when": pd.to_datetime(["2024-05-01T10:30:00"])})
     mlflow.pyfunc.save_model(tmp_path / "hour", python_model=str(tmp_path / "hour_model.py"), signature=infer_signature(example, np.array([10])),
@@ -431,7 +432,7 @@ def test_parity_check_refuses_a_model_onnx_cannot_convert(tmp_path):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer
     from mlwb.config import load_settings
-    from mlwb.serve import load_model
+    from mlwb.model_store import load_model
     import mlflow.sklearn
     from mlflow.models import infer_signature
     X = card_rows(200, seed=2).drop(columns="category")

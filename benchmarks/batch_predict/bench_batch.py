@@ -1,4 +1,4 @@
-"""Batch scoring: `mlwb.deploy.predict_file` (chunked) against `mlflow.pyfunc.load_model(...).predict` on the whole file.
+"""Batch scoring: `mlwb.batch.predict_file` (chunked) against `mlflow.pyfunc.load_model(...).predict` on the whole file.
 
 One command:  .venv/bin/python benchmarks/batch_predict/bench_batch.py [--rows 1000000] [--chunk-rows 100000] [--repeats 2]
 
@@ -80,7 +80,7 @@ def run_variant(variant: str, model: str, data: str, output: str, chunk_rows: in
     import logging
     import mlflow.pyfunc
     import pandas as pd
-    from mlwb.deploy import load_batch_model, predict_file
+    from mlwb.batch import load_batch_model, predict_file
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     started = time.perf_counter()
     loaded = mlflow.pyfunc.load_model(model) if variant == "pyfunc" else load_batch_model(model)
