@@ -25,9 +25,13 @@ import numpy as np
 from .config import MlwbError, Settings, load_settings
 
 # %% auto #0
-__all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'ReleaseError', 'history', 'who', 'record_move', 'alias_version', 'version_metrics',
-           'gate', 'gate_refusals', 'move_alias', 'champion_stack', 'previous_champion', 'rollback', 'release_status',
-           'release_command', 'promote_command', 'challenger_command', 'rollback_command', 'status_command']
+__all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'GATE_METRIC_TAG', 'GATE_DIRECTION_TAG', 'SWEEP_VARIABLE', 'METRIC_HELP',
+           'ReleaseError', 'history', 'who', 'record_move', 'alias_version', 'version_metrics', 'same_model',
+           'gate_spec', 'gate', 'gate_refusals', 'move_alias', 'champion_stack', 'previous_champion',
+           'nothing_to_roll_back', 'rollback', 'release_status', 'promotion_held', 'Release', 'candidate_tags',
+           'champion_now', 'judge_candidate', 'check_fit', 'register_version', 'why_champion_stays', 'decide',
+           'release_candidate', 'report_verdict', 'release_command', 'promote_command', 'challenger_command',
+           'rollback_command', 'status_command']
 
 # %% ../nbs/28_release.ipynb #9abb133d
 class ReleaseError(MlwbError):
@@ -75,22 +79,46 @@ def version_metrics(client, name: str, version: str) -> dict:
         except ValueError: pass
     return metrics
 
+def same_model(a, b) -> bool:
+    "Whether registry versions `a` and `b` hold one model: one logged model, or one training run's."
+    return a.source == b.source or bool(a.run_id) and a.run_id == b.run_id
+
 # %% ../nbs/28_release.ipynb #d22bbe4a
-def gate(client, name: str, version: str, metric: str = "average_precision", margin: float = 0.0, higher_is_better: bool = True):
-    "The `GateVerdict` of `name`/`version` against the current champion."
+GATE_METRIC_TAG = "mlwb.gate.metric"  # version tag: the metric the version is judged on
+GATE_DIRECTION_TAG = "mlwb.gate.higher_is_better"  # version tag: "true", or "false" for an error
+
+def gate_spec(mv, metric: str | None = None, higher_is_better: bool | None = None) -> tuple:
+    "The metric and direction to judge version `mv` by: as given, else its tags', else defaults."
+    own = mv.tags.get(GATE_METRIC_TAG)
+    metric = metric or own or "average_precision"
+    if higher_is_better is None:
+        higher_is_better = metric != own or mv.tags.get(GATE_DIRECTION_TAG) != "false"
+    return metric, higher_is_better
+
+def gate(client, name: str, version: str, metric: str | None = None, margin: float = 0.0,
+         higher_is_better: bool | None = None):
+    "The `GateVerdict` of `name`/`version` against the champion (unless it holds the same model)."
     from mlwb.review import validation_gate
+    mv = _version(client, name, version)
+    metric, higher_is_better = gate_spec(mv, metric, higher_is_better)
     candidate = version_metrics(client, name, version)
-    if metric not in candidate: raise ReleaseError(f"model '{name}' version {version}: no metric '{metric}' logged; the gate needs it")
+    if metric not in candidate:
+        raise ReleaseError(f"model '{name}' version {version}: no metric '{metric}' logged; "
+                           "the gate needs it")
     worst = -math.inf if higher_is_better else math.inf
     baseline = {metric: candidate.get(f"baseline_{metric}", worst)}
     champion = alias_version(client, name, "champion")
-    champion_metrics = version_metrics(client, name, champion) if champion and champion != str(version) else None
+    rival = champion not in (None, str(version))
+    rival = rival and not same_model(mv, _version(client, name, champion))
+    champion_metrics = version_metrics(client, name, champion) if rival else None
     if champion_metrics is not None and metric not in champion_metrics: champion_metrics = None
     return validation_gate(candidate, baseline, champion_metrics, metric, margin, higher_is_better)
 
-def gate_refusals(client, name: str, version: str, metric: str = "average_precision") -> list:
-    "Why the gate refuses `name`/`version` (empty when it passes); a missing metric is a refusal too."
-    if metric not in version_metrics(client, name, version): return [f"no metric '{metric}' logged; the gate needs it."]
+def gate_refusals(client, name: str, version: str, metric: str | None = None) -> list:
+    "Why the gate refuses `name`/`version` (empty if it passes); a missing metric is a refusal too."
+    metric, _ = gate_spec(_version(client, name, version), metric)
+    if metric not in version_metrics(client, name, version):
+        return [f"no metric '{metric}' logged; the gate needs it."]
     verdict = gate(client, name, version, metric)
     return [] if verdict.passed else list(verdict.reasons)
 
@@ -100,7 +128,7 @@ def move_alias(name: str, # registered model name
                version: str, # the version to point at
                reason: str = "", # why, in plain words (recorded)
                force: bool = False, # move even when the gate refuses (recorded as forced)
-               metric: str = "average_precision", # the gate's metric
+               metric: str | None = None, # the gate's metric (None: the version's own)
                settings: Settings | None = None) -> dict:
     "Point `alias` of `name` at `version` if the gate passes it against the champion (or `force`); record and return the move."
     from mlwb.tracking import mlflow_client
@@ -129,14 +157,22 @@ def previous_champion(moves: list) -> str | None:
     stack = champion_stack(moves)
     return stack[-1] if stack else None
 
+def nothing_to_roll_back(name: str, moves: list, current: str | None) -> str:
+    "Why a rollback of `name` has nowhere to go, saying what the history does hold."
+    promotions = [m for m in moves if m["alias"] == "champion" and m["action"] == "promote"]
+    lead, now = f"model '{name}': nothing to roll back to;", f"(champion is {current})"
+    if not promotions: return f"{lead} no promotion of '{name}' has been recorded {now}"
+    if any(m["alias"] == "champion" and m["action"] == "rollback" for m in moves):
+        return f"{lead} every recorded promotion has been rolled back {now}"
+    return f"{lead} version {promotions[0]['to']}, the first champion recorded, replaced none {now}"
+
 def rollback(name: str, reason: str = "", settings: Settings | None = None) -> dict:
     "Move `champion` of `name` back to the previous champion; record and return the move."
     from mlwb.tracking import mlflow_client
     client = mlflow_client(settings or load_settings())
-    current = alias_version(client, name, "champion")
-    target = previous_champion(history(client, name))
-    if target is None:
-        raise ReleaseError(f"model '{name}': nothing to roll back to; every recorded promotion has been rolled back (champion is {current})")
+    current, moves = alias_version(client, name, "champion"), history(client, name)
+    target = previous_champion(moves)
+    if target is None: raise ReleaseError(nothing_to_roll_back(name, moves, current))
     client.set_registered_model_alias(name, "champion", target)
     return record_move(client, name, "rollback", "champion", current, target, reason or "rollback")
 
@@ -150,20 +186,182 @@ def release_status(name: str, settings: Settings | None = None) -> dict:
     versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
     return {"name": name, "aliases": {a: str(v) for a, v in (model.aliases or {}).items()}, "versions": versions, "history": history(client, name)}
 
+# %% ../nbs/28_release.ipynb #82396bae
+SWEEP_VARIABLE = "MLWB_SWEEP"  # set (not "0") by `mlwb sweep`: register stages move no alias
+
+def promotion_held(promote: bool = True, environ=None) -> str | None:
+    "Why no alias may move now -- a sweep runs, or the stage's `promote` is False -- or None."
+    environ = os.environ if environ is None else environ
+    if environ.get(SWEEP_VARIABLE, "") not in ("", "0"):
+        return f"a sweep explores and promotes nothing ({SWEEP_VARIABLE} is set)"
+    return None if promote else "the stage was asked not to promote (promote=False)"
+
+# %% ../nbs/28_release.ipynb #7fef7e14
+@dataclass
+class Release:
+    "What a register stage did with a candidate: the version, the champion after, and why."
+    name: str
+    version: str  # the version registered for the candidate
+    champion: str | None  # the champion's version after the decision (None: there is none)
+    promoted: bool  # whether the candidate became the champion
+    decision: str  # the decision, in a sentence
+    verdict: object = None  # the gate's `GateVerdict`
+    card: str = ""  # the model card, also the version's description
+
+    def __str__(self) -> str: return self.decision
+
+    @property
+    def model_uri(self) -> str:
+        "The model that answers now: the champion, else the candidate."
+        return f"models:/{self.name}" + ("@champion" if self.champion else f"/{self.version}")
+
+    def to_dict(self) -> dict:
+        "What a register stage writes to `artifacts/registered.json`."
+        champion = int(self.champion) if self.champion else None
+        return {"name": self.name, "version": int(self.version), "promoted": self.promoted,
+                "alias": "champion", "champion": champion, "model_uri": self.model_uri,
+                "decision": self.decision}
+
+# %% ../nbs/28_release.ipynb #88b763a9
+def candidate_tags(metrics: dict, metric: str, baseline: float, higher_is_better: bool,
+                   tags: dict | None = None) -> dict:
+    "Version tags: each numeric metric by the gate's name, the baseline, how to judge, then `tags`."
+    from numbers import Real
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, Real) and not isinstance(v, bool)}
+    judged = {f"baseline_{metric}": baseline, GATE_METRIC_TAG: metric,
+              GATE_DIRECTION_TAG: str(higher_is_better).lower()}
+    return {k: str(v) for k, v in {**numbers, **judged, **(tags or {})}.items()}
+
+# %% ../nbs/28_release.ipynb #6d5852cb
+def champion_now(client, name: str, metric: str) -> tuple:
+    "The champion's version and its `metric` (None if it has none); `(None, None)` without one."
+    version = alias_version(client, name, "champion")
+    if version is None: return None, None
+    return version, version_metrics(client, name, version).get(metric)
+
+def judge_candidate(metrics: dict, metric: str, baseline: float, champion_score: float | None,
+                    margin: float = 0.0, higher_is_better: bool = True):
+    "The gate's verdict on `metrics` against the baseline and the champion's score (None: none)."
+    from mlwb.review import validation_gate
+    if metric not in metrics:
+        raise ReleaseError(f"metrics: no '{metric}', the gate's metric; got {sorted(metrics)}")
+    champion = None if champion_score is None else {metric: champion_score}
+    return validation_gate(metrics, {metric: baseline}, champion, metric, margin, higher_is_better)
+
+def check_fit(name: str, verdict, floor: float | None, champion: str | None):
+    "Raise `ReleaseError` unless the candidate reaches `floor` and beats the baseline."
+    from mlwb.review import validation_gate
+    m, score, higher = verdict.metric, verdict.candidate, verdict.higher_is_better
+    where = f"version {champion}" if champion else "no version"
+    kept = f"the model is not registered and 'champion' still points to {where}"
+    if floor is not None and (score < floor if higher else score > floor):
+        bound = "below the floor" if higher else "above the ceiling"
+        raise ReleaseError(f"model '{name}': {m} {_number(score)} is {bound} {floor:g}; {kept}")
+    alone = validation_gate({m: score}, {m: verdict.baseline}, None, m, verdict.margin, higher)
+    if not alone.passed:
+        raise ReleaseError(f"model '{name}': release gate on '{m}' failed: {alone.reasons[0]} "
+                           f"{kept}")
+
+def _number(x: float) -> str: return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+# %% ../nbs/28_release.ipynb #549e9bff
+def register_version(name: str, model_uri: str, tags: dict, description: str,
+                     settings: Settings) -> str:
+    "Register `model_uri` as a new version of `name` with `tags` and `description`; its number."
+    import mlflow
+    from mlwb.tracking import mlflow_client, tracking_to
+    with tracking_to(settings): registered = mlflow.register_model(model_uri, name, tags=tags)
+    version = str(registered.version)
+    if description: mlflow_client(settings).update_model_version(name, version, description)
+    return version
+
+def why_champion_stays(client, name: str, version: str, verdict, champion: str | None,
+                       promote: bool) -> str | None:
+    "Why candidate `version` does not become the champion, in words; None when it does."
+    if held := promotion_held(promote): return held
+    if champion is None: return None
+    if same_model(_version(client, name, version), _version(client, name, champion)):
+        return "the new version holds the champion's own model"
+    if verdict.champion is None: return f"the champion has no '{verdict.metric}' to compare with"
+    if verdict.passed: return None
+    gain = f"the new model's {_number(verdict.candidate)}"
+    return f"{gain} does not beat it by the margin {verdict.margin:g}"
+
+# %% ../nbs/28_release.ipynb #c62276b0
+def decide(client, name: str, version: str, verdict, champion: str | None, promote: bool,
+           settings: Settings) -> tuple:
+    "Make `version` the champion (gated, recorded) unless something holds it back; (promoted, why)."
+    why = why_champion_stays(client, name, version, verdict, champion, promote)
+    new = f"version {version} ({verdict.metric} {_number(verdict.candidate)})"
+    if why is None:
+        reason = "pipeline: " + " ".join(verdict.reasons)
+        move_alias(name, "champion", version, reason, metric=verdict.metric, settings=settings)
+        old = f"version {champion} ({_number(verdict.champion)})" if champion else "none"
+        return True, f"{new} is the champion now; the champion was {old}"
+    known = f", {_number(verdict.champion)}" if verdict.champion is not None else ""
+    kept = f"the champion (v{champion}{known}) stays" if champion else "no version is champion"
+    decision = f"{kept}: {why}; {new} is registered as a candidate"
+    record_move(client, name, "candidate", "champion", champion, champion, decision)
+    return False, decision
+
+# %% ../nbs/28_release.ipynb #0586d76e
+def release_candidate(model_uri: str, # a logged model's URI (models:/m-...) or runs:/RUN_ID/PATH
+                      name: str, # the registered model's name
+                      metrics: dict, # the candidate's held-out scores, named as the gate reads them
+                      metric: str, # the score that decides, a key of `metrics`
+                      baseline: float, # the simple baseline's score on the same data
+                      higher_is_better: bool = True, # False for an error, such as rmse
+                      margin: float = 0.0, # the least gain over the champion worth a switch
+                      floor: float | None = None, # the worst score allowed (an error's highest)
+                      tags: dict | None = None, # more version tags: a threshold, the run...
+                      card: dict | None = None, # `model_card`'s fields but the name and the verdict
+                      promote: bool = True, # False: register a candidate, move no alias
+                      settings: Settings | None = None) -> Release:
+    "Judge a candidate, register it, and make it the champion (gated, recorded) if it beats it."
+    from mlwb.tracking import mlflow_client
+    settings = settings or load_settings()
+    client = mlflow_client(settings)
+    champion, score = champion_now(client, name, metric)
+    verdict = judge_candidate(metrics, metric, baseline, score, margin, higher_is_better)
+    text = report_verdict(client, name, verdict, card)
+    check_fit(name, verdict, floor, champion)
+    tagged = candidate_tags(metrics, metric, baseline, higher_is_better, tags)
+    version = register_version(name, model_uri, tagged, text, settings)
+    promoted, decision = decide(client, name, version, verdict, champion, promote, settings)
+    now = version if promoted else champion
+    return Release(name, version, now, promoted, decision, verdict, text)
+
+def report_verdict(client, name: str, verdict, card: dict | None) -> str:
+    "Log the verdict and the model card on the active (stage) run, if any; the card's text."
+    import mlflow
+    from mlwb.review import log_model_card, log_verdict, model_card
+    text = model_card(name, gate_verdict=verdict, **card) if card else ""
+    if (run := mlflow.active_run()) is not None:
+        log_verdict(verdict, run.info.run_id, client)
+        if text: log_model_card(text, run.info.run_id, client)
+    return text
+
 # %% ../nbs/28_release.ipynb #81489b73
 @click.group("release")
 def release_command():
     "Move a registered model's champion and challenger aliases, with a gate and a recorded history."
 
-def _echo_move(move: dict):
-    click.echo(f"{move['alias']}: {move['from'] or '-'} -> {move['to']}" + (" (forced)" if move["forced"] else ""))
+def _move_text(move: dict) -> str:
+    "`alias: from -> to`, or `alias stays at V` for an entry that moved nothing (a candidate, say)."
+    if move["from"] == move["to"]: return f"{move['alias']} stays at {move['to'] or '-'}"
+    forced = " (forced)" if move["forced"] else ""
+    return f"{move['alias']}: {move['from'] or '-'} -> {move['to']}{forced}"
+
+def _echo_move(move: dict): click.echo(_move_text(move))
+
+METRIC_HELP = "The gate's metric [default: the version's own, else average_precision]."
 
 @release_command.command("promote")
 @click.argument("name")
 @click.argument("version")
 @click.option("--force", is_flag=True, help="Promote even if the gate refuses (recorded).")
 @click.option("--reason", default="", help="Why (recorded in the history).")
-@click.option("--metric", default="average_precision", show_default=True, help="The gate's metric.")
+@click.option("--metric", default=None, help=METRIC_HELP)
 def promote_command(name, version, force, reason, metric):
     "Make VERSION the champion of NAME if it passes the gate against the current champion."
     _echo_move(move_alias(name, "champion", version, reason, force, metric))
@@ -173,7 +371,7 @@ def promote_command(name, version, force, reason, metric):
 @click.argument("version")
 @click.option("--force", is_flag=True, help="Make it challenger even if the gate refuses (recorded).")
 @click.option("--reason", default="", help="Why (recorded in the history).")
-@click.option("--metric", default="average_precision", show_default=True, help="The gate's metric.")
+@click.option("--metric", default=None, help=METRIC_HELP)
 def challenger_command(name, version, force, reason, metric):
     "Make VERSION the challenger of NAME if it passes the gate against the current champion."
     _echo_move(move_alias(name, "challenger", version, reason, force, metric))
@@ -194,4 +392,4 @@ def status_command(name, as_json):
     if as_json: return click.echo(json.dumps(status, indent=2))
     click.echo(f"{name}: versions {', '.join(status['versions'])}; " + ", ".join(f"{a}={v}" for a, v in sorted(status["aliases"].items())))
     for m in status["history"]:
-        click.echo(f"{m['ts']} {m['who']}: {m['action']} {m['alias']} {m['from'] or '-'} -> {m['to']}{' (forced)' if m['forced'] else ''} {m['reason']}")
+        click.echo(f"{m['ts']} {m['who']}: {m['action']} {_move_text(m)} {m['reason']}")

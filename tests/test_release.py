@@ -303,3 +303,116 @@ def test_door_refusals_count_for_no_variant(tmp_path):
     assert not report["srm"]["mismatch"] and sum(report["srm"]["counts"].values()) == 4000, report["srm"]
     as_champion = analyze_ab(pd.concat([log, refused.assign(variant="champion")], ignore_index=True), outcomes, share=0.5)
     assert as_champion["srm"]["mismatch"]  # what counting them as the champion's did to the split
+
+
+# --- pipelines release through the same path -------------------------------------------------------------------------
+
+HOUSE = "house-prices"
+
+
+def run_house(ws: Path, *parameters: str):
+    "`mlwb run house-prices -p ...` in `ws`: the completed process, and what register wrote."
+    from conftest import run_mlwb
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
+    done = run_mlwb("run", HOUSE, *[a for p in parameters for a in ("-p", p)], cwd=ws, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads((ws / "projects" / HOUSE / "artifacts" / "registered.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def house(tmp_path_factory):
+    "A workspace where house-prices ran twice: 30 boosting rounds, then a better model with 50."
+    from conftest import set_stage_parameters
+    ws = tmp_path_factory.mktemp("house-release") / "ws"
+    shutil.copytree(REPO / "projects" / HOUSE, ws / "projects" / HOUSE,
+                    ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints"))
+    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    set_stage_parameters(ws / "projects" / HOUSE, {"ingest": {"n_houses": 1500}})
+    first, second = run_house(ws, "max_iter=30"), run_house(ws, "max_iter=50")
+    return ws, first[1], second[1]
+
+
+def champion_of(ws: Path, name: str = HOUSE) -> str | None:
+    from mlwb.release import alias_version
+    from mlwb.tracking import mlflow_client
+    return alias_version(mlflow_client(settings_of(ws)), name, "champion")
+
+
+def test_a_better_pipeline_model_is_promoted_on_the_record_and_rollback_returns_the_first(house):
+    from mlwb.release import history, version_metrics
+    from mlwb.tracking import mlflow_client
+    ws, first, second = house
+    assert first["promoted"] and first["version"] == first["champion"] == 1, first
+    assert second["promoted"] and second["version"] == second["champion"] == 2, second
+    assert "is the champion now; the champion was version 1" in second["decision"]
+    client = mlflow_client(settings_of(ws))
+    rmse = [version_metrics(client, HOUSE, v)["rmse"] for v in ("1", "2")]  # the gate's name
+    assert rmse[1] < rmse[0]
+    promotions = [(m["from"], m["to"]) for m in history(client, HOUSE) if m["action"] == "promote"]
+    assert promotions[:2] == [(None, "1"), ("1", "2")]  # the pipeline's moves are in the history
+    back = mlwb(ws, "release", "rollback", HOUSE, "--reason", "v2 misbehaved")
+    assert back.returncode == 0 and "champion: 2 -> 1" in back.stdout, back.stdout + back.stderr
+    assert champion_of(ws) == "1"
+    # the gate judges a pipeline's version on its own metric, the right way round: no --force needed
+    again = mlwb(ws, "release", "promote", HOUSE, "2", "--reason", "fixed")
+    assert again.returncode == 0 and "champion: 1 -> 2" in again.stdout, again.stdout + again.stderr
+    assert "forced" not in again.stdout
+    refused = mlwb(ws, "release", "promote", HOUSE, "1")
+    assert refused.returncode == 2 and "rmse" in refused.stderr, refused.stderr
+    assert "does not beat the champion's" in refused.stderr
+
+
+def test_a_register_stage_run_again_on_the_same_model_finishes_and_leaves_the_champion(house):
+    ws, _, _ = house
+    before = champion_of(ws)
+    done, registered = run_house(ws, "max_iter=50", "register.n_examples=4")  # only register reruns
+    assert "↷ train" in done.stdout and "✓ register" in done.stdout, done.stdout
+    assert not registered["promoted"], registered
+    assert str(registered["champion"]) == before == champion_of(ws)
+    assert "stays: the new version holds the champion's own model" in registered["decision"]
+    status = json.loads(mlwb(ws, "release", "status", HOUSE, "--json").stdout)
+    assert str(registered["version"]) in status["versions"]
+    assert status["history"][-1]["action"] == "candidate"
+
+
+def test_promote_false_registers_a_candidate_and_moves_no_alias(house):
+    ws, _, _ = house
+    before = champion_of(ws)
+    _, registered = run_house(ws, "max_iter=80", "promote=false")
+    assert not registered["promoted"] and champion_of(ws) == before, registered
+    assert "asked not to promote (promote=False)" in registered["decision"]
+
+
+def test_a_sweep_registers_candidates_but_never_promotes(ws, monkeypatch):
+    import mlflow
+    from mlwb.release import SWEEP_VARIABLE, release_candidate
+    from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
+    settings = settings_of(ws)
+    def candidate(ap: float):
+        "An (empty) logged model of average precision `ap`, released as a register stage does."
+        client = mlflow_client(settings)
+        experiment = ensure_experiment(client, "sweeps", settings)
+        with tracking_to(settings), mlflow.start_run(experiment_id=experiment):
+            model = mlflow.initialize_logged_model(name="model", experiment_id=experiment)
+        metrics = {"average_precision": ap}
+        uri = f"models:/{model.model_id}"
+        return release_candidate(uri, "swept", metrics, "average_precision", 0.1, settings=settings)
+    assert candidate(0.6).promoted
+    monkeypatch.setenv(SWEEP_VARIABLE, "1")
+    swept = candidate(0.9)
+    assert not swept.promoted and swept.champion == "1" and champion_of(ws, "swept") == "1"
+    assert f"{SWEEP_VARIABLE} is set" in swept.decision
+    monkeypatch.delenv(SWEEP_VARIABLE)
+    by_hand = mlwb(ws, "release", "promote", "swept", swept.version)  # a person promotes the best
+    assert by_hand.returncode == 0 and "champion: 1 -> 2" in by_hand.stdout, by_hand.stderr
+
+
+def test_rollback_with_no_recorded_promotion_says_so(ws):
+    from mlwb.tracking import mlflow_client
+    version = bare_version(ws, "moved-by-hand", 0.8)
+    client = mlflow_client(settings_of(ws))
+    client.set_registered_model_alias("moved-by-hand", "champion", version)  # outside mlwb
+    cli = mlwb(ws, "release", "rollback", "moved-by-hand")
+    assert cli.returncode == 2, cli.stderr
+    assert "no promotion of 'moved-by-hand' has been recorded" in cli.stderr
+    assert "every recorded promotion has been rolled back" not in cli.stderr
