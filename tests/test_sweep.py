@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_notebook, run_mlwb
 from mlwb.config import load_settings
-from mlwb.sweep import parse_grid, run_sweep
+from mlwb.sweep import local_dask_cluster, parse_grid, run_sweep
 from mlwb.tracking import mlflow_client
 
 PIPELINE = """
@@ -83,3 +83,15 @@ def test_sweep_refuses_a_parameter_no_stage_declares(workspace, grid_project):
     result = run_mlwb("sweep", "grid", "-g", "width=1,2")
     assert result.returncode == 2 and "declares a parameter 'width'" in result.stderr
     assert not (workspace / "runs").exists()
+
+
+def test_the_local_dask_cluster_opens_no_dashboard_and_listens_on_loopback_only():
+    "Left to its default, Dask serves a dashboard on port 8787; the sweep's own cluster must not."
+    import psutil
+    me = psutil.Process()
+    with local_dask_cluster(1) as cluster:
+        listening = [c.laddr for c in me.net_connections() if c.status == psutil.CONN_LISTEN]
+        http = [s.getsockname()[:2] for s in cluster.scheduler.http_server._sockets.values()]
+    assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    assert 8787 not in {a.port for a in listening}, listening
+    assert http and all(host == "127.0.0.1" and port != 8787 for host, port in http), http  # health and metrics only
