@@ -179,7 +179,7 @@ GOOD_STAGES = """
     ("version: 2\nstages:" + GOOD_STAGES, "'version'"),
     ("stages:\n  - {name: a, notebook: a.ipynb, outputs: [out/a.txt]}\n  - {name: b, notebook: b.ipynb, dependson: [a]}\n", "'dependson'"),
     ("stages:\n  - {name: a, notebook: a.ipynb}\n  - {name: b, notebook: b.ipynb, depends_on: [nosuch]}\n", "'nosuch'"),
-    ("stages:\n  - {name: a, notebook: a.ipynb, depends_on: [b]}\n  - {name: b, notebook: b.ipynb, depends_on: [a]}\n", "cycle"),  # the message also lists the stages: a, b
+    ("stages:\n  - {name: a, notebook: a.ipynb, depends_on: [b]}\n  - {name: b, notebook: b.ipynb, depends_on: [a]}\n", "cycle: a -> b -> a"),
     ("stages:\n  - {name: a, notebook: a.ipynb}\n  - {name: b, notebook: missing.ipynb}\n", "missing.ipynb"),
     ("stages:\n  - {name: a, notebook: a.ipynb\n  - name: b\n", "YAML"),
     ("stages:\n  - {name: a, notebook: a.ipynb, parameters: {n: 2026-01-01}}\n", "parameters.n"),
@@ -194,6 +194,17 @@ def test_bad_pipeline_file_is_refused_naming_file_and_key(workspace, pipeline, n
     assert result.stderr.startswith("error: ") and "pipeline.yml" in result.stderr and named in result.stderr
     assert "Traceback" not in result.stderr
     assert nothing_ran(workspace, folder)
+
+
+def test_a_cycle_is_reported_as_the_stages_on_it_only(workspace):
+    "A stage that merely depends on a cycle, listed first, is not on it and is not named."
+    pipeline = ("stages:\n  - {name: report, notebook: a.ipynb, depends_on: [fit]}\n  - {name: start, notebook: a.ipynb}\n"
+                "  - {name: fit, notebook: a.ipynb, depends_on: [start, tune]}\n  - {name: tune, notebook: b.ipynb, depends_on: [fit]}\n")
+    write_project(workspace, "p", pipeline, {"a.ipynb": ("n = 1", writes("out/a.txt", "n")), "b.ipynb": ("", writes("out/b.txt", "1"))})
+    result = run_mlwb("run", "p")
+    assert result.returncode == 2 and "the dependencies form a cycle: fit -> tune -> fit\n" in result.stderr, result.stderr
+    named = result.stderr.split("form a cycle")[1]
+    assert "report" not in named and "start" not in named
 
 
 # --- 4. MLflow records ---------------------------------------------------------------------------------

@@ -38,9 +38,8 @@ def children_of(client, experiment_id, run_id):
 
 
 def test_sweep_on_a_dask_local_cluster_runs_shared_stage_once_and_ranks(workspace, grid_project):
-    from distributed import LocalCluster
     settings = load_settings(workspace)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    with local_dask_cluster(2) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         result = run_sweep("grid", parse_grid(["depth=2,3", "kind=a,b"]), settings, metric="score", scheduler=cluster.scheduler_address)
     assert result["engine"] == "dask"
