@@ -25,7 +25,6 @@ import click
 
 from . import core
 from .config import MlwbError, load_settings
-from .core import free_port
 
 # %% auto #0
 __all__ = ['BACKEND_SCHEMES', 'UVICORN_OPTIONS', 'POSTGRES_USER', 'DATABASE', 'ROLE', 'ServerError', 'check_backend_uri',

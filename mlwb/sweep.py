@@ -22,7 +22,8 @@ from .cache import CacheIndex
 from .config import MlwbError, Settings, load_settings
 from .core import Registry
 from .pipeline import Pipeline, declared_parameters, find_project, load_pipeline, parse_cli_value
-from .runner import new_run_id, run_pipeline
+from .runner import new_run_id
+from .runs import run_pipeline
 from .tracking import ensure_experiment, mlflow_client, run_url
 
 # %% auto #0
