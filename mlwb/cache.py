@@ -12,17 +12,17 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import MlwbError
+from .core import write_atomically
 from .pipeline import read_cells
 from .tracking import package_versions
 
 # %% auto #0
 __all__ = ['hash_bytes', 'hash_file', 'hash_json', 'code_cells_hash', 'file_hashes', 'environment_versions', 'StageKey',
-           'stale_reasons', 'CacheError', 'write_atomically', 'CacheIndex', 'make_record']
+           'stale_reasons', 'CacheError', 'CacheIndex', 'make_record']
 
 # %% ../nbs/33_cache.ipynb #968cb9f8
 def hash_bytes(data: bytes) -> str:
@@ -102,16 +102,6 @@ def stale_reasons(record: dict | None, current: StageKey, folder: Path) -> list:
 # %% ../nbs/33_cache.ipynb #6853d5b8
 class CacheError(MlwbError):
     "The cache index file cannot be read."
-
-def write_atomically(path: Path, text: str):
-    "Write `text` to `path` through a temporary file and a rename, so readers never see half of it."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
 
 # %% ../nbs/33_cache.ipynb #4df12cec
 class CacheIndex:

@@ -37,7 +37,7 @@ class CheckContext:
     "What a check may look at."
     settings: Settings
     folder: Path  # the project folder; a check's paths are relative to it
-    run: object = None  # the mlwb.runner.PipelineRun the checks judge, if any
+    run: object = None  # the mlwb.runs.PipelineRun the checks judge, if any
 
 CHECKS = Registry("check", LearnError, entry_points="mlwb.checks")
 

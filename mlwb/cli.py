@@ -100,7 +100,7 @@ def print_summary(run, settings):
 @click.option("--dev", is_flag=True, help="Development mode: kernels forked from a template kept warm between runs; the run is tagged as not reproducible.")
 def run_command(project, parameters, force, from_stage, dev):
     "Run a project's pipeline, reusing stages whose inputs have not changed."
-    from mlwb.runner import run_pipeline
+    from mlwb.runs import run_pipeline
     # like mlwb.core.quiet_mlflow(), without importing MLflow before it is needed
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     settings = load_settings()

@@ -1,4 +1,4 @@
-"""Running a stage's notebook: a papermill engine that can use a kernel started ahead of time, saves in batches and records what the stage imported; and a pool of kernels started (and, for development, warmed) in the background.
+"""Running a stage's notebook: a papermill engine that can use a kernel started ahead of time, saves in batches and records what the stage imported; kernels started the usual way, forked kernels, and a client that is ready at once.
 
 Docs: https://mlwb.github.io/mlwb/kernels.html.md"""
 
@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import os
 import queue
-import secrets
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from fastcore.basics import patch
 from jupyter_client import KernelManager
 from jupyter_client.asynchronous import AsyncKernelClient
 
@@ -31,11 +27,9 @@ if sys.modules.get("rfc3987_syntax", False) is None: del sys.modules["rfc3987_sy
 from traitlets import Integer, Unicode
 
 # %% auto #0
-__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'TEMPLATE_SOURCE', 'IDLE_SECONDS', 'setup_code', 'KernelSetupError',
-           'MlwbNotebookClient', 'BatchedSaves', 'MlwbEngine', 'execute_stage_notebook', 'close_thread_loop',
-           'template_spec', 'socket_folder', 'process_alive', 'ForkedKernel', 'kernel_pid', 'QuickKernelClient',
-           'KernelTemplate', 'idle_seconds', 'start_kernel', 'stop_kernel', 'release_kernel', 'warm_imports',
-           'KernelPool', 'park_template', 'claim_template', 'stop_parked']
+__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'setup_code', 'KernelSetupError', 'MlwbNotebookClient', 'BatchedSaves', 'MlwbEngine',
+           'execute_stage_notebook', 'close_thread_loop', 'start_kernel', 'stop_kernel', 'release_kernel',
+           'warm_imports', 'process_alive', 'ForkedKernel', 'kernel_pid', 'QuickKernelClient']
 
 # %% ../nbs/30_kernels.ipynb #bb006d5b
 TRACE_IMPORTS = """
@@ -140,115 +134,36 @@ def close_thread_loop():
     if not loop.is_running() and not loop.is_closed(): loop.close()
     asyncio.set_event_loop(None)
 
-# %% ../nbs/30_kernels.ipynb #e37bb0ea
-TEMPLATE_SOURCE = r'''
-import importlib, json, os, signal, socket, sys, time
+# %% ../nbs/30_kernels.ipynb #4418c17c
+def start_kernel(kernel_name: str, cwd: Path, env: dict, warm_code: str | None = None) -> KernelManager:
+    "A kernel started the usual way, through jupyter_client (given `warm_code`, with that code already run in it)."
+    km = KernelManager(kernel_name=kernel_name)
+    km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"  # what nbclient expects from km.client()
+    km.start_kernel(env=env, cwd=str(cwd), extra_arguments=QUIET_KERNEL)
+    if warm_code:
+        kc = km.blocking_client(); kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            reply = kc.execute_interactive(warm_code, silent=True, store_history=False, timeout=300)
+            if reply["content"]["status"] != "ok": raise KernelSetupError(f"warm-up failed: {reply['content'].get('evalue')}")
+        finally: kc.stop_channels()
+    return km
 
-def local_files():
-    "The files of loaded modules that live outside the interpreter's own folders, with their modification times."
-    import site, sysconfig
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(), site.getusersitepackages()}
-    roots = tuple(os.path.realpath(r) + os.sep for r in roots if r)
-    found = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if isinstance(path, str) and path.endswith(".py") and not os.path.realpath(path).startswith(roots):
-            try: found[os.path.realpath(path)] = os.stat(path).st_mtime_ns
-            except OSError: pass
-    return found
+def stop_kernel(km: KernelManager):
+    "Stop a kernel at once, without waiting for it to clean up."
+    try: km.shutdown_kernel(now=True)
+    except Exception: pass
+    finally: close_thread_loop()
 
-def warm(names, seen):
-    "Import `names` (a failure is left for the stage to meet); return the local files changed since they were imported."
-    for name in names:
-        try: importlib.import_module(name)
-        except BaseException: pass
-    now = local_files()
-    stale = sorted(f for f, mtime in seen.items() if now.get(f, mtime) != mtime)
-    for f, mtime in now.items(): seen.setdefault(f, mtime)
-    return stale
+def release_kernel(km: KernelManager):
+    "Stop a used kernel: a forked one at once (one signal), else in the background (jupyter_client waits for the process)."
+    if isinstance(km, ForkedKernel): km.shutdown_kernel()
+    else: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
 
-def become_kernel(request, server, conn):
-    "In the forked child: the stage's folder and environment, then an IPython kernel on the given connection file."
-    server.close(); conn.close()
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2): os.dup2(null, fd)
-    os.chdir(request["cwd"]); os.environ.clear(); os.environ.update(request["env"])
-    if "numpy" in sys.modules: sys.modules["numpy"].random.seed()  # fresh entropy, as a new process would have
-    import threading
-    threading.Thread(target=exit_with, args=(request["owner"],), daemon=True).start()
-    sys.argv = [sys.argv[0], "-f", request["connection_file"], *request["arguments"]]
-    from ipykernel import kernelapp
-    kernelapp.launch_new_instance()
-
-def exit_with(owner):
-    "End this kernel once the run that asked for it has gone (killed, say), rather than live on unused."
-    while alive(owner): time.sleep(1)
-    os._exit(0)
-
-def serve(path, parent):
-    "Answer requests until stopped, until `parent` exits (while it uses us), or until unused for the parked time."
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path); os.chmod(path, 0o600); server.listen(64)
-    if sys.path and sys.path[0] == "": del sys.path[0]  # installed packages only, never a file of the folder we started in
-    import ipykernel.kernelapp, ipykernel.ipkernel  # what every kernel imports first
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the forked kernels
-    server.settimeout(1.0)
-    seen, idle, last = {}, float("inf"), time.monotonic()
-    while True:
-        try: conn, _ = server.accept()
-        except socket.timeout:
-            if (parent and not alive(parent)) or time.monotonic() - last > idle: break
-            continue
-        last = time.monotonic()
-        with conn:
-            conn.settimeout(60)
-            request = json.loads(conn.makefile("r").readline())
-            if request["do"] == "stop": conn.sendall(b"{}\n"); break
-            reply = {}
-            if request["do"] == "claim": parent, idle = request["parent"], float("inf")
-            elif request["do"] == "park": parent, idle = 0, request["idle"]
-            elif request["do"] == "warm": reply = {"stale": warm(request["modules"], seen)}
-            elif request["do"] != "fork": reply = {"error": f"unknown request {request['do']!r}"}
-            else:
-                pid = os.fork()
-                if pid == 0:
-                    try: become_kernel(request, server, conn)
-                    finally: os._exit(0)
-                reply = {"pid": pid}
-            conn.sendall((json.dumps(reply) + "\n").encode())
-    for leftover in (path, path[: -len(".sock")] + ".log"): os.unlink(leftover)
-
-def alive(pid):
-    try: os.kill(pid, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
-
-serve(sys.argv[1], int(sys.argv[2]))
-'''
-
-# %% ../nbs/30_kernels.ipynb #0502bc66
-def template_spec(kernel_name: str) -> dict | None:
-    "For an IPython kernel of a Python we can run: its interpreter, extra arguments and environment; else None."
-    import shutil
-    from jupyter_client.kernelspec import KernelSpecManager
-    spec = KernelSpecManager().get_kernel_spec(kernel_name)
-    argv = list(spec.argv)
-    if len(argv) < 3 or argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]): return None
-    same = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}  # read as our own Python, as jupyter_client does
-    python = sys.executable if argv[0] in same else argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
-    if not python: return None
-    rest = [a for a in argv[3:] if a not in ("-f", "{connection_file}")]
-    return {"python": python, "arguments": rest + QUIET_KERNEL, "env": dict(spec.env or {})}
-
-def socket_folder() -> Path:
-    "A folder only we can enter, for the templates' sockets (a short path: sockets have a length limit)."
-    import tempfile
-    folder = Path(tempfile.gettempdir()) / f"mlwb-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077: raise KernelSetupError(f"{folder}: not private to this user")
-    return folder
+def warm_imports(modules) -> str:
+    "Kernel code that imports `modules` into `sys.modules` without binding any name in the user's namespace."
+    return ("def _mlwb_warm(names):\n    import importlib\n    for name in names:\n        try: importlib.import_module(name)\n"
+            f"        except Exception: pass\n_mlwb_warm({sorted(set(modules))!r}); del _mlwb_warm")
 
 # %% ../nbs/30_kernels.ipynb #a6337894
 def process_alive(pid: int) -> bool:
@@ -294,224 +209,3 @@ class QuickKernelClient(AsyncKernelClient):
             if time.monotonic() > deadline: raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
 
     wait_for_ready = _async_wait_for_ready  # the name nbclient calls (AsyncKernelClient binds it to the base class's method)
-
-# %% ../nbs/30_kernels.ipynb #9af05154
-class KernelTemplate:
-    "A process that has imported ipykernel and a pipeline's packages, and forks a fresh kernel on request."
-    def __init__(self, path: Path, pid: int, python: str, process: subprocess.Popen | None = None):
-        self.path, self.pid, self.python, self.process = Path(path), pid, python, process
-
-    @classmethod
-    def start(cls, python: str, cwd: Path, env: dict) -> KernelTemplate:
-        "Start a template that imports in the background and exits when we do (unless it is parked first)."
-        path = socket_folder() / f"{secrets.token_hex(6)}.sock"
-        with open(path.with_suffix(".log"), "wb") as log:  # not a pipe: nothing to fill up, nothing held open after we exit
-            process = subprocess.Popen([python, "-c", TEMPLATE_SOURCE, str(path), str(os.getpid())], cwd=str(cwd), env=env,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        return cls(path, process.pid, python, process)
-
-    @property
-    def alive(self) -> bool:
-        "Whether the template runs (for one we did not start: a live process whose command line names our socket)."
-        if self.process: return self.process.poll() is None
-        try: return process_alive(self.pid) and str(self.path).encode() in Path(f"/proc/{self.pid}/cmdline").read_bytes()
-        except OSError: return process_alive(self.pid)  # no /proc here
-
-    def request(self, timeout: float = 300, **message) -> dict:
-        "Send one request and return the answer (waiting for the template to be listening)."
-        deadline = time.monotonic() + timeout
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(timeout)
-                while True:  # until the template listens
-                    try: s.connect(str(self.path)); break
-                    except (FileNotFoundError, ConnectionRefusedError):
-                        if not self.alive or time.monotonic() > deadline: raise KernelSetupError(f"the kernel template ({self.python}) did not start{self._why()}") from None
-                        time.sleep(0.01)
-                s.sendall((json.dumps(message) + "\n").encode())
-                answer = s.makefile("r").readline()
-        except OSError as error: raise KernelSetupError(f"the kernel template ({self.python}) did not answer: {error}{self._why()}") from None
-        if not answer: raise KernelSetupError(f"the kernel template ({self.python}) stopped{self._why()}")
-        return json.loads(answer)
-
-    def _why(self) -> str:
-        "The end of what the template printed, if it printed anything."
-        try: text = self.path.with_suffix(".log").read_text(errors="replace").strip()
-        except FileNotFoundError: return ""
-        return f": {text[-2000:]}" if text else ""
-
-# %% ../nbs/30_kernels.ipynb #510543af
-@patch
-def warm(self: KernelTemplate, modules) -> list:
-    "Import `modules` in the template; return the local source files that changed since the template imported them."
-    return self.request(do="warm", modules=sorted(set(modules)))["stale"]
-
-@patch
-def fork(self: KernelTemplate, cwd: Path, env: dict, arguments: list, kernel_name: str) -> ForkedKernel:
-    "A fresh kernel forked from the template, in folder `cwd` with environment `env` (it may still be starting)."
-    from jupyter_core.paths import jupyter_runtime_dir
-    Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
-    km = ForkedKernel(kernel_name=kernel_name, connection_file=str(Path(jupyter_runtime_dir()) / f"kernel-mlwb-{secrets.token_hex(8)}.json"))
-    km.write_connection_file()  # free ports and a fresh signing key, as jupyter_client writes them for a kernel it starts
-    km.client_class = "mlwb.kernels.QuickKernelClient"
-    try: km.pid = self.request(do="fork", cwd=str(cwd), env=env, arguments=arguments, connection_file=km.connection_file,
-                               owner=os.getpid())["pid"]
-    except BaseException: km.cleanup_connection_file(); raise
-    return km
-
-@patch
-def claim(self: KernelTemplate):
-    "Tell a parked template that we use it now: it stops its idle clock, and exits if we do."
-    self.request(timeout=10, do="claim", parent=os.getpid())
-
-@patch
-def park(self: KernelTemplate, idle: float):
-    "Tell the template to outlive us, and to exit once unused for `idle` seconds."
-    self.request(timeout=10, do="park", idle=idle)
-
-@patch
-def stop(self: KernelTemplate):
-    "Stop the template (kernels it forked live on until they are stopped)."
-    if self.alive:  # never a process that only reuses its id
-        try: os.kill(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError): pass
-        deadline = time.monotonic() + 5
-        while not self.process and process_alive(self.pid) and time.monotonic() < deadline: time.sleep(0.01)  # gone when we return
-    if self.process: self.process.wait()
-    self.path.unlink(missing_ok=True); self.path.with_suffix(".log").unlink(missing_ok=True)
-
-# %% ../nbs/30_kernels.ipynb #ecbbd557
-IDLE_SECONDS = 900  # a parked template exits after this long unused
-
-def idle_seconds() -> float:
-    "How long a parked template waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: do not park), else `IDLE_SECONDS`."
-    return float(os.environ.get("WARM_KERNELS_IDLE_S") or IDLE_SECONDS)
-
-def start_kernel(kernel_name: str, cwd: Path, env: dict, warm_code: str | None = None) -> KernelManager:
-    "A kernel started the usual way, through jupyter_client (given `warm_code`, with that code already run in it)."
-    km = KernelManager(kernel_name=kernel_name)
-    km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"  # what nbclient expects from km.client()
-    km.start_kernel(env=env, cwd=str(cwd), extra_arguments=QUIET_KERNEL)
-    if warm_code:
-        kc = km.blocking_client(); kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=60)
-            reply = kc.execute_interactive(warm_code, silent=True, store_history=False, timeout=300)
-            if reply["content"]["status"] != "ok": raise KernelSetupError(f"warm-up failed: {reply['content'].get('evalue')}")
-        finally: kc.stop_channels()
-    return km
-
-def stop_kernel(km: KernelManager):
-    "Stop a kernel at once, without waiting for it to clean up."
-    try: km.shutdown_kernel(now=True)
-    except Exception: pass
-    finally: close_thread_loop()
-
-def release_kernel(km: KernelManager):
-    "Stop a used kernel: a forked one at once (one signal), else in the background (jupyter_client waits for the process)."
-    if isinstance(km, ForkedKernel): km.shutdown_kernel()
-    else: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
-
-def warm_imports(modules) -> str:
-    "Kernel code that imports `modules` into `sys.modules` without binding any name in the user's namespace."
-    return ("def _mlwb_warm(names):\n    import importlib\n    for name in names:\n        try: importlib.import_module(name)\n"
-            f"        except Exception: pass\n_mlwb_warm({sorted(set(modules))!r}); del _mlwb_warm")
-
-# %% ../nbs/30_kernels.ipynb #9d560a25
-class KernelPool:
-    "Fresh kernels started in the background ahead of need, each handed out once; forked from a template when the kernel is IPython's."
-    def __init__(self, kernel_name: str, cwd: Path, env: dict, size: int = 1, limit: int | None = None, modules=(), park: Path | None = None):
-        self.kernel_name, self.cwd, self.env, self.modules, self.park = kernel_name, cwd, env, sorted(set(modules)), park
-        self.left = limit if limit is not None else float("inf")  # kernels still to start
-        self.ready, self.lock, self.closed, self.threads = queue.Queue(), threading.Lock(), False, []
-        self.spec, self.template, self.warmed, self.template_lock = template_spec(kernel_name), None, False, threading.Lock()
-        if self.spec:
-            self.template = (claim_template(park, kernel_name, self.spec["python"]) if park else None) or self._new_template()
-        for _ in range(min(size, self.left)): self._start_another()
-
-    def _new_template(self) -> KernelTemplate:
-        return KernelTemplate.start(self.spec["python"], self.cwd, {**self.env, **self.spec["env"]})
-
-    def _start_another(self):
-        "Start one more kernel in a background thread, unless the limit is reached."
-        with self.lock:
-            if self.closed or self.left <= 0: return
-            self.left -= 1
-        thread = threading.Thread(target=self._start_one, daemon=True); thread.start()
-        self.threads.append(thread)
-
-    def _start_one(self):
-        try: km = self._fork() if self.template else start_kernel(self.kernel_name, self.cwd, self.env, warm_imports(self.modules))
-        except Exception as error: self.ready.put(error); return
-        with self.lock:
-            if not self.closed: self.ready.put(km); return
-        stop_kernel(km)  # the pool was closed while this kernel started
-
-# %% ../nbs/30_kernels.ipynb #132f7659
-@patch
-def _fork(self: KernelPool) -> ForkedKernel:
-    "A kernel forked from the template, once the template has the pipeline's imports (a template whose local sources changed is replaced)."
-    with self.template_lock:
-        if not self.warmed:
-            if self.template.warm(self.modules):  # a parked template imported files that were edited since
-                self.template.stop(); self.template = self._new_template(); self.template.warm(self.modules)
-            self.warmed = True
-    return self.template.fork(self.cwd, {**self.env, **self.spec["env"]}, self.spec["arguments"], self.kernel_name)
-
-@patch
-def take(self: KernelPool, timeout: float = 300) -> KernelManager:
-    "A started kernel (waiting for one if none is ready); a replacement starts in the background."
-    if self.left <= 0 and self.ready.empty(): self.left = 1  # more stages than expected: start one now
-    for _ in range(3):
-        km = self.ready.get(timeout=timeout)
-        self._start_another()
-        if isinstance(km, Exception): raise km
-        if km.is_alive(): return km
-        stop_kernel(km); self.left += 1; self._start_another()  # died while waiting: replace it
-    raise KernelSetupError(f"kernels of '{self.kernel_name}' keep dying before they are used")
-
-@patch
-def close(self: KernelPool):
-    "Stop the kernels that were started but not used; stop the template, or, with `park`, leave it for the next run."
-    with self.lock: self.closed = True
-    while True:
-        try: km = self.ready.get_nowait()
-        except queue.Empty: break
-        if not isinstance(km, Exception): release_kernel(km)
-    if not self.template: return
-    with self.template_lock:  # not while a kernel is being forked
-        if self.park and self.warmed and self.template.alive: park_template(self.template, self.park, self.kernel_name)
-        else: self.template.stop()
-
-# %% ../nbs/30_kernels.ipynb #80dccc60
-def park_template(template: KernelTemplate, folder: Path, kernel_name: str):
-    "Leave `template` running for a later run, described by a file in `folder`."
-    try: template.park(idle_seconds())
-    except KernelSetupError: template.stop(); return
-    record = {"pid": template.pid, "socket": str(template.path), "python": template.python, "kernel_name": kernel_name}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{template.pid}.tmp"
-    tmp.write_text(json.dumps(record)); os.replace(tmp, folder / f"template-{template.pid}.json")
-
-def claim_template(folder: Path, kernel_name: str, python: str) -> KernelTemplate | None:
-    "A live parked template of `kernel_name` and `python` from `folder`, taken by an atomic rename; else None."
-    for path in sorted(Path(folder).glob("template-*.json")) if Path(folder).is_dir() else []:
-        mine = path.with_name(f".claimed-{os.getpid()}-{path.name}")
-        try: os.rename(path, mine)
-        except FileNotFoundError: continue  # another run claimed it first
-        record = json.loads(mine.read_text()); mine.unlink()
-        template = KernelTemplate(record["socket"], record["pid"], record["python"])
-        if record["kernel_name"] == kernel_name and record["python"] == python and template.alive:
-            try: template.claim(); return template
-            except KernelSetupError: pass
-        template.stop()
-    return None
-
-def stop_parked(folder: Path) -> int:
-    "Stop every template parked in `folder`; return how many were stopped."
-    stopped = 0
-    for path in Path(folder).glob("template-*.json") if Path(folder).is_dir() else []:
-        try: record = json.loads(path.read_text()); path.unlink()
-        except (FileNotFoundError, ValueError): continue
-        KernelTemplate(record["socket"], record["pid"], record["python"]).stop(); stopped += 1
-    return stopped

@@ -138,7 +138,7 @@ def milestone_stages(milestones: list) -> list:
 
 def run_until(folder: Path, stages: list, settings: Settings, on_event=None):
     "Run (or reuse), in development mode, `stages` of the project in `folder` and what they need."
-    from mlwb.runner import run_pipeline
+    from mlwb.runs import run_pipeline
     return run_pipeline(str(folder), settings, on_event=on_event, dev=True, targets=stages)
 
 # %% ../nbs/40_milestones.ipynb #37695c8d

@@ -20,7 +20,7 @@ from .config import MlwbError, Settings
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'TOP_KEYS', 'STAGE_KEYS', 'PARAMETER_LINE', 'PipelineError', 'Stage', 'Pipeline', 'parse_stage',
-           'check_json_value', 'order_stages', 'read_pipeline_file', 'load_pipeline', 'find_project',
+           'check_json_value', 'find_cycle', 'order_stages', 'read_pipeline_file', 'load_pipeline', 'find_project',
            'parse_parameters_cell', 'ParameterError', 'read_cells', 'declared_parameters', 'parse_cli_value',
            'parse_cli_parameters', 'check_value_kind', 'resolve_parameters', 'check_cli_parameters',
            'resolve_pipeline_parameters']
@@ -130,14 +130,22 @@ def _check_outputs(stages, path):
             producer[out] = s.name
 
 # %% ../nbs/32_pipeline.ipynb #8fdf8edf
+def find_cycle(pending) -> list:
+    "The names along one dependency cycle among `pending` (stages none of which can run yet), closed: a, b, a."
+    by_name, path = {s.name: s for s in pending}, [pending[0].name]
+    while True:
+        name = next(d for d in by_name[path[-1]].depends_on if d in by_name)
+        if name in path: return path[path.index(name):] + [name]
+        path.append(name)
+
 def order_stages(stages, path) -> tuple:
     "`stages` in dependency order, stable with respect to the file's order; a cycle is an error."
     done, ordered, pending = set(), [], list(stages)
     while pending:
         ready = next((s for s in pending if set(s.depends_on) <= done), None)
         if ready is None:
-            names = ", ".join(s.name for s in pending)
-            raise PipelineError(f"{path}: the dependencies of stages {names} form a cycle")
+            cycle = " -> ".join(find_cycle(pending))
+            raise PipelineError(f"{path}: the dependencies form a cycle: {cycle}")
         ordered.append(ready); done.add(ready.name); pending.remove(ready)
     return tuple(ordered)
 

@@ -14,26 +14,24 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
 
+from . import core
 from .config import MlwbError, load_settings
 
 # %% auto #0
 __all__ = ['BACKEND_SCHEMES', 'UVICORN_OPTIONS', 'POSTGRES_USER', 'DATABASE', 'ROLE', 'ServerError', 'check_backend_uri',
            'is_loopback', 'check_binding', 'tracking_server_command', 'TrackingServer', 'wait_until_ready',
-           'start_tracking_server', 'stop_tracking_server', 'free_port', 'postgres_bin', 'as_postgres_user',
-           'init_postgres', 'postgres_dsn', 'postgres_running_port', 'create_database', 'start_postgres',
-           'stop_postgres', 'masked', 'server_plan', 'serve_until_stopped', 'server_command']
+           'start_tracking_server', 'stop_tracking_server', 'postgres_bin', 'as_postgres_user', 'init_postgres',
+           'postgres_dsn', 'postgres_running_port', 'create_database', 'start_postgres', 'stop_postgres', 'masked',
+           'server_plan', 'serve_until_stopped', 'server_command']
 
 # %% ../nbs/37_server.ipynb #8d24e45f
 class ServerError(MlwbError):
@@ -81,21 +79,12 @@ class TrackingServer:
     url: str
     log: Path
 
-def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen | None = None, log: Path | None = None) -> str:
-    "Wait until the server at `url` answers `/health`; raise if it exits or does not answer in time."
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ServerError(f"the tracking server exited with status {process.returncode}: {_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200: return url
-        except OSError: time.sleep(0.5)
-    raise ServerError(f"the tracking server at {url} did not answer /health within {timeout:.0f} s: {_tail(log)}")
-
-def _tail(log: Path | None, lines: int = 15) -> str:
-    "The last lines of a log file, for an error message."
-    return "\n".join(Path(log).read_text(errors="replace").splitlines()[-lines:]) if log and Path(log).exists() else "(no log)"
+def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen | None = None,
+                     log: Path | None = None) -> str:
+    "Return `url` once the server there answers `/health`; a `ServerError` if it exits or stays silent."
+    try: core.wait_until_ready(f"{url}/health", timeout, process, log)
+    except core.NotReadyError as error: raise ServerError(f"the tracking server: {error}") from None
+    return url
 
 # %% ../nbs/37_server.ipynb #ea5d1772
 def start_tracking_server(backend_uri: str, artifacts: str | Path, host: str = "127.0.0.1", port: int = 5000,
@@ -119,13 +108,6 @@ def stop_tracking_server(server: TrackingServer, timeout: float = 30) -> None:
     os.killpg(server.process.pid, signal.SIGTERM)
     try: server.process.wait(timeout)
     except subprocess.TimeoutExpired: os.killpg(server.process.pid, signal.SIGKILL); server.process.wait()
-
-# %% ../nbs/37_server.ipynb #409b777c
-def free_port(host: str = "127.0.0.1") -> int:
-    "A TCP port nobody listens on at the moment."
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 # %% ../nbs/37_server.ipynb #29e281f8
 POSTGRES_USER = "postgres"  # the system user that runs the cluster when we are root

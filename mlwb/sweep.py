@@ -20,15 +20,18 @@ import click
 
 from .cache import CacheIndex
 from .config import MlwbError, Settings, load_settings
+from .core import Registry
 from .pipeline import Pipeline, declared_parameters, find_project, load_pipeline, parse_cli_value
-from .runner import new_run_id, run_pipeline
+from .runner import new_run_id
+from .runs import run_pipeline
 from .tracking import ensure_experiment, mlflow_client, run_url
 
 # %% auto #0
 __all__ = ['ENGINES', 'SweepError', 'parse_grid', 'grid_configurations', 'swept_stages', 'make_sandbox', 'run_configuration',
-           'configuration_parameters', 'configuration_job', 'register_engine', 'local_engine', 'dask_engine',
-           'choose_engine', 'start_sweep_run', 'metric_of', 'record_outcomes', 'finish_sweep_run', 'rank_outcomes',
-           'format_ranking', 'run_sweep', 'run_shared_stages', 'configuration_spec', 'outcome_line', 'sweep_command']
+           'configuration_parameters', 'configuration_job', 'register_engine', 'local_engine', 'local_dask_cluster',
+           'dask_engine', 'choose_engine', 'start_sweep_run', 'metric_of', 'record_outcomes', 'finish_sweep_run',
+           'rank_outcomes', 'format_ranking', 'run_sweep', 'run_shared_stages', 'configuration_spec', 'outcome_line',
+           'sweep_command']
 
 # %% ../nbs/36_sweep.ipynb #69b96333
 class SweepError(MlwbError):
@@ -95,7 +98,7 @@ def configuration_parameters(values: dict) -> list:
     return [f"{name}={json.dumps(value)}" for name, value in values.items()]
 
 # %% ../nbs/36_sweep.ipynb #1ca033ee
-ENGINES = {}
+ENGINES = Registry("sweep engine", SweepError, entry_points="mlwb.sweep_engines")
 
 def configuration_job():
     "`run_configuration`, taken from `mlwb.sweep` by name, so that a worker process finds it even when a notebook calls us."
@@ -104,7 +107,7 @@ def configuration_job():
 
 def register_engine(name: str, engine):
     "Make `engine(specs, workers, scheduler)` available as `name`."
-    ENGINES[name] = engine
+    ENGINES.register(name, engine)
 
 def local_engine(specs: list, workers: int, scheduler: str | None = None):
     "Run the configurations in `workers` local worker processes; yield outcomes as they finish."
@@ -113,10 +116,16 @@ def local_engine(specs: list, workers: int, scheduler: str | None = None):
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for future in as_completed([pool.submit(configuration_job(), spec) for spec in specs]): yield future.result()
 
+def local_dask_cluster(workers: int):
+    "A Dask cluster of `workers` processes on loopback, with no dashboard and no fixed port."
+    from distributed import LocalCluster
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})
+
 def dask_engine(specs: list, workers: int, scheduler: str | None = None):
     "Run the configurations on the Dask cluster at `scheduler` (a local cluster of `workers` processes when empty)."
-    from distributed import Client, LocalCluster, as_completed
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None)
+    from distributed import Client, as_completed
+    cluster = None if scheduler else local_dask_cluster(workers)
     try:
         with Client(scheduler or cluster) as client:
             for future in as_completed(client.map(configuration_job(), specs, pure=False)): yield future.result()

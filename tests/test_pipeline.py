@@ -15,7 +15,8 @@ import pytest
 
 from conftest import MLWB, make_notebook, run_mlwb
 from mlwb.config import load_settings
-from mlwb.runner import run_pipeline, why_stage
+from mlwb.runner import store_id, why_stage
+from mlwb.runs import UNFINISHED, run_pipeline
 from mlwb.tracking import mlflow_client
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ GOOD_STAGES = """
     ("version: 2\nstages:" + GOOD_STAGES, "'version'"),
     ("stages:\n  - {name: a, notebook: a.ipynb, outputs: [out/a.txt]}\n  - {name: b, notebook: b.ipynb, dependson: [a]}\n", "'dependson'"),
     ("stages:\n  - {name: a, notebook: a.ipynb}\n  - {name: b, notebook: b.ipynb, depends_on: [nosuch]}\n", "'nosuch'"),
-    ("stages:\n  - {name: a, notebook: a.ipynb, depends_on: [b]}\n  - {name: b, notebook: b.ipynb, depends_on: [a]}\n", "cycle"),  # the message also lists the stages: a, b
+    ("stages:\n  - {name: a, notebook: a.ipynb, depends_on: [b]}\n  - {name: b, notebook: b.ipynb, depends_on: [a]}\n", "cycle: a -> b -> a"),
     ("stages:\n  - {name: a, notebook: a.ipynb}\n  - {name: b, notebook: missing.ipynb}\n", "missing.ipynb"),
     ("stages:\n  - {name: a, notebook: a.ipynb\n  - name: b\n", "YAML"),
     ("stages:\n  - {name: a, notebook: a.ipynb, parameters: {n: 2026-01-01}}\n", "parameters.n"),
@@ -194,6 +195,17 @@ def test_bad_pipeline_file_is_refused_naming_file_and_key(workspace, pipeline, n
     assert result.stderr.startswith("error: ") and "pipeline.yml" in result.stderr and named in result.stderr
     assert "Traceback" not in result.stderr
     assert nothing_ran(workspace, folder)
+
+
+def test_a_cycle_is_reported_as_the_stages_on_it_only(workspace):
+    "A stage that merely depends on a cycle, listed first, is not on it and is not named."
+    pipeline = ("stages:\n  - {name: report, notebook: a.ipynb, depends_on: [fit]}\n  - {name: start, notebook: a.ipynb}\n"
+                "  - {name: fit, notebook: a.ipynb, depends_on: [start, tune]}\n  - {name: tune, notebook: b.ipynb, depends_on: [fit]}\n")
+    write_project(workspace, "p", pipeline, {"a.ipynb": ("n = 1", writes("out/a.txt", "n")), "b.ipynb": ("", writes("out/b.txt", "1"))})
+    result = run_mlwb("run", "p")
+    assert result.returncode == 2 and "the dependencies form a cycle: fit -> tune -> fit\n" in result.stderr, result.stderr
+    named = result.stderr.split("form a cycle")[1]
+    assert "report" not in named and "start" not in named
 
 
 # --- 4. MLflow records ---------------------------------------------------------------------------------
@@ -247,6 +259,8 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
 
     (folder / "notes.md").write_text("tracked, and edited\n")
     assert run_mlwb("run", "tracked").returncode == 0
+    assert len(pipeline_runs(workspace, "tracked")) == 1  # notes.md is no stage's input: nothing to do
+    assert run_mlwb("run", "tracked", "--from", "score").returncode == 0
     runs = pipeline_runs(workspace, "tracked")
     assert len(runs) == 2 and [e.name for e in client.search_experiments()].count("tracked") == 1
     assert runs[1][0].data.tags["mlwb.git.dirty"] == "True"
@@ -288,11 +302,9 @@ def test_rerun_with_nothing_changed_reuses_every_stage_and_says_where_from(works
     assert result.returncode == 0, result.stderr
     assert cli_statuses(result.stdout) == {"make": "cached", "total": "cached", "report": "cached"}
     for stage, run_id in produced_by.items(): assert re.search(rf"{stage}\s+cached \(outputs of MLflow run {run_id}\)", result.stdout)
-    parent, children = pipeline_runs(workspace, "counting")[-1]
-    for stage, child in children.items():
-        assert child.data.tags["mlwb.cached"] == "true" and child.data.tags["mlwb.cached_from"] == produced_by[stage]
-        assert child.info.status == "FINISHED"
-    assert parent.info.status == "FINISHED"
+    assert f"nothing to do: every stage is up to date (last run {first.folder.name})" in result.stdout
+    assert len(pipeline_runs(workspace, "counting")) == 1  # nothing ran, so nothing new in MLflow
+    assert {p.name for p in (workspace / "runs/counting").iterdir() if p.is_dir()} == {first.folder.name}
 
     edit_notebook(folder / "make.ipynb", lambda nb: nb.cells.insert(0, nbformat.v4.new_markdown_cell("# Making numbers\nProse only.")))
     assert why_stage("counting", "make", load_settings(workspace)) == []
@@ -304,6 +316,9 @@ def test_code_edit_reruns_its_stage_and_downstream_only_when_the_output_changes(
     edit_notebook(folder / "make.ipynb", lambda nb: setattr(nb.cells[-1], "source", nb.cells[-1].source + "\n# same output"))
     assert "notebook code changed" in why_stage("counting", "make", load_settings(workspace))
     assert run_api(workspace, "counting")[1] == {"make": "done", "total": "cached", "report": "cached"}
+    parent, children = pipeline_runs(workspace, "counting")[-1]  # a run that ran something records every stage
+    assert children["total"].data.tags["mlwb.cached"] == "true" and "mlwb.cached" not in children["make"].data.tags
+    assert all(c.info.status == "FINISHED" for c in children.values()) and parent.info.status == "FINISHED"
 
     edit_notebook(folder / "make.ipynb", lambda nb: setattr(nb.cells[-1], "source", nb.cells[-1].source.replace("range(n)", "range(1, n + 1)")))
     assert run_api(workspace, "counting")[1] == ALL_DONE
@@ -473,7 +488,7 @@ def test_killed_run_leaves_no_record_and_no_notebook_for_the_interrupted_stage(w
 
 
 def test_a_no_change_rerun_closes_runs_left_running_by_a_killed_run_of_this_runs_folder_only(workspace):
-    "The light path does it too; a sweep sandbox's run (another runs folder, same store) is left alone."
+    "A rerun with nothing to do does it too; a sweep sandbox's run (another runs folder, same store) is left alone."
     write_project(workspace, "tiny", "stages:\n  - {name: one, notebook: one.ipynb, outputs: [out/one.txt]}\n",
                   {"one.ipynb": ("", writes("out/one.txt", "1"))})
     assert run_mlwb("run", "tiny").returncode == 0
@@ -482,7 +497,10 @@ def test_a_no_change_rerun_closes_runs_left_running_by_a_killed_run_of_this_runs
     def running(folder, parent=None):
         tags = {"mlwb.run_folder": str(folder)} if folder else {"mlflow.parentRunId": parent}
         return client.create_run(experiment, tags=tags).info.run_id
-    dead = running(workspace / "runs" / "tiny" / "20260101-000000-dead")
+    killed = workspace / "runs" / "tiny" / "20260101-000000-dead"
+    killed.mkdir()
+    (killed / UNFINISHED).write_text(store_id(load_settings(workspace)))  # what a run killed outright leaves
+    dead = running(killed)
     dead_stage = running(None, dead)
     dead_trial = running(None, dead_stage)
     sandbox = running(workspace / "sweeps" / "s1" / "runs" / "tiny" / "20260101-000000-live")
@@ -490,6 +508,7 @@ def test_a_no_change_rerun_closes_runs_left_running_by_a_killed_run_of_this_runs
     assert rerun.returncode == 0 and cli_statuses(rerun.stdout) == {"one": "cached"}, rerun.stdout + rerun.stderr
     status = lambda run_id: client.get_run(run_id).info.status
     assert [status(r) for r in (dead, dead_stage, dead_trial)] == ["KILLED"] * 3 and status(sandbox) == "RUNNING"
+    assert not (killed / UNFINISHED).exists()
 
 
 def test_second_concurrent_run_of_a_project_is_refused(workspace, slow_project, tmp_path):

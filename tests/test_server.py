@@ -13,7 +13,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import MLWB, REPO, make_notebook, run_mlwb
-from mlwb.server import free_port, start_postgres, stop_postgres, wait_until_ready
+from mlwb.core import free_port
+from mlwb.server import start_postgres, stop_postgres, wait_until_ready
 
 PROJECT, PIPELINES = "team-demo", 4
 

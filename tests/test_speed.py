@@ -1,6 +1,6 @@
 """Pipeline speed without cutting corners: warm kernels that stay isolated, a killed kernel that fails only its stage,
 the same results in release and development mode, independent stages that overlap, and a no-change rerun that starts
-no kernel and imports neither papermill nor MLflow."""
+no kernel, imports neither papermill nor MLflow, and records nothing."""
 import json
 import os
 import signal
@@ -15,7 +15,8 @@ import pytest
 
 from conftest import make_notebook
 from mlwb.config import load_settings
-from mlwb.runner import run_pipeline, stop_warm_kernels, why_stage
+from mlwb.runner import stop_warm_kernels, why_stage
+from mlwb.runs import run_pipeline, up_to_date_message
 from mlwb.tracking import mlflow_client
 
 
@@ -75,7 +76,7 @@ def test_warm_kernels_keep_imports_but_not_variables_and_the_run_is_tagged_devel
     parent = parent_run(workspace, run)
     assert parent.data.tags["mlwb.mode"] == "dev" and "not a reproducible" in parent.data.tags["mlwb.note"]
     assert "(dev)" in parent.data.tags["mlflow.runName"]
-    client = mlflow_client(load_settings(workspace, environ={}))  # written through the light path, read back by MLflow
+    client = mlflow_client(load_settings(workspace, environ={}))
     child = client.get_run(run.results[1].run_id)
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == run.mlflow_run_id and child.data.metrics["duration_s"] > 0
     assert [a.path for a in client.list_artifacts(child.info.run_id, "notebook")] == ["notebook/02_second.ipynb"]
@@ -155,7 +156,8 @@ def test_kernel_killed_mid_stage_fails_that_stage_cleanly_and_the_next_run_works
 
 
 def test_pool_replaces_a_kernel_that_died_while_waiting(tmp_path):
-    from mlwb.kernels import KernelPool, kernel_pid, stop_kernel
+    from mlwb.kernels import kernel_pid, stop_kernel
+    from mlwb.template import KernelPool
     pool = KernelPool("python3", tmp_path, dict(os.environ), size=1, limit=2)
     try:
         deadline = time.monotonic() + 120
@@ -256,42 +258,40 @@ finally:
 """
 
 
-def test_no_change_rerun_starts_no_kernel_imports_nothing_heavy_and_is_recorded(workspace):
+def test_no_change_rerun_starts_no_kernel_imports_nothing_heavy_and_records_nothing(workspace):
+    "Like make: nothing to do, so no MLflow run and no run folder; it says so and points at the last run."
     folder = write_project(workspace, "quick", QUICK, {
         "make.ipynb": ("n = 1", writes("out/numbers.txt", "' '.join(map(str, range(n)))")),
         "total.ipynb": ("", "import pathlib\ntotal = sum(map(int, pathlib.Path('out/numbers.txt').read_text().split()))",
                         writes("out/total.txt", "total"))})
     first = run_pipeline("quick", load_settings(workspace))
     assert statuses(first) == {"make": "done", "total": "done"}
+    folders = set((workspace / "runs/quick").iterdir())
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=workspace, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    assert json.loads(probe.stdout.split("HEAVY ")[-1]) == [], probe.stdout  # decided and recorded without them
-    assert probe.stdout.count("cached (outputs of MLflow run") == 2
+    assert json.loads(probe.stdout.split("HEAVY ")[-1]) == [], probe.stdout  # decided without them
+    for result in first.results: assert f"cached (outputs of MLflow run {result.run_id})" in probe.stdout
+    assert set((workspace / "runs/quick").iterdir()) == folders  # no new run folder
 
+    again = run_pipeline("quick", load_settings(workspace))
+    assert again.up_to_date and statuses(again) == {"make": "cached", "total": "cached"}
+    assert (again.folder, again.mlflow_run_id, again.experiment_id) == (first.folder, first.mlflow_run_id, first.experiment_id)
+    assert up_to_date_message(again) == f"nothing to do: every stage is up to date (last run {first.folder.name})"
     client = mlflow_client(load_settings(workspace, environ={}))
-    experiment = client.get_experiment_by_name("quick")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
-    light = parents[1]
-    children = {r.data.tags["mlwb.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == light.info.run_id}
-    assert set(children) == {"make", "total"} and all(c.info.status == "FINISHED" for c in children.values())
-    assert children["make"].data.params["n"] == "4" and children["make"].data.metrics["duration_s"] == 0.0
-    assert children["total"].data.tags["mlwb.cached_from"] == first.results[1].run_id
-    assert light.data.tags["mlwb.mode"] == "release" and light.data.params["seed"] == "42"
-    reproduce = Path(client.download_artifacts(light.info.run_id, "reproduce", str(workspace / "got")))
-    assert json.loads((reproduce / "parameters.json").read_text()) == {"make": {"n": 4}, "total": {}}
-    assert (reproduce / "environment.txt").read_text().startswith("# python ")
+    runs = client.search_runs([first.experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # the first run only
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 def test_no_change_rerun_never_asks_for_a_kernel(workspace, monkeypatch):
     write_project(workspace, "quick", QUICK, {
         "make.ipynb": ("n = 1", writes("out/numbers.txt", "n")), "total.ipynb": ("", writes("out/total.txt", "1"))})
     assert statuses(run_pipeline("quick", load_settings(workspace))) == {"make": "done", "total": "done"}
-    import mlwb.kernels
+    import mlwb.kernels, mlwb.template
     def refuse(*args, **kwargs): raise AssertionError("a kernel was started")
     monkeypatch.setattr(mlwb.kernels, "start_kernel", refuse)
-    monkeypatch.setattr(mlwb.kernels.KernelPool, "__init__", refuse)
+    monkeypatch.setattr(mlwb.template, "start_kernel", refuse)
+    monkeypatch.setattr(mlwb.template.KernelPool, "__init__", refuse)
     assert statuses(run_pipeline("quick", load_settings(workspace))) == {"make": "cached", "total": "cached"}
 
 
@@ -309,7 +309,8 @@ def test_cli_development_run_ends_when_mlwb_ends_although_it_leaves_warm_kernels
 
 def test_a_kernel_spec_that_cannot_be_forked_gets_kernels_started_the_usual_way(tmp_path, monkeypatch):
     "A kernel spec that is not `python -m ipykernel_launcher` has no template: the pool starts kernels through jupyter_client."
-    from mlwb.kernels import ForkedKernel, KernelPool, execute_stage_notebook, stop_kernel
+    from mlwb.kernels import ForkedKernel, execute_stage_notebook, stop_kernel
+    from mlwb.template import KernelPool
     spec = tmp_path / "kernels" / "plain-start"; spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps({"display_name": "plain start", "language": "python", "argv": [
         sys.executable, "-c", "from ipykernel import kernelapp; kernelapp.launch_new_instance()", "-f", "{connection_file}"]}))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_notebook, run_mlwb
 from mlwb.config import load_settings
-from mlwb.sweep import parse_grid, run_sweep
+from mlwb.sweep import local_dask_cluster, parse_grid, run_sweep
 from mlwb.tracking import mlflow_client
 
 PIPELINE = """
@@ -38,9 +38,8 @@ def children_of(client, experiment_id, run_id):
 
 
 def test_sweep_on_a_dask_local_cluster_runs_shared_stage_once_and_ranks(workspace, grid_project):
-    from distributed import LocalCluster
     settings = load_settings(workspace)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+    with local_dask_cluster(2) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         result = run_sweep("grid", parse_grid(["depth=2,3", "kind=a,b"]), settings, metric="score", scheduler=cluster.scheduler_address)
     assert result["engine"] == "dask"
@@ -83,3 +82,15 @@ def test_sweep_refuses_a_parameter_no_stage_declares(workspace, grid_project):
     result = run_mlwb("sweep", "grid", "-g", "width=1,2")
     assert result.returncode == 2 and "declares a parameter 'width'" in result.stderr
     assert not (workspace / "runs").exists()
+
+
+def test_the_local_dask_cluster_opens_no_dashboard_and_listens_on_loopback_only():
+    "Left to its default, Dask serves a dashboard on port 8787; the sweep's own cluster must not."
+    import psutil
+    me = psutil.Process()
+    with local_dask_cluster(1) as cluster:
+        listening = [c.laddr for c in me.net_connections() if c.status == psutil.CONN_LISTEN]
+        http = [s.getsockname()[:2] for s in cluster.scheduler.http_server._sockets.values()]
+    assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
+    assert 8787 not in {a.port for a in listening}, listening
+    assert http and all(host == "127.0.0.1" and port != 8787 for host, port in http), http  # health and metrics only
