@@ -166,7 +166,9 @@ def headline(result: MonitorResult) -> str:
     "The one sentence to read if nothing else."
     code, columns, held = result.exit_code, drifted_columns(result), performance_held(result)
     if code == EXIT_DATA_QUALITY: return "The data is broken: " + quality_sentences(result)[0]
-    if code == EXIT_PERFORMANCE: return "The model got worse. " + performance_sentence(result)
+    if code == EXIT_PERFORMANCE:
+        p = max((w.performance for w in result.windows if w.performance), key=lambda p: p["drop"])
+        return f"The model got worse: {p['metric']} fell from {p['reference']:.3f} to {p['current']:.3f}."
     if code == EXIT_DRIFT:
         tested = len(result.reference.kinds)
         return (f"The inputs changed: {len(columns)} of {tested} columns drifted; "
