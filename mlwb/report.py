@@ -7,8 +7,6 @@ Docs: https://mlwb.github.io/mlwb/report.html.md"""
 # %% ../nbs/27_report.ipynb #843a75bb
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
 import re
@@ -24,103 +22,37 @@ from .monitor import (EXIT_MEANINGS, MonitorResult, ReferenceProfile, WindowResu
                           check_thresholds, join_late_labels, monitor, split_windows)
 from .request_log import LOG_FIELDS, read_request_log, request_rows
 from .monitor import error_rate_finding
-from .profiles import ColumnProfile, MonitorError, drift_test, require_column
+from .profiles import ColumnProfile, MonitorError, require_column
+from .monitor_figures import (distribution_figure, drift_scores_figure, figure_png,
+                                  performance_figure, trend_figure)
+from .verdict import in_words, status_line
 
 # %% auto #0
-__all__ = ['PAGE_STYLE', 'FEATURE_COLUMNS', 'figure_png', 'drift_scores_figure', 'distribution_figure', 'trend_figure',
-           'window_section', 'report_html', 'window_summary', 'summary', 'write_report', 'log_monitoring',
-           'load_reference', 'load_thresholds', 'load_current', 'add_error_rates', 'monitor_command']
-
-# %% ../nbs/27_report.ipynb #c7ccbb5d
-def figure_png(figure) -> str:
-    "A matplotlib figure as a base64 PNG data URI."
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-def _axes(width: float, height: float):
-    from matplotlib.figure import Figure
-    figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
-
-# %% ../nbs/27_report.ipynb #6d0f13d4
-def _drift_score(table: pd.DataFrame, column: str, tests: list, thresholds: dict) -> float:
-    "The largest effect size of `column` as a multiple of its threshold (0 without effect sizes)."
-    limit = lambda test: thresholds[drift_test(test).threshold]
-    ratios = [table.at[column, t] / limit(t) for t in tests if t in table]
-    return max(ratios or [0])
-
-def drift_scores_figure(result: WindowResult, thresholds: dict):
-    "A bar per feature: its largest effect size over its threshold; drifted ones in red."
-    table = result.features
-    effects = lambda kind: [t for t in thresholds[f"{kind}_tests"] if drift_test(t).threshold]
-    score = pd.Series({c: _drift_score(table, c, effects(k), thresholds)
-                       for c, k in table.kind.items()}).sort_values()
-    figure, ax = _axes(6, 0.25 * len(score) + 1)
-    ax.barh(score.index.astype(str), score.to_numpy(),
-            color=["#c0392b" if table.drifted[c] else "#7f8c8d" for c in score.index])
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_xlabel("largest effect size / its threshold (drift needs > 1 and a significant p-value)")
-    ax.set_title(f"drift scores, {result.window}")
-    return figure
-
-def _category_bars(ax, reference: ColumnProfile, current: ColumnProfile, top: int = 12):
-    "Side-by-side bars of the `top` categories' shares in the two samples."
-    ref, cur = reference.counts.align(current.counts, fill_value=0)
-    ref, cur = ref / max(ref.sum(), 1), cur / max(cur.sum(), 1)
-    names = ref.add(cur).nlargest(top).index
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, ref[names], 0.4, label="reference")
-    ax.bar(x + 0.2, cur[names], 0.4, label="current")
-    ax.set_xticks(x, [str(t)[:12] for t in names], rotation=45, ha="right", fontsize=7)
-
-def _histogram_steps(ax, reference: ColumnProfile, current: ColumnProfile, bars: int):
-    "The two histograms, their fine bins merged into `bars` bars (the tails are left out)."
-    groups = np.linspace(1, len(reference.counts) - 1, bars + 1).astype(int)
-    edges = reference.edges[groups - 1]
-    for profile, label in ((reference, "reference"), (current, "current")):
-        share = np.add.reduceat(profile.shares[:-1], groups[:-1])
-        first = label == "reference"
-        ax.stairs(share, edges, label=label, fill=first, alpha=0.5 if first else 1.0)
-
-def distribution_figure(column: str, reference: ColumnProfile, current: ColumnProfile,
-                        bars: int = 40):
-    "The reference and current distributions of one column, overlaid."
-    figure, ax = _axes(4.2, 2.6)
-    if reference.kind == "categorical": _category_bars(ax, reference, current)
-    else: _histogram_steps(ax, reference, current, bars)
-    ax.set_title(column, fontsize=9); ax.legend(fontsize=7)
-    return figure
-
-# %% ../nbs/27_report.ipynb #696f2442
-def trend_figure(result: MonitorResult):
-    "Drifted features, and the watched metric when there is one, per window."
-    figure, ax = _axes(6, 2.6)
-    names = [w.window for w in result.windows]
-    drifted = [len(w.drifted_features) + w.prediction_drift for w in result.windows]
-    ax.plot(names, drifted, marker="o", label="drifted columns")
-    ax.set_ylabel("drifted columns"); ax.tick_params(axis="x", rotation=45, labelsize=7)
-    perf = [w.performance.get("current", np.nan) for w in result.windows]
-    if not all(np.isnan(perf)):
-        other = ax.twinx()
-        other.plot(names, perf, color="#c0392b", marker="s",
-                   label=result.windows[0].performance.get("metric", "metric"))
-        other.set_ylabel(next(w.performance["metric"] for w in result.windows if w.performance))
-        other.legend(loc="upper right", fontsize=7)
-    ax.legend(loc="upper left", fontsize=7); ax.set_title("over time")
-    return figure
+__all__ = ['PAGE_STYLE', 'BOX_COLOURS', 'FEATURE_COLUMNS', 'verdict_box', 'window_section', 'report_html', 'window_summary',
+           'summary', 'write_report', 'log_monitoring', 'load_reference', 'load_thresholds', 'load_current',
+           'add_error_rates', 'monitor_command']
 
 # %% ../nbs/27_report.ipynb #cada6650
-PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px} "
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222} "
               "table{border-collapse:collapse;font-size:13px;margin:1em 0} "
               "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} "
               "th{background:#f4f4f4} .bad{color:#c0392b;font-weight:bold} "
-              ".ok{color:#27ae60;font-weight:bold} img{margin:4px}")
+              ".ok{color:#27ae60;font-weight:bold} img{margin:4px} "
+              ".box{border-left:8px solid;padding:.2em 1.4em;margin:1em 0 2em;background:#fafafa} "
+              ".box.good{border-color:#27ae60} .box.warn{border-color:#e67e22} .box.alarm{border-color:#c0392b} "
+              ".box h3{margin:.8em 0 .2em;font-size:1em} .box ul{margin:.2em 0} "
+              ".headline{font-size:1.35em;font-weight:bold} .status{font-family:monospace} "
+              "details{margin:.4em 0 1em} summary{cursor:pointer;color:#2c3e50} "
+              ".context{color:#666}")
 
 def _html_table(frame: pd.DataFrame) -> str:
     return frame.to_html(float_format=lambda v: f"{v:.4g}", na_rep="", border=0, escape=True)
 
 def _image(figure, alt: str) -> str: return f'<img alt="{escape(alt)}" src="{figure_png(figure)}">'
+
+def _folded(title: str, body: str) -> str:
+    "`body` under a `<details>` element that a click opens."
+    return f"<details><summary>{escape(title)}</summary>{body}</details>"
 
 def _verdict(code: int) -> str:
     meaning = escape(EXIT_MEANINGS[code])
@@ -133,47 +65,74 @@ def _closest(result: WindowResult, n: int, near: int = 2) -> list:
     drifted = list(table.index[table.drifted][:n])
     return drifted + list(table[~table.drifted].sort_values("p_adjusted").index[:near])
 
+# %% ../nbs/27_report.ipynb #ea368389
+def _items(lines: list) -> str:
+    return "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>"
+
+BOX_COLOURS = {0: "good", 3: "warn"}  # exit status -> colour; the rest: alarm
+
+def verdict_box(result: MonitorResult) -> str:
+    "The verdict for a person: headline, changes, performance, problems, next steps, exit status."
+    words, colour = in_words(result), BOX_COLOURS.get(result.exit_code, "alarm")
+    parts = [f'<div class="box {colour}">',
+             f'<p class="headline">{escape(words["headline"])}</p>']
+    changes = words["changes"] or ["No input column drifted."] * (result.exit_code != 0)
+    if changes: parts += ["<h3>What changed</h3>", _items(changes)]
+    if words["problems"]: parts += ["<h3>What is wrong with the data</h3>",
+                                    _items(words["problems"])]
+    parts += ["<h3>Did the model's performance hold?</h3>",
+              f"<p>{escape(words['performance'])}</p>",
+              "<h3>What to do next</h3>", _items(words["next_steps"]),
+              f'<p>For alerting, the command exits with <span class="status">'
+              f'{escape(words["status"])}</span></p></div>']
+    return "\n".join(parts)
+
 # %% ../nbs/27_report.ipynb #cb8047dd
 FEATURE_COLUMNS = ["kind", "ks", "ks_error", "chi2", "wasserstein", "jensen_shannon", "psi",
                    "p_value", "p_adjusted", "drifted"]
 
 def _drift_parts(result: WindowResult, reference: ReferenceProfile, thresholds: dict,
                  plots: int) -> list:
-    "The drift scores, the closest columns' distributions and the drift table of one window."
+    "The drift scores, the closest columns' distributions, then the drift table folded."
     features = result.features
     if not len(features): return []
     plot = lambda c: distribution_figure(c, reference.columns[c], result.profiles[c])
+    table = _html_table(features[[c for c in FEATURE_COLUMNS if c in features]])
     return [_image(drift_scores_figure(result, thresholds), "drift scores per feature"),
             *[_image(plot(c), f"distribution of {c}") for c in _closest(result, plots)],
-            _html_table(features[[c for c in FEATURE_COLUMNS if c in features]])]
+            _folded("The drift tests of every column: effect sizes and p-values", table)]
 
 def window_section(result: WindowResult, reference: ReferenceProfile, thresholds: dict,
                    plots: int = 8) -> str:
-    "The HTML section of one window: verdict, drift table and plots, findings, performance."
+    "The HTML section of one window: verdict, plots, folded tables of drift, findings, performance."
     parts = [f"<h2>Window {escape(result.window)}: {result.rows:,} rows -- "
              f"{_verdict(result.exit_code)}</h2>",
              *_drift_parts(result, reference, thresholds, plots)]
     if result.findings:
-        parts += ["<h3>Data quality</h3>", _html_table(pd.DataFrame(result.findings))]
+        parts.append(_folded("Data-quality checks", _html_table(pd.DataFrame(result.findings))))
     if result.performance:
-        parts += ["<h3>Performance</h3>", _html_table(pd.DataFrame([result.performance]))]
+        parts += ["<h3>Performance</h3>",
+                  _image(performance_figure(result.performance), "performance against the alarm"),
+                  _folded("Metrics", _html_table(pd.DataFrame([result.performance])))]
     return "\n".join(parts)
 
 def _head(result: MonitorResult, title: str) -> str:
-    "The page's head, title and one-paragraph verdict."
+    "The page's head, title, the verdict for a person and what it was measured against."
     t = result.thresholds
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
             f"<style>{PAGE_STYLE}</style></head><body><h1>{escape(title)}</h1>"
-            f"<p>Verdict: {_verdict(result.exit_code)}. Reference: {result.reference.rows:,} rows, "
-            f"{len(result.reference.kinds)} monitored columns; "
-            f"alpha {t['alpha']} ({t['correction']}).</p>")
+            f"{verdict_box(result)}<p class='context'>Verdict: {_verdict(result.exit_code)}. "
+            f"Reference: {result.reference.rows:,} rows, {len(result.reference.kinds)} monitored "
+            f"columns; alpha {t['alpha']} ({t['correction']}).</p>")
 
 def report_html(result: MonitorResult, title: str = "mlwb monitor") -> str:
     "A self-contained HTML report: no scripts, no links out, every figure embedded."
     windows = pd.DataFrame([window_summary(w) for w in result.windows]).set_index("window")
-    parts = [_head(result, title), _html_table(windows.drop(columns="drifted_features"))]
+    parts = [_head(result, title)]
     if len(result.windows) > 1:
         parts.append(_image(trend_figure(result), "drift and performance over time"))
+    table = _html_table(windows.drop(columns="drifted_features"))
+    parts.append(_folded("Every window in a table", table))
     parts += [window_section(w, result.reference, result.thresholds) for w in result.windows]
     return "\n".join(parts) + "</body></html>"
 
@@ -205,7 +164,8 @@ def summary(result: MonitorResult) -> dict:
     "The whole result as plain JSON-ready data."
     reference = result.reference
     return _plain({"exit_code": result.exit_code, "meaning": EXIT_MEANINGS[result.exit_code],
-                   "reference_rows": reference.rows, "reference_metrics": reference.metrics,
+                   "in_words": in_words(result), "reference_rows": reference.rows,
+                   "reference_metrics": reference.metrics,
                    "thresholds": result.thresholds,
                    "windows": [_window_details(w) for w in result.windows]})
 
@@ -369,6 +329,7 @@ def monitor_command(reference, current, request_log, since, until, every, time_c
     if log is not None: add_error_rates(result, log, every)
     paths = write_report(result, out)
     for w in result.windows: click.echo(_window_line(w))
+    click.echo(status_line(result))
     click.echo(f"report: {paths['html']}\nsummary: {paths['json']}")
     if to_mlflow: quiet_mlflow(); click.echo(f"MLflow run: {log_monitoring(result, paths)}")
     raise SystemExit(result.exit_code)

@@ -20,10 +20,11 @@ from pathlib import Path
 from .config import MlwbError, Settings, load_settings
 
 # %% auto #0
-__all__ = ['EMBEDDED_FOLDER', 'SQLITE_LOCK_TIMEOUT', 'URI_VARIABLES', 'embedded_tracking_uri', 'embedded_artifact_root',
-           'tracking_uri', 'is_embedded', 'file_lock', 'sqlite_journal_mode', 'has_mlflow_tables',
-           'create_sqlite_store', 'prepare_sqlite_store', 'mlflow_client', 'ensure_experiment', 'ui_url', 'run_url',
-           'ui_command', 'stage_run', 'tracking_to', 'git_state', 'package_versions', 'environment_lock']
+__all__ = ['EMBEDDED_FOLDER', 'SQLITE_LOCK_TIMEOUT', 'EXPERIMENT_TAGS', 'ML_VIEW', 'URI_VARIABLES', 'embedded_tracking_uri',
+           'embedded_artifact_root', 'sqlite_artifact_root', 'tracking_uri', 'is_embedded', 'file_lock',
+           'sqlite_journal_mode', 'has_mlflow_tables', 'create_sqlite_store', 'prepare_sqlite_store', 'mlflow_client',
+           'ensure_experiment', 'ui_url', 'run_url', 'project_ui_url', 'ui_command', 'stage_run', 'tracking_to',
+           'git_state', 'package_versions', 'environment_lock']
 
 # %% ../nbs/02_tracking.ipynb #dbe63161
 EMBEDDED_FOLDER = "mlruns"
@@ -35,6 +36,12 @@ def embedded_tracking_uri(workspace: Path) -> str:
 def embedded_artifact_root(workspace: Path) -> Path:
     "The folder where the embedded store keeps artifacts."
     return (Path(workspace) / EMBEDDED_FOLDER / "artifacts").resolve()
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    "The `artifacts` folder beside the file of an SQLite store; None for other stores."
+    if not uri.startswith("sqlite:///"): return None
+    db = Path(uri[len("sqlite:///"):])
+    return None if db.name in ("", ":memory:") else (db.parent / "artifacts").resolve()
 
 # %% ../nbs/02_tracking.ipynb #bdefb621
 def tracking_uri(settings: Settings, environ=None) -> str:
@@ -74,9 +81,8 @@ def has_mlflow_tables(db: Path) -> bool:
 def create_sqlite_store(uri: str) -> None:
     "Create MLflow's schema in the new SQLite file at `uri`, in WAL mode."
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-    db = Path(uri[len("sqlite:///"):])
-    sqlite_journal_mode(db, "wal")
-    store = SqlAlchemyStore(uri, (db.parent / "artifacts").resolve().as_uri())  # runs the migrations
+    sqlite_journal_mode(Path(uri[len("sqlite:///"):]), "wal")
+    store = SqlAlchemyStore(uri, sqlite_artifact_root(uri).as_uri())  # runs the migrations
     store.engine.dispose()
 
 def prepare_sqlite_store(uri: str) -> Path:
@@ -85,7 +91,7 @@ def prepare_sqlite_store(uri: str) -> Path:
     if db.name in ("", ":memory:"): return db
     with file_lock(db.with_name(f".{db.name}.lock")):
         if not has_mlflow_tables(db): create_sqlite_store(uri)
-        elif sqlite_journal_mode(db) != "wal":  # a store made before we used WAL: switch it if nobody is writing
+        elif sqlite_journal_mode(db) != "wal":  # a store made before WAL: switch if nobody writes
             try: sqlite_journal_mode(db, "wal")
             except sqlite3.OperationalError: pass
     return db
@@ -98,34 +104,54 @@ def mlflow_client(settings: Settings):
     if uri.startswith("sqlite:///"): prepare_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # model training, not GenAI
+
+def _artifact_location(settings: Settings, name: str) -> str | None:
+    "Where experiment `name` keeps artifacts: beside an SQLite store's file, else the server's say."
+    root = sqlite_artifact_root(tracking_uri(settings))
+    return (root / name).as_uri() if root else None
+
 def ensure_experiment(client, name: str, settings: Settings) -> str:
-    "The id of experiment `name`, created (with its artifact folder in the embedded store) if missing."
+    "The id of experiment `name`, created (its artifacts beside an SQLite store) if missing."
     from mlflow.exceptions import MlflowException
     experiment = client.get_experiment_by_name(name)
     if experiment is not None: return experiment.experiment_id
-    location = (embedded_artifact_root(settings.workspace) / name).as_uri() if is_embedded(settings) else None
-    try: return client.create_experiment(name, artifact_location=location)
+    location = _artifact_location(settings, name)
+    try: return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException as error:  # another process created it between our two calls
         if error.error_code != "RESOURCE_ALREADY_EXISTS": raise
         return client.get_experiment_by_name(name).experiment_id
 
 # %% ../nbs/02_tracking.ipynb #e3412c2c
-def ui_url(settings: Settings) -> str:
-    "The MLflow UI's address: the tracking server itself, or where `mlwb ui` serves the embedded store."
+ML_VIEW = "workflowType=machine_learning"  # the MLflow UI's model-training view, not its GenAI view
+
+def _ui_root(settings: Settings, port: int | None = None) -> str:
+    "The tracking server's own address, or where `mlwb ui` serves a local store."
     uri = tracking_uri(settings)
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://127.0.0.1:{settings.ui_port}"
+    if uri.startswith(("http://", "https://")): return uri.rstrip("/")
+    return f"http://127.0.0.1:{port or settings.ui_port}"
+
+def ui_url(settings: Settings, port: int | None = None, experiment_id: str | None = None) -> str:
+    "The MLflow UI in its model-training view: the runs of `experiment_id`, or all experiments."
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"{_ui_root(settings, port)}/#/{page}?{ML_VIEW}"
 
 def run_url(settings: Settings, experiment_id: str, run_id: str) -> str:
-    "The MLflow UI page of one run."
-    return f"{ui_url(settings)}/#/experiments/{experiment_id}/runs/{run_id}"
+    "The MLflow UI page of one run, in the model-training view."
+    return f"{_ui_root(settings)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+def project_ui_url(settings: Settings, port: int | None = None, project: str | None = None) -> str:
+    "The runs list of `project` (default: the default project); all experiments before it has one."
+    experiment = mlflow_client(settings).get_experiment_by_name(project or settings.default_project)
+    return ui_url(settings, port, experiment.experiment_id if experiment else None)
 
 def ui_command(settings: Settings, host: str = "127.0.0.1", port: int | None = None) -> list:
     "The command line that serves the MLflow UI on this workspace's tracking store."
-    uri = tracking_uri(settings)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port or settings.ui_port),
-               "--uvicorn-opts", "--timeout-worker-healthcheck 120"]  # uvicorn's 5 s kills workers still importing on a busy machine
-    if is_embedded(settings): command += ["--default-artifact-root", embedded_artifact_root(settings.workspace).as_uri()]
-    return command
+    uri, root = tracking_uri(settings), sqlite_artifact_root(tracking_uri(settings))
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port or settings.ui_port),  # uvicorn's 5 s health check kills workers
+               "--uvicorn-opts", "--timeout-worker-healthcheck 120"]  # still importing when busy
+    return command + (["--default-artifact-root", root.as_uri()] if root else [])
 
 # %% ../nbs/02_tracking.ipynb #4d6bd886
 def stage_run(project: str, settings: Settings | None = None):
