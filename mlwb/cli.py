@@ -15,7 +15,8 @@ import sys
 import click
 
 from .config import MlwbError, load_settings
-from .tracking import is_embedded, run_url, tracking_uri, ui_command, ui_url
+from .tracking import (is_embedded, project_ui_url, run_url, tracking_uri, ui_command,
+                           ui_url)
 
 # %% auto #0
 __all__ = ['COMMANDS_ELSEWHERE', 'SYMBOLS', 'command_elsewhere', 'MlwbGroup', 'main', 'stage_detail', 'stage_line',
@@ -87,6 +88,8 @@ def progress_printer(stream=None):
 # %% ../nbs/90_cli.ipynb #b92b015e
 def print_summary(run, settings):
     "Where the run's results are, and how to look at them in the MLflow UI."
+    from mlwb.runs import up_to_date_message
+    if run.up_to_date: click.echo(f"\n{up_to_date_message(run)}")
     click.echo(f"\nexecuted notebooks: {run.folder}")
     click.echo(f"MLflow run:         {run_url(settings, run.experiment_id, run.mlflow_run_id)}")
     click.echo(f"tracking store:     {tracking_uri(settings)}")
@@ -131,7 +134,7 @@ def ui_command_line(port):
     if not is_embedded(settings) and tracking_uri(settings).startswith("http"):
         click.echo(f"runs are on the tracking server: {ui_url(settings)}"); return
     command = ui_command(settings, port=port)
-    click.echo(f"MLflow UI on http://127.0.0.1:{port or settings.ui_port}  (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on {project_ui_url(settings, port)}  (Ctrl-C to stop)")
     sys.exit(subprocess.call(command))
 
 @main.command("settings")

@@ -54,7 +54,7 @@ def _choice(*options):
 SETTINGS_FILE = "settings.ini"
 SECTION = "mlwb"
 ENV_PREFIX = "MLWB_"
-NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN"}  # environment variables of ours that are not settings
+NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN", "MLWB_SWEEP", "MLWB_USER"}  # environment variables of ours that are not settings
 
 DEFAULTS = {  # key: (default text, parser)
     "tracking_uri": ("", _optional),

@@ -84,12 +84,17 @@ def run_configuration(spec: dict) -> dict:
     "Run one configuration's pipeline in its sandbox; return its outcome."
     started, outcome = time.monotonic(), {"index": spec["index"], "values": spec["values"]}
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    held = os.environ.get("MLWB_SWEEP")
+    os.environ["MLWB_SWEEP"] = "1"  # a sweep explores: its register stages never move an alias
     try:
         run = run_pipeline(str(spec["project"]), spec["settings"], spec["parameters"], tags=spec["tags"])
         outcome.update(status="done" if run.ok else "failed", run_id=run.mlflow_run_id, experiment_id=run.experiment_id,
                        error=run.failure.error if run.failure else None)
     except Exception as error:
         outcome.update(status="failed", run_id=None, error=f"{type(error).__name__}: {error}")
+    finally:
+        if held is None: os.environ.pop("MLWB_SWEEP", None)
+        else: os.environ["MLWB_SWEEP"] = held
     outcome["seconds"] = round(time.monotonic() - started, 2)
     return outcome
 

@@ -31,12 +31,13 @@ def test_rerun_with_nothing_changed_reuses_every_stage(project_run):
     assert all(f"↷ {stage}" in second.stdout for stage in project_run.stages), second.stdout
 
 
-def test_mlflow_holds_both_pipeline_runs_and_a_child_run_per_stage(project_run):
+def test_mlflow_holds_the_pipeline_run_with_a_child_run_per_stage_and_a_no_change_rerun_records_nothing(project_run):
     client = mlflow_client(load_settings(project_run.ws, environ={}))
     experiment = client.get_experiment_by_name(project_run.name)
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    assert len(parents) == 1 and all(p.info.status == "FINISHED" for p in parents)
+    assert "nothing to do: every stage is up to date" in project_run.second.stdout
     assert sorted(stage_runs(project_run.ws, project_run.name)) == sorted(project_run.stages)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "reproduce")}
     assert REPRODUCE <= artifacts
