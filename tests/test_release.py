@@ -159,14 +159,14 @@ def test_routing_is_sticky_and_splits_within_tolerance():
 # --- a real server ---------------------------------------------------------------------------------------------------
 
 class Server:
-    "`mlwb serve models:/NAME --plan PLAN` in a subprocess on a free loopback port."
+    "`mlwb release serve models:/NAME --plan PLAN` in a subprocess on a free loopback port."
     def __init__(self, ws: Path, name: str, plan: dict):
         self.port, self.log_dir = free_port(), ws / "requests" / name
         self.url = f"http://127.0.0.1:{self.port}"
         (ws / f"{name}-plan.json").write_text(json.dumps(plan))
         env = {**os.environ, "MLWB_WORKSPACE": str(ws)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        self.process = subprocess.Popen([str(MLWB), "serve", f"models:/{name}", "--plan", str(ws / f"{name}-plan.json"), "--port", str(self.port),
+        self.process = subprocess.Popen([str(MLWB), "release", "serve", f"models:/{name}", "--plan", str(ws / f"{name}-plan.json"), "--port", str(self.port),
                                          "--log-dir", str(self.log_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
