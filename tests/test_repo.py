@@ -126,3 +126,26 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in ci and "make test" in readme and "make run" in readme
+
+
+def test_no_module_is_longer_than_a_lesson():
+    long = {p.name: n for p in (REPO / "mlwb").glob("*.py") if p.name != "_modidx.py"
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines (split the notebook into lessons): {long}"
+
+
+def test_no_module_loads_another_by_name_behind_the_import_graph():
+    "Only the command line loads modules by name (its commands, on first use); nothing else hides an import."
+    hidden = {p.name for p in (REPO / "mlwb").glob("*.py") if p.name not in ("cli.py", "_modidx.py")
+              if re.search(r"import_module\(\s*[\"']mlwb|__import__\(\s*[\"']mlwb", p.read_text())}
+    assert not hidden, f"modules that load mlwb modules by name: {sorted(hidden)}"
+
+
+def test_the_package_imports_form_no_cycle():
+    imports = {p.stem: set(re.findall(r"^\s*from \.(\w+) import", p.read_text(), flags=re.M))
+               for p in (REPO / "mlwb").glob("*.py") if p.name != "_modidx.py"}
+    def reaches(start, target, seen=()):
+        return any(m == target or (m not in seen and reaches(m, target, (*seen, m)))
+                   for m in imports.get(start, ()))
+    cycles = sorted(m for m in imports if reaches(m, m))
+    assert not cycles, f"modules on an import cycle: {cycles}"
