@@ -162,8 +162,8 @@ def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
     why = describe_stage_failure(result, results, ctx.folder)
     kept = run_check(milestone, ctx) if milestone.check in REGISTRY_CHECKS else None
     if kept is None or not kept.passed: return CheckResult(milestone, False, why)
-    return CheckResult(milestone, True, f"{kept.detail} (stage '{milestone.stage}' of this run "
-                                        f"did not replace it: {why.splitlines()[0]})")
+    return CheckResult(milestone, True, f"{kept.detail} (this run did not replace it: "
+                                        f"{why.splitlines()[0]})")
 
 # %% ../nbs/40_milestones.ipynb #a4d87015
 def milestone_stages(milestones: list) -> list:
