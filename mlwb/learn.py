@@ -76,9 +76,10 @@ def strip_notebook(path: Path | str) -> int:
     import nbformat
     path = Path(path)
     notebook, count = nbformat.read(path, as_version=4), 0
-    for number, cell in enumerate(notebook.cells, 1):
-        if cell.cell_type != "code" or BEGIN not in cell.source: continue
-        cell.source, n = strip_solutions(cell.source, f"{path.name}, cell {number}")
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]  # as JupyterLab numbers them
+    for number, cell in enumerate(code_cells, 1):
+        if BEGIN not in cell.source: continue
+        cell.source, n = strip_solutions(cell.source, f"{path.name}, code cell {number}")
         cell.outputs, cell.execution_count, count = [], None, count + n
     nbformat.write(notebook, path)
     return count
