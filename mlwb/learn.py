@@ -76,7 +76,7 @@ def strip_notebook(path: Path | str) -> int:
     import nbformat
     path = Path(path)
     notebook, count = nbformat.read(path, as_version=4), 0
-    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]  # as JupyterLab numbers them
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]  # numbered as in JupyterLab
     for number, cell in enumerate(code_cells, 1):
         if BEGIN not in cell.source: continue
         cell.source, n = strip_solutions(cell.source, f"{path.name}, code cell {number}")
@@ -108,7 +108,7 @@ def check_empty(folder: Path):
 GUIDED = "guided-projects"  # the folder of guided projects inside the package
 
 def guided_projects_folder() -> Path:
-    "The guided projects that come with mlwb: `mlwb/guided-projects` (a link to projects/ in a clone)."
+    "The guided projects that come with mlwb: `mlwb/guided-projects` (in a clone, projects/)."
     import mlwb
     package = Path(mlwb.__file__).resolve().parent
     linked = package / GUIDED
@@ -121,13 +121,13 @@ def guided_projects() -> dict:
 
 def find_guided_project(project: str, # a folder, a project of the workspace, or a guided project
                         settings: Settings) -> Path:
-    "The folder of `project`: a folder or a workspace project as `mlwb run` finds it, else a guided one."
+    "The folder of `project`: a folder or workspace project or a guided one."
     try: return find_project(project, settings)
     except PipelineError: pass
     guided = guided_projects()
     if project in guided: return guided[project]
-    raise LearnError(f"no project '{project}': not a folder with a {PIPELINE_FILE}, nor a project in "
-                     f"{settings.projects_path}; guided projects: {', '.join(guided) or 'none'}")
+    raise LearnError(f"no project '{project}': not a folder with a {PIPELINE_FILE}, nor a project "
+                     f"in {settings.projects_path}; guided projects: {', '.join(guided) or 'none'}")
 
 # %% ../nbs/38_learn.ipynb #bbd053c7
 @dataclass
@@ -230,7 +230,7 @@ def stop_process_tree(process: subprocess.Popen, # started with start_new_sessio
     for survivor in wait_gone(started, grace): survivor.kill()
 
 def run_process_group(command: list, env: dict) -> int:
-    "Run `command` in a process group of its own until it ends or we are signalled; then stop it all."
+    "Run `command` in a process group of its own until it ends or we are signalled; then stop all."
     def stop(signum, frame): raise SystemExit(128 + signum)
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     process = subprocess.Popen(command, env=env, start_new_session=True)
@@ -261,7 +261,8 @@ def learn_command():
 def start_command(project, folder):
     """Copy PROJECT into a new workspace FOLDER (default ./learn/PROJECT) with the exercises to do.
 
-    PROJECT is a guided project's name (`mlwb learn list`), a project of this workspace, or a folder."""
+    PROJECT is a guided project's name (`mlwb learn list`), a project of this workspace, or a
+    folder."""
     ws = start_learning(project, folder)
     click.echo(f"workspace: {ws.folder}\nproject:   {ws.project}")
     for name, n in ws.exercises.items():

@@ -115,7 +115,7 @@ class CheckResult:
 RUNNER_CELL = re.compile(r"in cell (\d+) of (\S+?\.ipynb)")  # how the runner names a failing cell
 
 def code_cell_number(notebook: Path, cell: int) -> int | None:
-    "Cell `cell` (1-based, of all cells) of `notebook` among its code cells; None if not a code cell."
+    "Cell `cell` (1-based, of all cells) of `notebook` among its code cells; None if not code."
     import nbformat
     cells = nbformat.read(notebook, as_version=4).cells[:cell] if notebook.is_file() else []
     if len(cells) < cell or cells[-1].cell_type != "code": return None
@@ -142,9 +142,10 @@ def describe_stage_failure(result, # the runner's result for the milestone's sta
     "Why the stage of `result` left nothing to check: its error, or that of the stage that failed."
     if result.status != "not run": return explain_error(result.stage, result.error, folder)
     failed = next((r for r in results if r.status == "failed"), None)
-    earlier = (f"stage '{failed.stage}' failed first: {explain_error(failed.stage, failed.error, folder)}"
-               if failed else "an earlier stage failed")
-    return f"stage '{result.stage}' did not run: {earlier}"
+    if failed is None: return f"stage '{result.stage}' did not run: an earlier stage failed"
+    earlier = explain_error(failed.stage, failed.error, folder)
+    return f"stage '{result.stage}' did not run: stage '{failed.stage}' failed first: {earlier}"
+
 
 # %% ../nbs/40_milestones.ipynb #a8454e19
 def run_check(milestone: Milestone, ctx: CheckContext) -> CheckResult:
@@ -155,7 +156,7 @@ def run_check(milestone: Milestone, ctx: CheckContext) -> CheckResult:
     return CheckResult(milestone, True, found or "passed")
 
 def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
-    "Run `milestone`'s check on the outcome of its stage in `ctx.run` (or on the registry's champion)."
+    "Run `milestone`'s check on the outcome of its stage in `ctx.run`, or on the champion."
     results = ctx.run.results if ctx.run else []
     result = next((r for r in results if r.stage == milestone.stage), None)
     if result is None or result.status in ("done", "cached"): return run_check(milestone, ctx)
