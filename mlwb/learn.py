@@ -121,7 +121,7 @@ def guided_projects() -> dict:
 
 def find_guided_project(project: str, # a folder, a project of the workspace, or a guided project
                         settings: Settings) -> Path:
-    "The folder of `project`: a folder or workspace project or a guided one."
+    "The folder of `project`: a folder, a workspace's project, else a guided project."
     try: return find_project(project, settings)
     except PipelineError: pass
     guided = guided_projects()
