@@ -23,10 +23,11 @@ from .learn import LearnError
 from .tracking import mlflow_client, tracking_to, tracking_uri
 
 # %% auto #0
-__all__ = ['CHECKS', 'CheckFailed', 'CheckContext', 'register_check', 'get_check', 'check_file_exists', 'check_no_missing',
-           'stage_result', 'stage_metric', 'check_metric_at_least', 'check_metric_at_most', 'read_windows',
-           'check_drift_alarm', 'load_served_model', 'check_model_registered', 'example_rows', 'mlwb_executable',
-           'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers']
+__all__ = ['CHECKS', 'REGISTRY_CHECKS', 'CheckFailed', 'CheckContext', 'register_check', 'get_check', 'check_file_exists',
+           'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least', 'check_metric_at_most',
+           'read_windows', 'check_drift_alarm', 'load_served_model', 'check_model_registered', 'example_rows',
+           'mlwb_executable', 'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows',
+           'check_api_answers']
 
 # %% ../nbs/42_checks.ipynb #edfee144
 class CheckFailed(MlwbError):
@@ -40,11 +41,14 @@ class CheckContext:
     run: object = None  # the mlwb.runs.PipelineRun the checks judge, if any
 
 CHECKS = Registry("check", LearnError, entry_points="mlwb.checks")
+REGISTRY_CHECKS = set()  # checks that judge the model registry, not the stage's last attempt
 
 def register_check(name: str, # the name milestones.yml uses in `check:`
                    fn, # fn(ctx, **arguments) -> a sentence on what was found; raises CheckFailed
+                   registry: bool = False, # whether it judges the registry (the champion)
                   ):
     "Make `fn` available to milestones as `check: name`."
+    if registry: REGISTRY_CHECKS.add(name)
     return CHECKS.register(name, fn)
 
 def get_check(name: str):
@@ -165,7 +169,7 @@ def check_model_registered(ctx: CheckContext, name: str, alias: str = "champion"
     return (f"{name}@{alias} is version {version.version}; "
             f"it loads and scores its {rows} example rows")
 
-register_check("model_registered", check_model_registered);
+register_check("model_registered", check_model_registered, registry=True);
 
 # %% ../nbs/42_checks.ipynb #cf66ce8d
 def example_rows(ctx: CheckContext, model, rows: str, n: int = 20):
@@ -251,4 +255,4 @@ def check_api_answers(ctx: CheckContext, model: str, rows: str, n: int = 20) -> 
                           f"the model itself predicts {list(expected)[:10]}")
     return f"`mlwb serve {model}` answered {len(served)} rows with the model's own predictions"
 
-register_check("api_answers", check_api_answers);
+register_check("api_answers", check_api_answers, registry=True);

@@ -11,8 +11,10 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
@@ -20,13 +22,15 @@ from pathlib import Path
 import click
 
 from .config import SETTINGS_FILE, MlwbError, Settings, load_settings
-from .pipeline import find_project
+from .pipeline import PIPELINE_FILE, PipelineError, find_project
 
 # %% auto #0
-__all__ = ['BEGIN', 'END', 'HINT', 'COPY_IGNORE', 'PROJECT_NAME', 'PLACEHOLDER', 'TEMPLATE_SUFFIXES', 'LearnError',
-           'exercise_stub', 'strip_solutions', 'strip_notebook', 'workspace_settings', 'check_empty',
-           'StudentWorkspace', 'start_learning', 'check_project_name', 'template_folder', 'new_project', 'lab_url',
-           'lab_command_line', 'new_command', 'learn_command', 'start_command', 'lab_command']
+__all__ = ['BEGIN', 'END', 'HINT', 'COPY_IGNORE', 'GUIDED', 'PROJECT_NAME', 'PLACEHOLDER', 'TEMPLATE_SUFFIXES', 'STOP_SIGNALS',
+           'LearnError', 'exercise_stub', 'strip_solutions', 'strip_notebook', 'workspace_settings', 'check_empty',
+           'guided_projects_folder', 'guided_projects', 'find_guided_project', 'StudentWorkspace', 'start_learning',
+           'check_project_name', 'template_folder', 'new_project', 'lab_url', 'lab_command_line', 'wait_gone',
+           'stop_process_tree', 'run_process_group', 'new_command', 'learn_command', 'start_command', 'project_title',
+           'list_command', 'lab_command']
 
 # %% ../nbs/41_learn.ipynb #c2222077
 class LearnError(MlwbError):
@@ -72,9 +76,10 @@ def strip_notebook(path: Path | str) -> int:
     import nbformat
     path = Path(path)
     notebook, count = nbformat.read(path, as_version=4), 0
-    for number, cell in enumerate(notebook.cells, 1):
-        if cell.cell_type != "code" or BEGIN not in cell.source: continue
-        cell.source, n = strip_solutions(cell.source, f"{path.name}, cell {number}")
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]  # numbered as in JupyterLab
+    for number, cell in enumerate(code_cells, 1):
+        if BEGIN not in cell.source: continue
+        cell.source, n = strip_solutions(cell.source, f"{path.name}, code cell {number}")
         cell.outputs, cell.execution_count, count = [], None, count + n
     nbformat.write(notebook, path)
     return count
@@ -99,6 +104,31 @@ def check_empty(folder: Path):
         raise LearnError(f"{folder}: already exists and is not empty; "
                          "choose another folder (or remove it to start again)")
 
+# %% ../nbs/41_learn.ipynb #b4e057e8
+GUIDED = "guided-projects"  # the folder of guided projects inside the package
+
+def guided_projects_folder() -> Path:
+    "The guided projects that come with mlwb: `mlwb/guided-projects` (in a clone, projects/)."
+    import mlwb
+    package = Path(mlwb.__file__).resolve().parent
+    linked = package / GUIDED
+    return linked if linked.is_dir() else package.parent / "projects"  # a checkout without symlinks
+
+def guided_projects() -> dict:
+    "`{name: folder}` of the guided projects that come with mlwb, by name (not the template)."
+    folders = sorted(p.parent for p in guided_projects_folder().glob(f"*/{PIPELINE_FILE}"))
+    return {f.name: f for f in folders if not f.name.startswith("_")}
+
+def find_guided_project(project: str, # a folder, a project of the workspace, or a guided project
+                        settings: Settings) -> Path:
+    "The folder of `project`: a folder, a workspace's project, else a guided project."
+    try: return find_project(project, settings)
+    except PipelineError: pass
+    guided = guided_projects()
+    if project in guided: return guided[project]
+    raise LearnError(f"no project '{project}': not a folder with a {PIPELINE_FILE}, nor a project "
+                     f"in {settings.projects_path}; guided projects: {', '.join(guided) or 'none'}")
+
 # %% ../nbs/41_learn.ipynb #bbd053c7
 @dataclass
 class StudentWorkspace:
@@ -107,13 +137,13 @@ class StudentWorkspace:
     project: Path  # the project's copy inside it
     exercises: dict  # notebook name -> number of exercises in it
 
-def start_learning(project: str, # a project name under the workspace's projects/, or a folder
+def start_learning(project: str, # a folder, a project of the workspace, or a guided project
                    folder: Path | str | None = None, # the new workspace; ./learn/<project> if None
                    settings: Settings | None = None,
                   ) -> StudentWorkspace:
     "Copy `project` into a new student workspace with its solutions replaced by exercise stubs."
     settings = settings or load_settings()
-    source = find_project(project, settings)
+    source = find_guided_project(project, settings)
     folder = Path(folder or Path.cwd() / "learn" / source.name).resolve()
     check_empty(folder)
     target = folder / "projects" / source.name
@@ -135,10 +165,8 @@ def check_project_name(name: str):
                          "(for example 'churn-model')")
 
 def template_folder(settings: Settings) -> Path:
-    "The project template: the workspace's projects/_template, else the one beside mlwb."
-    import mlwb
-    beside_package = Path(mlwb.__file__).resolve().parents[1] / "projects" / "_template"
-    for folder in (settings.projects_path / "_template", beside_package):
+    "The project template: the workspace's projects/_template, else the one that comes with mlwb."
+    for folder in (settings.projects_path / "_template", guided_projects_folder() / "_template"):
         if (folder / "pipeline.yml").is_file(): return folder
     raise LearnError(f"no project template: {settings.projects_path / '_template'} does not exist")
 
@@ -174,6 +202,43 @@ def lab_command_line(settings: Settings, port: int, token: str, open_browser: bo
             f"--MappingKernelManager.default_kernel_name={settings.kernel_name}",
             f"--ServerApp.open_browser={open_browser}"] + root
 
+# %% ../nbs/41_learn.ipynb #5b361a35
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+def wait_gone(processes: list, timeout: float) -> list:
+    "Wait until each of the psutil `processes` has ended (a zombie has); those still running."
+    import psutil
+    def running(p):
+        try: return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess: return False
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in processes if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+def stop_process_tree(process: subprocess.Popen, # started with start_new_session=True
+                      grace: float = 30, # seconds to stop cleanly before being killed
+                     ):
+    "Stop `process`, its group and every process it started; kill what is left after `grace`."
+    import psutil
+    try: started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess: started = []
+    try: os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError: pass
+    try: process.wait(timeout=grace)
+    except subprocess.TimeoutExpired: os.killpg(process.pid, signal.SIGKILL); process.wait()
+    for survivor in wait_gone(started, grace): survivor.kill()
+
+def run_process_group(command: list, env: dict) -> int:
+    "Run `command` in a process group of its own until it ends or we are signalled; then stop all."
+    def stop(signum, frame): raise SystemExit(128 + signum)
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try: return process.wait()
+    finally:
+        stop_process_tree(process)
+        for s, handler in previous.items(): signal.signal(s, handler)
+
 # %% ../nbs/41_learn.ipynb #a4046570
 @click.command("new")
 @click.argument("name")
@@ -194,13 +259,28 @@ def learn_command():
 @click.argument("project")
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
 def start_command(project, folder):
-    "Copy PROJECT into a new workspace FOLDER (default ./learn/PROJECT) with the exercises to do."
+    """Copy PROJECT into a new workspace FOLDER (default ./learn/PROJECT) with the exercises to do.
+
+    PROJECT is a guided project's name (`mlwb learn list`), a project of this workspace, or a
+    folder."""
     ws = start_learning(project, folder)
     click.echo(f"workspace: {ws.folder}\nproject:   {ws.project}")
     for name, n in ws.exercises.items():
         click.echo(f"  {name}: {n} exercise{'s' if n != 1 else ''}")
     click.echo(f"next: cd {ws.folder} && mlwb lab   "
                "(then `mlwb check` when a milestone is done, `mlwb progress` to see the path)")
+
+def project_title(folder: Path) -> str:
+    "The H1 title of the project's README, or '' if it has none."
+    readme = folder / "README.md"
+    lines = readme.read_text(encoding="utf-8").splitlines() if readme.is_file() else []
+    return next((line[2:].strip() for line in lines if line.startswith("# ")), "")
+
+@learn_command.command("list")
+def list_command():
+    "The guided projects that come with mlwb, to start with `mlwb learn start NAME`."
+    for name, folder in guided_projects().items(): click.echo(f"{name:<18} {project_title(folder)}")
+    click.echo("start one with: mlwb learn start NAME   (a workspace in ./learn/NAME)")
 
 # %% ../nbs/41_learn.ipynb #7416179b
 @click.command("lab")
@@ -213,4 +293,4 @@ def lab_command(port, token, no_browser):
     token = token or secrets.token_hex(16)
     click.echo(f"JupyterLab on {lab_url(port, token)}  (Ctrl-C to stop)")
     env = {**os.environ, "MLWB_WORKSPACE": str(settings.workspace)}
-    sys.exit(subprocess.call(lab_command_line(settings, port, token, not no_browser), env=env))
+    sys.exit(run_process_group(lab_command_line(settings, port, token, not no_browser), env))

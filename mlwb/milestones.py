@@ -18,17 +18,18 @@ from pathlib import Path
 import click
 import yaml
 
-from .checks import CheckContext, get_check
-from .config import MlwbError, Settings, load_settings
+from .checks import REGISTRY_CHECKS, CheckContext, get_check
+from .config import SETTINGS_FILE, MlwbError, Settings, load_settings
 from .core import quiet_mlflow, write_atomically
 from .learn import LearnError
 from .pipeline import find_project, load_pipeline
 
 # %% auto #0
-__all__ = ['MILESTONES_FILE', 'MILESTONE_KEYS', 'ROADMAP', 'STEP_OF_CHECK', 'Milestone', 'check_entry', 'parse_milestone',
-           'check_arguments', 'read_entries', 'load_milestones', 'CheckResult', 'describe_stage_failure',
-           'check_milestone', 'milestone_stages', 'run_until', 'progress_path', 'load_progress', 'record_progress',
-           'choose_milestones', 'check_project', 'roadmap_step', 'next_step', 'progress_lines', 'stage_printer',
+__all__ = ['MILESTONES_FILE', 'MILESTONE_KEYS', 'RUNNER_CELL', 'ROADMAP', 'STEP_OF_CHECK', 'Milestone', 'check_entry',
+           'parse_milestone', 'check_arguments', 'read_entries', 'load_milestones', 'CheckResult', 'code_cell_number',
+           'name_code_cells', 'explain_error', 'describe_stage_failure', 'run_check', 'check_milestone',
+           'milestone_stages', 'run_until', 'progress_path', 'load_progress', 'record_progress', 'choose_milestones',
+           'check_project', 'roadmap_step', 'next_step', 'progress_lines', 'workspace_here', 'stage_printer',
            'result_lines', 'check_command', 'progress_command']
 
 # %% ../nbs/43_milestones.ipynb #d4abc2ae
@@ -111,25 +112,59 @@ class CheckResult:
     passed: bool
     detail: str  # what the check found, or what is wrong
 
-def describe_stage_failure(stage: str, status: str, error: str | None) -> str:
-    "Why `stage` left nothing to check, in the student's terms."
-    if status == "not run": return f"stage '{stage}' did not run: an earlier stage failed"
-    match = re.search(r"failed (in cell \d+ of \S+): NotImplementedError: (.*)", error or "")
-    if match: return f"exercise not done yet ({match.group(1)}): {match.group(2)}"
-    return error or f"stage '{stage}' failed"
+RUNNER_CELL = re.compile(r"in cell (\d+) of (\S+?\.ipynb)")  # how the runner names a failing cell
+
+def code_cell_number(notebook: Path, cell: int) -> int | None:
+    "Cell `cell` (1-based, of all cells) of `notebook` among its code cells; None if not code."
+    import nbformat
+    cells = nbformat.read(notebook, as_version=4).cells[:cell] if notebook.is_file() else []
+    if len(cells) < cell or cells[-1].cell_type != "code": return None
+    return sum(c.cell_type == "code" for c in cells)
+
+def name_code_cells(error: str, folder: Path) -> str:
+    "`error` with each cell the runner names given as the code cell JupyterLab shows in `folder`."
+    def code_cell(match):
+        number = code_cell_number(folder / match[2], int(match[1]))
+        return match[0] if number is None else f"in code cell {number} of {match[2]}"
+    return RUNNER_CELL.sub(code_cell, error)
+
+# %% ../nbs/43_milestones.ipynb #961f1f90
+def explain_error(stage: str, error: str | None, folder: Path) -> str:
+    "The runner's `error` for `stage`, in the student's terms: an exercise not done, or the error."
+    error = name_code_cells(error or f"stage '{stage}' failed", folder)
+    match = re.search(r"failed (in code cell \d+ of \S+): NotImplementedError: (.*)", error)
+    return f"exercise not done yet ({match[1]}): {match[2]}" if match else error
+
+def describe_stage_failure(result, # the runner's result for the milestone's stage
+                           results: list, # every stage's result in the run
+                           folder: Path, # the project folder, holding the notebooks
+                          ) -> str:
+    "Why the stage of `result` left nothing to check: its error, or that of the stage that failed."
+    if result.status != "not run": return explain_error(result.stage, result.error, folder)
+    failed = next((r for r in results if r.status == "failed"), None)
+    if failed is None: return f"stage '{result.stage}' did not run: an earlier stage failed"
+    earlier = explain_error(failed.stage, failed.error, folder)
+    return f"stage '{result.stage}' did not run: stage '{failed.stage}' failed first: {earlier}"
+
 
 # %% ../nbs/43_milestones.ipynb #a8454e19
-def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
-    "Run `milestone`'s check on the outcome of its stage in `ctx.run`."
-    results = ctx.run.results if ctx.run else []
-    result = next((r for r in results if r.stage == milestone.stage), None)
-    if result is not None and result.status not in ("done", "cached"):
-        why = describe_stage_failure(milestone.stage, result.status, result.error)
-        return CheckResult(milestone, False, why)
+def run_check(milestone: Milestone, ctx: CheckContext) -> CheckResult:
+    "The verdict of `milestone`'s check on what is there now."
     try: found = get_check(milestone.check)(ctx, **milestone.args)
     except MlwbError as e: return CheckResult(milestone, False, str(e))
     except Exception as e: return CheckResult(milestone, False, f"{type(e).__name__}: {e}")
     return CheckResult(milestone, True, found or "passed")
+
+def check_milestone(milestone: Milestone, ctx: CheckContext) -> CheckResult:
+    "Run `milestone`'s check on the outcome of its stage in `ctx.run`, or on the champion."
+    results = ctx.run.results if ctx.run else []
+    result = next((r for r in results if r.stage == milestone.stage), None)
+    if result is None or result.status in ("done", "cached"): return run_check(milestone, ctx)
+    why = describe_stage_failure(result, results, ctx.folder)
+    kept = run_check(milestone, ctx) if milestone.check in REGISTRY_CHECKS else None
+    if kept is None or not kept.passed: return CheckResult(milestone, False, why)
+    return CheckResult(milestone, True, f"{kept.detail} (this run did not replace it: "
+                                        f"{why.splitlines()[0]})")
 
 # %% ../nbs/43_milestones.ipynb #a4d87015
 def milestone_stages(milestones: list) -> list:
@@ -236,6 +271,16 @@ def progress_lines(project: str, milestones: list, entries: dict) -> list:
             lines.append(f"    {mark} {m.id:>2}. {m.title}  ({m.minutes} min)")
     return lines + [next_step(milestones, done)]
 
+# %% ../nbs/43_milestones.ipynb #846fd279
+def workspace_here() -> Settings:
+    "The settings of the workspace the command runs in; a LearnError saying where to go if none."
+    settings = load_settings()
+    if not (settings.workspace / SETTINGS_FILE).is_file():
+        raise LearnError(f"not a workspace: no {SETTINGS_FILE} in {settings.workspace} or a folder "
+                         "above it; cd into learn/<project>, the workspace that `mlwb learn start "
+                         "<project>` made (`mlwb learn list` names the projects)")
+    return settings
+
 # %% ../nbs/43_milestones.ipynb #a2b28212
 def stage_printer(event: str, result):
     "The runner's progress callback for `mlwb check`: a line per finished stage."
@@ -256,7 +301,7 @@ def result_lines(result: CheckResult) -> list:
 def check_command(project, milestone):
     "Run your pipeline up to the milestones' stages and check each; nothing in your files changes."
     quiet_mlflow()
-    settings = load_settings()
+    settings = workspace_here()
     click.echo(f"checking {project or settings.default_project} in {settings.workspace}")
     results = check_project(project, milestone, settings, on_event=stage_printer)
     for result in results: click.echo("\n".join(result_lines(result)))
@@ -269,7 +314,7 @@ def check_command(project, milestone):
 @click.argument("project", required=False)
 def progress_command(project):
     "Show the milestones of your projects, and which are done."
-    settings = load_settings()
+    settings = workspace_here()
     progress = load_progress(settings)
     has_milestones = lambda n: (settings.projects_path / n / MILESTONES_FILE).is_file()
     known = set(progress) | {settings.default_project}

@@ -1,6 +1,8 @@
 """JupyterLab and the MLflow UI in a real headless Chromium (Debian's, installed by `.ci/chromium`; Playwright
 never downloads a browser): `mlwb lab` opens a stage notebook that runs all its cells and shows their outputs,
-and `mlwb ui` shows the project's pipeline runs. Screenshots go to test-artifacts/browser/."""
+and `mlwb ui` shows the project's pipeline runs. Screenshots go to test-artifacts/browser/. And `mlwb lab`,
+stopped by any of the signals that stop a program, leaves neither JupyterLab nor a kernel behind."""
+import json
 import os
 import re
 import signal
@@ -8,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 
+import psutil
 import pytest
 
 from conftest import MLWB, REPO, run_mlwb
@@ -121,3 +124,50 @@ def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, 
         page.close()
     finally:
         stop(ui)
+
+
+def still_running(processes):
+    "Those of the psutil `processes` that have not ended (a zombie has ended)."
+    def running(p):
+        try: return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess: return False
+    return [p for p in processes if running(p)]
+
+
+def group_members(pgid):
+    "The running processes of process group `pgid`."
+    def member(p):
+        try: return os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+        except (ProcessLookupError, psutil.NoSuchProcess): return False
+    return [p for p in psutil.process_iter() if member(p)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_mlwb_lab_stopped_by_a_signal_leaves_no_process_behind(tmp_path, signum):
+    ws = tmp_path / "ws"
+    (ws / "projects").mkdir(parents=True)
+    (ws / "settings.ini").write_text((REPO / "settings.ini").read_text())
+    port, token, log = free_port(), "mlwb-test-token", tmp_path / "lab.log"
+    lab = start(["lab", "--port", str(port), "--token", token, "--no-browser"], ws, {"MLWB_WORKSPACE": str(ws)}, log)
+    family = []
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/status?token={token}", lab, log)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/kernels?token={token}", method="POST",
+                                         data=json.dumps({"name": "python3"}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response: assert response.status == 201
+        deadline = time.monotonic() + 120  # the kernel process, in a session of its own, started by JupyterLab
+        while not [p for p in psutil.Process(lab.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]:
+            assert time.monotonic() < deadline, f"no kernel process within 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        family = [psutil.Process(lab.pid)] + psutil.Process(lab.pid).children(recursive=True)
+        groups = {os.getpgid(p.pid) for p in family}
+        assert len(groups) >= 2  # the kernel runs in a session of its own
+        os.kill(lab.pid, signum)  # to mlwb alone, as a process manager or a closed terminal sends it
+        lab.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while still_running(family) or any(group_members(g) for g in groups):
+            assert time.monotonic() < deadline, f"left running: {still_running(family)}\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+    finally:
+        if lab.poll() is None: stop(lab)
+        for leftover in still_running(family): leftover.kill()  # not to outlive a failed test

@@ -98,7 +98,7 @@ def test_a_fresh_student_copy_fails_milestone_1_with_its_hint_and_passes_with_th
     failed = run_mlwb("check", "--milestone", "1", cwd=student, env=in_workspace(student))
     first = load_milestones(project)[0]
     assert failed.returncode == 1, failed.stdout + failed.stderr
-    assert f"✗ 1. {first.title}" in failed.stdout and "exercise not done yet (in cell" in failed.stdout
+    assert f"✗ 1. {first.title}" in failed.stdout and "exercise not done yet (in code cell" in failed.stdout
     assert "Exercise: generate the transactions with make_card_transactions" in failed.stdout
     assert f"hint: {first.hint}" in failed.stdout
     assert fingerprints(project) == before  # the check changed nothing of the student's

@@ -2,8 +2,8 @@
 pipeline twice in a fresh workspace): every stage runs and says where its results are, a rerun with nothing
 changed reuses every stage, MLflow holds both pipeline runs with a child run per stage, the champion is
 registered, the milestones name real stages and metrics that the reference solution reaches, every stage
-notebook has an exercise, and the reference project passes its own checks. What is particular to one
-project is in tests/test_<project>.py."""
+notebook has an exercise, the README lists the milestones of milestones.yml, and the reference project passes
+its own checks. What is particular to one project is in tests/test_<project>.py."""
 import nbformat
 import pytest
 
@@ -82,3 +82,22 @@ def test_the_reference_project_passes_all_its_checks(project_run):
     checked = check_reference_project(project_run.ws, project_run.name)
     reused = all(f"↷ {stage}" in checked.stdout for stage in project_run.stages)
     assert reused, checked.stdout  # the check reused the pipeline's runs
+
+
+def readme_milestones(readme):
+    "The milestones table of a project's README (under '## Milestones'): one dict per row, by column name."
+    section = readme.read_text(encoding="utf-8").split("\n## Milestones\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    return [dict(zip(rows[0], row)) for row in rows[2:]]  # rows[1] is the |---| line
+
+
+@pytest.mark.parametrize("project", sorted(PROJECTS) + ["_template"])
+def test_the_readme_lists_the_milestones_of_milestones_yml(project):
+    folder = REPO / "projects" / project
+    listed = readme_milestones(folder / "README.md")
+    milestones = load_milestones(folder)
+    assert [row["#"] for row in listed] == [str(m.id) for m in milestones]
+    for row, m in zip(listed, milestones):
+        assert row["milestone"] == m.title, (project, m.id)
+        assert row.get("stage", m.stage) == m.stage, (project, m.id)
+        assert row.get("about", row.get("minutes")) in (f"{m.minutes} min", str(m.minutes)), (project, m.id)
