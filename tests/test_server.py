@@ -1,5 +1,6 @@
-"""`mlwb server`: a real PostgreSQL (installed by .ci/postgres, as CI does), the MLflow tracking server on it,
-four pipelines at once; a private cluster in a private folder, its password on no command line and in no log."""
+"""`mlwb server`: a real PostgreSQL (installed by .ci/postgres, as CI does), the MLflow tracking
+server on it, four pipelines at once; a cluster in a private folder, its password on no command line
+and in no log."""
 import os
 import re
 import shutil
@@ -15,7 +16,8 @@ from mlflow import MlflowClient
 
 from conftest import MLWB, REPO, make_notebook, run_mlwb
 from mlwb.core import free_port
-from mlwb.server import data_folder, remove_postgres, start_postgres, wait_until_ready, without_password
+from mlwb.server import (data_folder, remove_postgres, start_postgres, wait_until_ready,
+                         without_password)
 
 PROJECT, PIPELINES = "team-demo", 4
 
@@ -29,8 +31,8 @@ def installed_postgres():
 
 @pytest.fixture(scope="session")
 def postgres(installed_postgres):
-    "A private PostgreSQL cluster on a free loopback port: `(dsn, folder)`; stopped and removed afterwards."
-    folder = Path(tempfile.mkdtemp(prefix="mlwb-pg-"))  # under /tmp: the postgres user must reach it when we are root
+    "A private PostgreSQL cluster on a free loopback port: `(dsn, folder)`; removed afterwards."
+    folder = Path(tempfile.mkdtemp(prefix="mlwb-pg-"))  # in /tmp, which the postgres user can enter
     try:
         yield start_postgres(folder, free_port()), folder
     finally:
@@ -42,10 +44,11 @@ def server(postgres, tmp_path):
     "`mlwb server` on the PostgreSQL cluster: `(tracking URI it printed, artifacts folder)`; stopped afterwards."
     dsn, folder = postgres
     artifacts, port = tmp_path / "artifacts", free_port()
-    password = {"PGPASSWORD": (folder / "password").read_text().strip()}  # libpq's variable: on no command line
+    password = {"PGPASSWORD": (folder / "password").read_text().strip()}  # libpq reads it
     process = subprocess.Popen([str(MLWB), "server", "--backend-store-uri", without_password(dsn),
-                                "--artifacts-destination", str(artifacts), "--port", str(port), "--workers", "2"],
-                               cwd=tmp_path, start_new_session=True, env={**os.environ, **password},
+                                "--artifacts-destination", str(artifacts), "--port", str(port),
+                                "--workers", "2"], cwd=tmp_path, start_new_session=True,
+                               env={**os.environ, **password},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         uri = printed_tracking_uri(process)
@@ -57,7 +60,7 @@ def server(postgres, tmp_path):
 
 
 def printed_tracking_uri(process, seconds=180, seen=None) -> str:
-    "The URI in the `export MLFLOW_TRACKING_URI=…` line that `mlwb server` prints; the lines so far go to `seen`."
+    "The URI in the `export MLFLOW_TRACKING_URI=…` line `mlwb server` prints; lines go to `seen`."
     deadline, seen = time.monotonic() + seconds, [] if seen is None else seen
     while time.monotonic() < deadline:
         line = process.stdout.readline()
@@ -144,24 +147,26 @@ def command_lines() -> list:
 
 def files_under(*folders) -> list:
     "Every file under `folders` (links not followed)."
-    return [p for folder in folders for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink()]
+    found = [p for folder in folders for p in Path(folder).rglob("*")]
+    return [p for p in found if p.is_file() and not p.is_symlink()]
 
 
 def test_team_server_in_a_private_folder_keeps_its_password_secret(installed_postgres):
-    private = Path(tempfile.mkdtemp(prefix="mlwb-private-"))  # mode 0700, like /root: as root, postgres cannot enter
+    private = Path(tempfile.mkdtemp(prefix="mlwb-private-"))  # mode 0700, like /root
     folder, seen = private / "proj" / "pg", []
-    process = subprocess.Popen([str(MLWB), "server", "--postgres", str(folder), "--postgres-port", str(free_port()),
-                                "--port", str(free_port()), "--workers", "1"], cwd=private, start_new_session=True,
+    process = subprocess.Popen([str(MLWB), "server", "--postgres", str(folder),
+                                "--postgres-port", str(free_port()), "--port", str(free_port()),
+                                "--workers", "1"], cwd=private, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         uri = wait_until_ready(printed_tracking_uri(process, seen=seen), timeout=60)
         data, password = data_folder(folder), (folder / "password").read_text().strip()
         assert f"its data in {data}" in "".join(seen)
-        if os.geteuid() == 0: assert not data.is_relative_to(private)  # where the postgres user can reach it
+        if os.geteuid() == 0: assert not data.is_relative_to(private)  # postgres can't enter it
         assert oct((folder / "password").stat().st_mode & 0o777) == "0o600"
 
         everywhere = command_lines()
-        assert any(str(data).encode() in c for c in everywhere)  # PostgreSQL's processes are among them
+        assert any(str(data).encode() in c for c in everywhere)  # PostgreSQL's processes are there
         assert any(b"mlflow server" in c for c in everywhere)  # and MLflow's
         assert not [c for c in everywhere if password.encode() in c]
 
@@ -171,9 +176,11 @@ def test_team_server_in_a_private_folder_keeps_its_password_secret(installed_pos
         client.log_text(run.info.run_id, "from a private folder", "notes/hello.txt")
         client.set_terminated(run.info.run_id)
         again = MlflowClient(tracking_uri=uri)  # read back by another client, through the server
-        assert [(m.step, m.value) for m in again.get_metric_history(run.info.run_id, "auc")] == [(0, 0.91)]
+        history = again.get_metric_history(run.info.run_id, "auc")
+        assert [(m.step, m.value) for m in history] == [(0, 0.91)]
         note = Path(again.download_artifacts(run.info.run_id, "notes/hello.txt", str(private)))
-        assert note.read_text() == "from a private folder" and again.get_run(run.info.run_id).info.status == "FINISHED"
+        assert note.read_text() == "from a private folder"
+        assert again.get_run(run.info.run_id).info.status == "FINISHED"
 
         process.send_signal(signal.SIGTERM)
         output = "".join(seen) + process.communicate(timeout=120)[0]
