@@ -27,23 +27,27 @@ from . import core
 from .config import MlwbError, load_settings
 
 # %% auto #0
-__all__ = ['BACKEND_SCHEMES', 'UVICORN_OPTIONS', 'POSTGRES_USER', 'DATABASE', 'ROLE', 'ServerError', 'check_backend_uri',
-           'is_loopback', 'check_binding', 'tracking_server_command', 'TrackingServer', 'wait_until_ready',
-           'start_tracking_server', 'stop_tracking_server', 'postgres_bin', 'as_postgres_user', 'init_postgres',
-           'postgres_dsn', 'postgres_running_port', 'create_database', 'start_postgres', 'stop_postgres', 'masked',
-           'server_plan', 'serve_until_stopped', 'server_command']
+__all__ = ['BACKEND_SCHEMES', 'UVICORN_OPTIONS', 'POSTGRES_USER', 'DATABASE', 'ROLE', 'ROOT_CLUSTERS', 'ServerError',
+           'check_backend_uri', 'is_loopback', 'check_binding', 'tracking_server_command',
+           'tracking_server_environment', 'TrackingServer', 'wait_until_ready', 'start_tracking_server',
+           'stop_tracking_server', 'postgres_bin', 'as_postgres_user', 'postgres_can_enter', 'cluster_home',
+           'data_folder', 'init_postgres', 'postgres_dsn', 'postgres_running_port', 'create_database', 'start_postgres',
+           'stop_postgres', 'remove_postgres', 'masked', 'without_password', 'server_plan', 'serve_until_stopped',
+           'server_command']
 
 # %% ../nbs/40_server.ipynb #8d24e45f
 class ServerError(MlwbError):
     "A tracking server or PostgreSQL cluster that cannot be set up or started as asked."
 
-BACKEND_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql", "mysql+pymysql", "sqlite", "mssql+pyodbc")
+BACKEND_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg", "mysql",
+                   "mysql+pymysql", "sqlite", "mssql+pyodbc")
 
 def check_backend_uri(uri: str) -> str:
     "`uri` if it is a database URL MLflow can use as a backend store."
     scheme = urlsplit(uri or "").scheme
     if scheme not in BACKEND_SCHEMES:
-        raise ServerError(f"option '--backend-store-uri': expected a database URL such as postgresql://user:password@host:5432/mlflow, got {uri!r}")
+        raise ServerError("option '--backend-store-uri': expected a database URL such as "
+                          f"postgresql://user@host:5432/mlflow, got {uri!r}")
     return uri
 
 def is_loopback(host: str) -> bool:
@@ -54,22 +58,29 @@ def is_loopback(host: str) -> bool:
 
 def check_binding(host: str, port: int, allowed_hosts: str | None) -> None:
     "Raise unless `port` is a port and a non-loopback `host` comes with `allowed_hosts`."
-    if not 1 <= int(port) <= 65535: raise ServerError(f"option '--port': expected 1..65535, got {port}")
+    if not 1 <= int(port) <= 65535:
+        raise ServerError(f"option '--port': expected 1..65535, got {port}")
     if not is_loopback(host) and not allowed_hosts:
-        raise ServerError(f"option '--host': {host} makes the server reachable from other machines; "
-                          "also give --allowed-hosts (the host names clients will use) to confirm")
+        raise ServerError(f"option '--host': {host} makes the server reachable from other "
+                          "machines; also give --allowed-hosts (the host names clients will use) "
+                          "to confirm")
 
 # %% ../nbs/40_server.ipynb #bb5ecdf3
-UVICORN_OPTIONS = "--timeout-worker-healthcheck 120"  # uvicorn's default, 5 s, kills workers still importing on a busy machine
+UVICORN_OPTIONS = "--timeout-worker-healthcheck 120"  # uvicorn's 5 s kills workers still importing
 
-def tracking_server_command(backend_uri: str, artifacts: str | Path, host: str = "127.0.0.1", port: int = 5000,
+def tracking_server_command(artifacts: str | Path, host: str = "127.0.0.1", port: int = 5000,
                             workers: int = 2, allowed_hosts: str | None = None) -> list:
-    "The `mlflow server` command line: this backend store, artifacts proxied into `artifacts`."
-    destination = Path(artifacts).resolve().as_uri() if "://" not in str(artifacts) else str(artifacts)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", check_backend_uri(backend_uri),
-               "--serve-artifacts", "--artifacts-destination", destination,
-               "--host", host, "--port", str(port), "--workers", str(workers), "--uvicorn-opts", UVICORN_OPTIONS]
+    "The `mlflow server` command line, artifacts proxied into `artifacts`; no backend store."
+    remote = "://" in str(artifacts)
+    destination = str(artifacts) if remote else Path(artifacts).resolve().as_uri()
+    command = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts",
+               "--artifacts-destination", destination, "--host", host, "--port", str(port),
+               "--workers", str(workers), "--uvicorn-opts", UVICORN_OPTIONS]
     return command + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
+
+def tracking_server_environment(backend_uri: str) -> dict:
+    "The environment of `mlflow server`: ours plus the backend store's URL, password and all."
+    return {**os.environ, "MLFLOW_BACKEND_STORE_URI": check_backend_uri(backend_uri)}
 
 # %% ../nbs/40_server.ipynb #599f325c
 @dataclass
@@ -81,22 +92,24 @@ class TrackingServer:
 
 def wait_until_ready(url: str, timeout: float = 120, process: subprocess.Popen | None = None,
                      log: Path | None = None) -> str:
-    "Return `url` once the server there answers `/health`; a `ServerError` if it exits or stays silent."
+    "`url` once the server there answers `/health`; a `ServerError` if it exits or stays silent."
     try: core.wait_until_ready(f"{url}/health", timeout, process, log)
     except core.NotReadyError as error: raise ServerError(f"the tracking server: {error}") from None
     return url
 
 # %% ../nbs/40_server.ipynb #ea5d1772
-def start_tracking_server(backend_uri: str, artifacts: str | Path, host: str = "127.0.0.1", port: int = 5000,
-                          workers: int = 2, allowed_hosts: str | None = None, log: Path | None = None,
-                          timeout: float = 120) -> TrackingServer:
+def start_tracking_server(backend_uri: str, artifacts: str | Path, host: str = "127.0.0.1",
+                          port: int = 5000, workers: int = 2, allowed_hosts: str | None = None,
+                          log: Path | None = None, timeout: float = 120) -> TrackingServer:
     "Start `mlflow server` in the background and wait until it answers; its address is `.url`."
     check_binding(host, port, allowed_hosts)
-    command = tracking_server_command(backend_uri, artifacts, host, port, workers, allowed_hosts)
+    command = tracking_server_command(artifacts, host, port, workers, allowed_hosts)
+    environment = tracking_server_environment(backend_uri)
     log = Path(log or Path(tempfile.mkdtemp(prefix="mlwb-server-")) / "server.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try: wait_until_ready(url, timeout, process, log)
     except BaseException: stop_tracking_server(TrackingServer(process, url, log)); raise
@@ -107,48 +120,93 @@ def stop_tracking_server(server: TrackingServer, timeout: float = 30) -> None:
     if server.process.poll() is not None: return
     os.killpg(server.process.pid, signal.SIGTERM)
     try: server.process.wait(timeout)
-    except subprocess.TimeoutExpired: os.killpg(server.process.pid, signal.SIGKILL); server.process.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL); server.process.wait()
 
 # %% ../nbs/40_server.ipynb #29e281f8
 POSTGRES_USER = "postgres"  # the system user that runs the cluster when we are root
 DATABASE, ROLE = "mlflow", "mlwb"  # the database MLflow uses and its owner
 
 def postgres_bin(name: str) -> str:
-    "The path of PostgreSQL program `name` (initdb, pg_ctl): on PATH or under /usr/lib/postgresql/*/bin."
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-    if not found: raise ServerError(f"PostgreSQL's {name} was not found; install PostgreSQL (Debian: .ci/postgres install)")
+    "The path of PostgreSQL's `name` (initdb, pg_ctl): on PATH or in /usr/lib/postgresql/*/bin."
+    installed = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)
+    found = shutil.which(name) or next(iter(installed), None)
+    if not found:
+        raise ServerError(f"PostgreSQL's {name} was not found; "
+                          "install PostgreSQL (Debian: .ci/postgres install)")
     return found
 
 def as_postgres_user(command: list) -> list:
     "`command`, run as the unprivileged PostgreSQL user when we are root."
     if os.geteuid() != 0: return command
     try: pwd.getpwnam(POSTGRES_USER)
-    except KeyError: raise ServerError(f"PostgreSQL cannot run as root and there is no '{POSTGRES_USER}' user; run .ci/postgres install") from None
+    except KeyError:
+        raise ServerError(f"PostgreSQL cannot run as root and there is no '{POSTGRES_USER}' user; "
+                          "run .ci/postgres install") from None
     return ["runuser", "-u", POSTGRES_USER, "--", *command]
 
 # %% ../nbs/40_server.ipynb #570acd26
+ROOT_CLUSTERS = Path("/var/lib/mlwb/postgres")  # root's clusters in folders `postgres` cannot enter
+
 def _run(command: list, what: str) -> str:
     "Run a PostgreSQL program; raise with its output if it fails."
     done = subprocess.run(command, capture_output=True, text=True, cwd="/", timeout=120)
-    if done.returncode != 0: raise ServerError(f"{what} failed: {(done.stdout + done.stderr).strip()[-1500:]}")
+    if done.returncode != 0:
+        raise ServerError(f"{what} failed: {(done.stdout + done.stderr).strip()[-1500:]}")
     return done.stdout
 
 def _give_to_postgres(path: Path) -> None:
     "When root, hand `path` to the PostgreSQL user."
     if os.geteuid() == 0: shutil.chown(path, POSTGRES_USER, POSTGRES_USER)
 
+def _write_private(path: Path, text: str) -> None:
+    "Write `text` to a new file `path` that only its owner can read, from the first byte on."
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with open(descriptor, "w") as out: out.write(text)
+
+def postgres_can_enter(folder: Path) -> bool:
+    "Whether the user that runs PostgreSQL can enter `folder`: always, unless we are root."
+    if os.geteuid() != 0: return True
+    return subprocess.run(as_postgres_user(["test", "-x", str(folder)]), cwd="/").returncode == 0
+
+def cluster_home(folder: Path) -> Path:
+    "Where the cluster of `folder` keeps its data: `folder`, or (root) a folder in ROOT_CLUSTERS."
+    if postgres_can_enter(folder): return folder
+    try:
+        for level in (ROOT_CLUSTERS.parent, ROOT_CLUSTERS):
+            level.mkdir(parents=True, exist_ok=True); level.chmod(0o711)  # pass through, not list
+        prefix = f"{folder.parent.name}-{folder.name}-"
+        home = Path(tempfile.mkdtemp(prefix=prefix, dir=ROOT_CLUSTERS))
+    except OSError as error:
+        raise ServerError(f"option '--postgres': user '{POSTGRES_USER}' cannot enter {folder} and "
+                          f"{ROOT_CLUSTERS} cannot be made ({error}); "
+                          "give a folder that user can reach") from None
+    _give_to_postgres(home)  # mkdtemp made it 0700
+    return home
+
+# %% ../nbs/40_server.ipynb #e3a9d5c4
+def data_folder(folder: str | Path) -> Path:
+    "The data folder of the cluster in `folder`: `folder`/data, or the folder that link points to."
+    return (Path(folder).resolve() / "data").resolve()
+
 def init_postgres(folder: str | Path) -> Path:
-    "Create a PostgreSQL cluster in `folder`/data (once), reachable on 127.0.0.1 only, with a password."
-    folder = Path(folder).resolve(); data = folder / "data"
-    if (data / "PG_VERSION").exists(): return data
-    folder.mkdir(parents=True, exist_ok=True); folder.chmod(0o711)  # the PostgreSQL user must reach data/
-    (folder / "password").write_text(secrets.token_urlsafe(24)); (folder / "password").chmod(0o600)
-    pwfile = folder / ".initdb-password"; shutil.copy(folder / "password", pwfile); _give_to_postgres(pwfile)
-    data.mkdir(mode=0o700); _give_to_postgres(data)
-    try: _run(as_postgres_user([postgres_bin("initdb"), "-D", str(data), "-U", ROLE, "--auth=scram-sha-256",
-                                f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"]), f"initdb in {data}")
+    "Create the cluster of `folder` (once), on 127.0.0.1 only, with a password; its data folder."
+    folder = Path(folder).resolve(); link = folder / "data"
+    if (link / "PG_VERSION").exists(): return data_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True); folder.chmod(0o711)  # the PostgreSQL user may pass
+    _write_private(folder / "password", secrets.token_urlsafe(24))
+    home = cluster_home(folder); data = home / "data"
+    if home != folder: link.unlink(missing_ok=True); link.symlink_to(data)
+    pwfile = home / ".initdb-password"
+    _write_private(pwfile, (folder / "password").read_text()); _give_to_postgres(pwfile)
+    data.mkdir(mode=0o700, exist_ok=True); _give_to_postgres(data)
+    initdb = [postgres_bin("initdb"), "-D", str(data), "-U", ROLE, "--auth=scram-sha-256",
+              f"--pwfile={pwfile}", "-E", "UTF8", "--no-locale"]
+    try: _run(as_postgres_user(initdb), f"initdb in {data}")
     finally: pwfile.unlink(missing_ok=True)
-    with open(data / "postgresql.conf", "a") as conf: conf.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n")
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n")
     return data
 
 # %% ../nbs/40_server.ipynb #a944b7fe
@@ -159,38 +217,52 @@ def postgres_dsn(folder: str | Path, port: int, database: str = DATABASE) -> str
 
 def postgres_running_port(folder: str | Path) -> int | None:
     "The port of the cluster running in `folder`, or None if it is not running."
-    data = Path(folder).resolve() / "data"
+    data = data_folder(folder)
     if not (data / "postmaster.pid").exists(): return None
-    if subprocess.run(as_postgres_user([postgres_bin("pg_ctl"), "status", "-D", str(data)]), capture_output=True, cwd="/").returncode != 0: return None
+    status = as_postgres_user([postgres_bin("pg_ctl"), "status", "-D", str(data)])
+    if subprocess.run(status, capture_output=True, cwd="/").returncode != 0: return None
     return int((data / "postmaster.pid").read_text().splitlines()[3])
 
 def create_database(folder: str | Path, port: int, database: str = DATABASE) -> None:
     "Create `database` in the cluster unless it exists."
     import psycopg
-    with psycopg.connect(postgres_dsn(folder, port, "postgres"), autocommit=True) as connection:  # CREATE DATABASE cannot run in a transaction
-        if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None:
+    # autocommit: CREATE DATABASE cannot run in a transaction
+    with psycopg.connect(postgres_dsn(folder, port, "postgres"), autocommit=True) as connection:
+        found = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        if found.fetchone() is None:
             connection.execute(f'CREATE DATABASE "{database}"')
 
 # %% ../nbs/40_server.ipynb #4bcd5a95
 def start_postgres(folder: str | Path, port: int) -> str:
-    "Initialise (once) and start the cluster in `folder` on 127.0.0.1:`port`; return its SQLAlchemy URL."
+    "Initialise (once) and start the cluster in `folder` on 127.0.0.1:`port`; its SQLAlchemy URL."
     folder = Path(folder).resolve()
-    if not 1 <= int(port) <= 65535: raise ServerError(f"option '--postgres-port': expected 1..65535, got {port}")
+    if not 1 <= int(port) <= 65535:
+        raise ServerError(f"option '--postgres-port': expected 1..65535, got {port}")
     data = init_postgres(folder)
     running = postgres_running_port(folder)
     if running is not None and running != int(port):
-        raise ServerError(f"option '--postgres': the cluster in {folder} already runs on port {running}, not {port}")
+        raise ServerError(f"option '--postgres': the cluster in {folder} already runs on port "
+                          f"{running}, not {port}")
     if running is None:
-        _run(as_postgres_user([postgres_bin("pg_ctl"), "start", "-D", str(data), "-l", str(data / "postgres.log"),
-                               "-w", "-t", "60", "-o", f"-p {int(port)}"]), f"starting PostgreSQL in {data} (log: {data / 'postgres.log'})")
+        log = data / "postgres.log"
+        _run(as_postgres_user([postgres_bin("pg_ctl"), "start", "-D", str(data), "-l", str(log),
+                               "-w", "-t", "60", "-o", f"-p {int(port)}"]),
+             f"starting PostgreSQL in {data} (log: {log})")
     create_database(folder, port)
     return postgres_dsn(folder, port)
 
 def stop_postgres(folder: str | Path) -> None:
     "Stop the cluster in `folder` if it is running."
-    data = Path(folder).resolve() / "data"
+    data = data_folder(folder)
     if postgres_running_port(folder) is not None:
-        _run(as_postgres_user([postgres_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]), f"stopping PostgreSQL in {data}")
+        stop = [postgres_bin("pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]
+        _run(as_postgres_user(stop), f"stopping PostgreSQL in {data}")
+
+def remove_postgres(folder: str | Path) -> None:
+    "Stop the cluster in `folder` and delete it: `folder`, and its data where that lives elsewhere."
+    stop_postgres(folder); home = data_folder(folder).parent
+    shutil.rmtree(folder, ignore_errors=True)
+    if home.parent == ROOT_CLUSTERS: shutil.rmtree(home, ignore_errors=True)
 
 # %% ../nbs/40_server.ipynb #3754e22c
 def masked(uri: str) -> str:
@@ -199,11 +271,18 @@ def masked(uri: str) -> str:
     if not parts.password: return uri
     return uri.replace(f":{parts.password}@", ":***@", 1)
 
+def without_password(uri: str) -> str:
+    "`uri` with no password in it."
+    parts = urlsplit(uri)
+    if not parts.password: return uri
+    return uri.replace(f":{parts.password}@", "@", 1)
+
 # %% ../nbs/40_server.ipynb #12653d53
 def server_plan(backend_store_uri, artifacts_destination, postgres, workspace: Path) -> tuple:
     "`(backend_uri or None, artifacts)`: what `mlwb server` was asked to use, checked."
     if bool(backend_store_uri) == bool(postgres):
-        raise ServerError("give exactly one of --backend-store-uri postgresql://… (an existing database) and --postgres DIR (a private cluster)")
+        raise ServerError("give exactly one of --backend-store-uri postgresql://… "
+                          "(an existing database) and --postgres DIR (a private cluster)")
     if backend_store_uri: check_backend_uri(backend_store_uri)
     default = Path(postgres) / "artifacts" if postgres else Path(workspace) / "mlartifacts"
     return backend_store_uri, artifacts_destination or str(Path(default).resolve())
@@ -219,24 +298,38 @@ def serve_until_stopped(server: TrackingServer) -> int:
 
 # %% ../nbs/40_server.ipynb #319e2dbe
 @click.command("server")
-@click.option("--backend-store-uri", help="Database URL of the backend store, e.g. postgresql://user:password@host:5432/mlflow.")
-@click.option("--postgres", "postgres", type=click.Path(file_okay=False), help="Run a private PostgreSQL cluster in this folder instead.")
-@click.option("--postgres-port", type=int, default=5433, show_default=True, help="Port of the private PostgreSQL (127.0.0.1 only).")
-@click.option("--artifacts-destination", help="Where proxied artifacts are stored: a folder or s3://… [default: DIR/artifacts or ./mlartifacts]")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; anything but loopback also needs --allowed-hosts.")
-@click.option("--port", type=int, default=5000, show_default=True, help="Port of the tracking server.")
-@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Server worker processes.")
-@click.option("--allowed-hosts", help="Host headers the server accepts (MLflow's --allowed-hosts), e.g. mlflow.example.com.")
-def server_command(backend_store_uri, postgres, postgres_port, artifacts_destination, host, port, workers, allowed_hosts):
+@click.option("--backend-store-uri", help="Database URL of the backend store, e.g. "
+              "postgresql://user@host:5432/mlflow with the password in PGPASSWORD.")
+@click.option("--postgres", "postgres", type=click.Path(file_okay=False),
+              help="Run a private PostgreSQL cluster in this folder instead.")
+@click.option("--postgres-port", type=int, default=5433, show_default=True,
+              help="Port of the private PostgreSQL (127.0.0.1 only).")
+@click.option("--artifacts-destination",
+              help="Where proxied artifacts are stored: a folder or s3://… "
+                   "[default: DIR/artifacts or ./mlartifacts]")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; anything but loopback also needs --allowed-hosts.")
+@click.option("--port", type=int, default=5000, show_default=True,
+              help="Port of the tracking server.")
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Server worker processes.")
+@click.option("--allowed-hosts", help="Host headers the server accepts (MLflow's --allowed-hosts), "
+              "e.g. mlflow.example.com.")
+def server_command(backend_store_uri, postgres, postgres_port, artifacts_destination, host, port,
+                   workers, allowed_hosts):
     "Run a team MLflow tracking server: PostgreSQL backend store, artifacts proxied by the server."
     check_binding(host, port, allowed_hosts)
     settings = load_settings()
-    backend, artifacts = server_plan(backend_store_uri, artifacts_destination, postgres, settings.workspace)
-    if postgres: backend = start_postgres(postgres, postgres_port); click.echo(f"PostgreSQL in {Path(postgres).resolve()} on 127.0.0.1:{postgres_port}")
+    backend, artifacts = server_plan(backend_store_uri, artifacts_destination, postgres,
+                                     settings.workspace)
+    if postgres:
+        backend = start_postgres(postgres, postgres_port)
+        click.echo(f"PostgreSQL on 127.0.0.1:{postgres_port}, its data in {data_folder(postgres)}")
     try:
         log = (Path(postgres) if postgres else settings.runs_path) / "mlflow-server.log"
         server = start_tracking_server(backend, artifacts, host, port, workers, allowed_hosts, log)
-        click.echo(f"tracking server on {server.url}  (backend {masked(backend)}, artifacts {artifacts}; log {server.log})")
+        click.echo(f"tracking server on {server.url}  (backend {masked(backend)}, "
+                   f"artifacts {artifacts}; log {server.log})")
         click.echo(f"export MLFLOW_TRACKING_URI={server.url}")
         click.echo("Ctrl-C to stop", err=True)
         status = serve_until_stopped(server)
