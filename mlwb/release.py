@@ -198,7 +198,8 @@ def release_status(name: str, settings: Settings | None = None) -> dict:
     versions = sorted((str(v.version)
                        for v in client.search_model_versions(f"name='{name}'")), key=int)
     aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
-    return {"name": name, "aliases": aliases, "versions": versions, "history": history(client, name)}
+    return {"name": name, "aliases": aliases, "versions": versions,
+            "history": history(client, name)}
 
 # %% ../nbs/31_release.ipynb #82396bae
 SWEEP_VARIABLE = "MLWB_SWEEP"  # set (not "0") by `mlwb sweep`: register stages move no alias
