@@ -53,13 +53,17 @@ def file_hashes(folder: Path, paths) -> dict:
     return {p: hash_file(Path(folder) / p) for p in sorted(paths)}
 
 def environment_versions(memo: Path | None = None) -> dict:
-    "The Python version and every package version of this interpreter (remembered in `memo` until a package folder changes)."
+    ("The Python version and every package version of this interpreter (remembered in `memo` until "
+     "a package folder changes).")
     stamp = {p: os.stat(p).st_mtime_ns for p in sys.path if p and os.path.isdir(p)}
     try: saved = json.loads(Path(memo).read_text()) if memo else None
     except (OSError, ValueError): saved = None
-    if saved and saved.get("stamp") == stamp and saved.get("python") == sys.version: return saved["versions"]
+    if saved and saved.get("stamp") == stamp and saved.get("python") == sys.version:
+        return saved["versions"]
     versions = {"python": platform.python_version(), **package_versions()}
-    if memo: write_atomically(memo, json.dumps({"stamp": stamp, "python": sys.version, "versions": versions}))
+    if memo:
+        write_atomically(memo,
+                         json.dumps({"stamp": stamp, "python": sys.version, "versions": versions}))
     return versions
 
 @dataclass
@@ -77,7 +81,8 @@ def _changed_files(label, old: dict, now: dict) -> list:
     reasons = []
     for path in sorted(set(old) | set(now)):
         if old.get(path) == now.get(path): continue
-        state = "is missing" if now.get(path) is None else "is new" if path not in old else "changed"
+        state = ("is missing" if now.get(path) is None else "is new" if path not in old
+                 else "changed")
         reasons.append(f"{label} {path} {state}")
     return reasons
 
@@ -94,7 +99,8 @@ def stale_reasons(record: dict | None, current: StageKey, folder: Path) -> list:
     reasons = ["notebook code changed"] if old["code"] != current.code else []
     reasons += _changed_values("parameter", old["parameters"], current.parameters)
     reasons += _changed_files("input", old["inputs"], current.inputs)
-    reasons += _changed_files("imported file", old["imports"], {p: hash_file(Path(p)) for p in old["imports"]})
+    reasons += _changed_files("imported file", old["imports"],
+                              {p: hash_file(Path(p)) for p in old["imports"]})
     reasons += _changed_values("package", old["environment"], current.environment)
     reasons += _changed_files("output", record["outputs"], file_hashes(folder, record["outputs"]))
     return reasons
@@ -114,7 +120,8 @@ class CacheIndex:
         path = Path(path)
         if not path.exists(): return cls(path, {})
         try: return cls(path, json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e: raise CacheError(f"{path}: unreadable cache index ({e}); delete it to rebuild") from None
+        except json.JSONDecodeError as e: raise CacheError(f"{path}: unreadable cache index ({e}); "
+                                                           "delete it to rebuild") from None
 
     def get(self, stage: str) -> dict | None: return self.records.get(stage)
     def put(self, stage: str, record: dict): self.records[stage] = record; self.save()

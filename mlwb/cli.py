@@ -34,19 +34,24 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
 }
 
 def command_elsewhere(name: str) -> click.Command | None:
-    "The command `name` from the module that defines it, or None when that module does not (yet) have it."
+    ("The command `name` from the module that defines it, or None when that module does not "
+     "(yet) have it.")
     if name not in COMMANDS_ELSEWHERE: return None
     module_name, attribute = COMMANDS_ELSEWHERE[name]
     try: module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name != module_name: raise  # a missing dependency is a real error, not a missing command
+        if e.name != module_name:
+            raise  # a missing dependency is a real error, not a missing command
         return None
     return getattr(module, attribute, None)
 
 class MlwbGroup(click.Group):
-    "A command group that loads commands defined in other modules on first use, and prints an `MlwbError` as `error: message` (exit status 2)."
-    def list_commands(self, ctx): return sorted(set(super().list_commands(ctx)) | set(COMMANDS_ELSEWHERE))
-    def get_command(self, ctx, name): return super().get_command(ctx, name) or command_elsewhere(name)
+    ("A command group that loads commands defined in other modules on first use, "
+     "and prints an `MlwbError` as `error: message` (exit status 2).")
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS_ELSEWHERE))
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or command_elsewhere(name)
     def invoke(self, ctx):
         try: return super().invoke(ctx)
         except MlwbError as e:
@@ -97,10 +102,13 @@ def print_summary(run, settings):
 
 @main.command("run")
 @click.argument("project", required=False)
-@click.option("-p", "--parameter", "parameters", multiple=True, metavar="NAME=VALUE", help="Override a parameter (STAGE.NAME=VALUE for one stage).")
+@click.option("-p", "--parameter", "parameters", multiple=True, metavar="NAME=VALUE",
+              help="Override a parameter (STAGE.NAME=VALUE for one stage).")
 @click.option("--force", is_flag=True, help="Run every stage, whatever the cache says.")
 @click.option("--from", "from_stage", metavar="STAGE", help="Run this stage and every later one.")
-@click.option("--dev", is_flag=True, help="Development mode: kernels forked from a template kept warm between runs; the run is tagged as not reproducible.")
+@click.option("--dev", is_flag=True,
+              help="Development mode: kernels forked from a template kept warm between runs; "
+                   "the run is tagged as not reproducible.")
 def run_command(project, parameters, force, from_stage, dev):
     "Run a project's pipeline, reusing stages whose inputs have not changed."
     from mlwb.runs import run_pipeline
@@ -109,7 +117,8 @@ def run_command(project, parameters, force, from_stage, dev):
     settings = load_settings()
     project = project or settings.default_project
     click.echo(f"pipeline {project}" + ("  (development mode)" if dev else ""))
-    run = run_pipeline(project, settings, parameters, force, from_stage, on_event=progress_printer(), dev=dev)
+    run = run_pipeline(project, settings, parameters, force, from_stage,
+                       on_event=progress_printer(), dev=dev)
     print_summary(run, settings)
     if run.failure: click.secho(f"\nerror: {run.failure.error}", fg="red", err=True); sys.exit(1)
 
@@ -117,7 +126,8 @@ def run_command(project, parameters, force, from_stage, dev):
 @main.command("why")
 @click.argument("project")
 @click.argument("stage")
-@click.option("-p", "--parameter", "parameters", multiple=True, metavar="NAME=VALUE", help="The overrides the next run would use.")
+@click.option("-p", "--parameter", "parameters", multiple=True, metavar="NAME=VALUE",
+              help="The overrides the next run would use.")
 def why_command(project, stage, parameters):
     "Say why STAGE of PROJECT would run again, or that it would be reused."
     from mlwb.runner import why_stage

@@ -18,7 +18,8 @@ __all__ = ['SETTINGS_FILE', 'SECTION', 'ENV_PREFIX', 'NON_SETTING_ENV', 'DEFAULT
 
 # %% ../nbs/00_config.ipynb #46c8c436
 class MlwbError(Exception):
-    "A bad input or state that mlwb detected; the message names the file, key or column and what was expected."
+    ("A bad input or state that mlwb detected; the message names the file, "
+     "key or column and what was expected.")
 
 class ConfigError(MlwbError):
     "A setting in `settings.ini` or an `MLWB_*` environment variable is unknown or has a bad value."
@@ -32,9 +33,11 @@ def _text(key, raw):
 def _integer(key, raw, low=None, high=None):
     "An integer, optionally within [low, high]."
     try: value = int(raw)
-    except ValueError: raise ConfigError(f"setting '{key}': expected an integer, got {raw!r}") from None
+    except ValueError:
+        raise ConfigError(f"setting '{key}': expected an integer, got {raw!r}") from None
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"setting '{key}': expected an integer between {low} and {high}, got {value}")
+        raise ConfigError(f"setting '{key}': expected an integer between {low} and {high}, "
+                          f"got {value}")
     return value
 
 def _port(key, raw): return _integer(key, raw, 1, 65535)
@@ -54,7 +57,8 @@ def _choice(*options):
 SETTINGS_FILE = "settings.ini"
 SECTION = "mlwb"
 ENV_PREFIX = "MLWB_"
-NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN", "MLWB_SWEEP", "MLWB_USER"}  # environment variables of ours that are not settings
+# environment variables of ours that are not settings
+NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN", "MLWB_SWEEP", "MLWB_USER"}
 
 DEFAULTS = {  # key: (default text, parser)
     "tracking_uri": ("", _optional),
@@ -72,7 +76,8 @@ DEFAULTS = {  # key: (default text, parser)
 
 # %% ../nbs/00_config.ipynb #c072d84b
 def find_workspace(start: Path | str | None = None, environ=None) -> Path:
-    "The folder holding `settings.ini`: `MLWB_WORKSPACE`, else the nearest one above `start`, else `start`."
+    ("The folder holding `settings.ini`: `MLWB_WORKSPACE`, else the nearest one above `start`, "
+     "else `start`.")
     environ = os.environ if environ is None else environ
     if environ.get("MLWB_WORKSPACE"): return Path(environ["MLWB_WORKSPACE"]).resolve()
     here = Path(start or Path.cwd()).resolve()
@@ -86,12 +91,14 @@ def read_settings_file(path: Path) -> dict:
     if not path.is_file(): return {}
     parser = configparser.ConfigParser(interpolation=None)
     try: parser.read(path, encoding="utf-8")
-    except configparser.Error as e: raise ConfigError(f"{path}: not a valid settings file ({e.message})") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: not a valid settings file ({e.message})") from None
     if not parser.has_section(SECTION): raise ConfigError(f"{path}: expected a [{SECTION}] section")
     raw = dict(parser.items(SECTION))
     for key in raw:
         if key not in DEFAULTS:
-            raise ConfigError(f"{path}: unknown setting '{key}'; known settings: {', '.join(DEFAULTS)}")
+            raise ConfigError(f"{path}: unknown setting '{key}'; known settings: "
+                              f"{', '.join(DEFAULTS)}")
     return raw
 
 # %% ../nbs/00_config.ipynb #59844a70
@@ -102,7 +109,8 @@ def read_env_overrides(environ) -> dict:
         if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV: continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in DEFAULTS:
-            raise ConfigError(f"environment variable {name}: no setting '{key}'; known settings: {', '.join(DEFAULTS)}")
+            raise ConfigError(f"environment variable {name}: no setting '{key}'; known settings: "
+                              f"{', '.join(DEFAULTS)}")
         raw[key] = value
     return raw
 
@@ -140,12 +148,14 @@ class Settings:
 
 # %% ../nbs/00_config.ipynb #1e847ecb
 def load_settings(workspace: Path | str | None = None, environ=None) -> Settings:
-    "Read `settings.ini` of `workspace` (found if not given), then apply `MLWB_*` environment overrides."
+    ("Read `settings.ini` of `workspace` (found if not given), then apply `MLWB_*` "
+     "environment overrides.")
     environ = os.environ if environ is None else environ
     workspace = Path(workspace).resolve() if workspace else find_workspace(environ=environ)
     path = workspace / SETTINGS_FILE
     raw = read_settings_file(path)
     overrides = read_env_overrides(environ)
     parse_settings(raw, str(path))
-    values = parse_settings({**raw, **overrides}, "environment (MLWB_*)" if overrides else str(path))
+    values = parse_settings({**raw, **overrides},
+                            "environment (MLWB_*)" if overrides else str(path))
     return Settings(workspace=workspace, **values)

@@ -19,7 +19,8 @@ from pathlib import Path
 from jupyter_client import KernelManager
 from jupyter_client.asynchronous import AsyncKernelClient
 
-if "jsonschema" not in sys.modules: sys.modules.setdefault("rfc3987_syntax", None)  # see "Importing papermill" below
+if "jsonschema" not in sys.modules:
+    sys.modules.setdefault("rfc3987_syntax", None)  # see "Importing papermill" below
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 from papermill.utils import merge_kwargs, remove_args
@@ -35,17 +36,22 @@ __all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'setup_code', 'KernelSetupError', 'M
 TRACE_IMPORTS = """
 def _mlwb_local_imports(path):
     import json, os, site, sys, sysconfig
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(), site.getusersitepackages()}
-    roots = tuple({os.path.realpath(r) + os.sep for r in roots if r} | {os.path.abspath(r) + os.sep for r in roots if r})
-    files = {os.path.realpath(f) for m in list(sys.modules.values())  # resolve only what is not plainly installed: realpath is slow
-             if isinstance(f := getattr(m, "__file__", None), str) and f.endswith(".py") and not f.startswith(roots)}
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(),
+             *site.getsitepackages(), site.getusersitepackages()}
+    roots = tuple({os.path.realpath(r) + os.sep for r in roots
+                   if r} | {os.path.abspath(r) + os.sep for r in roots if r})
+    # resolve only what is not plainly installed: realpath is slow
+    files = {os.path.realpath(f) for m in list(sys.modules.values())
+             if isinstance(f := getattr(m, "__file__", None), str) and f.endswith(".py")
+             and not f.startswith(roots)}
     local = sorted(f for f in files if os.path.isfile(f) and not f.startswith(roots))
     with open(path, "w") as out: json.dump(local, out)
 _mlwb_local_imports(__PATH__); del _mlwb_local_imports
 """
 
 def setup_code(env: dict, cwd: Path | None) -> str:
-    "Code that gives an already running kernel the stage's environment variables and working folder."
+    ("Code that gives an already running kernel the stage's environment variables and "
+     "working folder.")
     lines = ["import os as _mlwb_os", f"_mlwb_os.environ.update({json.dumps(env)})"]
     if cwd is not None: lines.append(f"_mlwb_os.chdir({str(cwd)!r})")
     return "\n".join(lines + ["del _mlwb_os"])
@@ -55,15 +61,19 @@ class KernelSetupError(RuntimeError):
     "Code run silently in a kernel (before or after the cells) failed."
 
 class MlwbNotebookClient(PapermillNotebookClient):
-    "papermill's notebook client, plus silent set-up code and a record of the local files the kernel imported."
-    trace_path = Unicode(None, allow_none=True, help="Where to write the list of imported local files").tag(config=True)
-    setup_source = Unicode(None, allow_none=True, help="Code run silently before the first cell").tag(config=True)
+    ("papermill's notebook client, plus silent set-up code and a record of the local files the "
+     "kernel imported.")
+    trace_path = Unicode(None, allow_none=True,
+                         help="Where to write the list of imported local files").tag(config=True)
+    setup_source = Unicode(None, allow_none=True,
+                           help="Code run silently before the first cell").tag(config=True)
 
     def run_silently(self, code: str):
         "Run `code` without recording it in the notebook; raise if it fails."
         reply = self.wait_for_reply(self.kc.execute(code, silent=True, store_history=False))
         if reply is None or reply["content"]["status"] != "ok":
-            raise KernelSetupError(f"kernel set-up code failed: {reply and reply['content'].get('evalue')}")
+            raise KernelSetupError("kernel set-up code failed: "
+                                   f"{reply and reply['content'].get('evalue')}")
 
     def papermill_execute_cells(self):
         if self.setup_source: self.run_silently(self.setup_source)
@@ -73,7 +83,8 @@ class MlwbNotebookClient(PapermillNotebookClient):
 
 # %% ../nbs/33_kernels.ipynb #f1d0bc32
 class BatchedSaves(NotebookExecutionManager):
-    "papermill's execution manager, writing the notebook at most every `autosave_cell_every` seconds, and at the end."
+    ("papermill's execution manager, writing the notebook at most every `autosave_cell_every` "
+     "seconds, and at the end.")
     def save(self, final=False, **kwargs):
         if final or (self.now() - self.last_save_time).total_seconds() >= self.autosave_cell_every:
             super().save(**kwargs)
@@ -86,39 +97,51 @@ class BatchedSaves(NotebookExecutionManager):
 QUIET_KERNEL = ["--IPKernelApp.log_level=CRITICAL"]
 
 class MlwbEngine(NBClientEngine):
-    "A papermill engine: a kernel started ahead (or a fresh one), the stage's environment and folder, an import trace, batched saves."
+    ("A papermill engine: a kernel started ahead (or a fresh one), "
+     "the stage's environment and folder, an import trace, batched saves.")
     @classmethod
-    def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=False, log_output=False, autosave_cell_every=10, **kwargs):
-        nb_man = BatchedSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output, autosave_cell_every=autosave_cell_every)
+    def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=False,
+                         log_output=False, autosave_cell_every=10, **kwargs):
+        nb_man = BatchedSaves(nb, output_path=output_path, progress_bar=progress_bar,
+                              log_output=log_output, autosave_cell_every=autosave_cell_every)
         nb_man.notebook_start()
         try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
         finally: nb_man.cleanup_pbar(); nb_man.notebook_complete()
         return nb_man.nb
 
     @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, kernel_env=None, kernel_cwd=None, trace_path=None, km=None,
+    def execute_managed_notebook(cls, nb_man, kernel_name, kernel_env=None, kernel_cwd=None,
+                                 trace_path=None, km=None,
                                  start_timeout=60, execution_timeout=None, **kwargs):
         kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
-        final = merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout, kernel_name=kernel_name,
+        final = merge_kwargs(kwargs, timeout=execution_timeout, startup_timeout=start_timeout,
+                             kernel_name=kernel_name,
                              trace_path=trace_path, extra_arguments=QUIET_KERNEL, km=km,
-                             setup_source=setup_code(kernel_env or {}, kernel_cwd) if km is not None else None)
+                             setup_source=setup_code(kernel_env or {}, kernel_cwd)
+                             if km is not None else None)
         client = MlwbNotebookClient(nb_man, **final)
-        if km is None: return client.execute(**{k: v for k, v in {"env": kernel_env, "cwd": kernel_cwd}.items() if v is not None})
+        if km is None:
+            return client.execute(**{k: v for k, v in {"env": kernel_env, "cwd": kernel_cwd}.items()
+                                     if v is not None})
         try: return client.execute()
         finally:
-            if client.kc is not None: client.kc.stop_channels()  # the kernel itself is stopped by its owner
+            if client.kc is not None:
+                client.kc.stop_channels()  # the kernel itself is stopped by its owner
 
 # %% ../nbs/33_kernels.ipynb #bf9a42c0
 def execute_stage_notebook(notebook: Path, output: Path, parameters: dict, kernel_name: str,
-                           env: dict | None = None, cwd: Path | None = None, trace_path: Path | None = None, km=None):
+                           env: dict | None = None, cwd: Path | None = None,
+                           trace_path: Path | None = None, km=None):
     "Run `notebook` with papermill into `output`, written through a temporary name."
     import papermill
     from papermill.engines import papermill_engines
     papermill_engines.register("mlwb", MlwbEngine)
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     try:
-        papermill.execute_notebook(str(notebook), str(partial), parameters=parameters, engine_name="mlwb",
-                                   kernel_name=kernel_name, request_save_on_cell_execute=False, progress_bar=False,
+        papermill.execute_notebook(str(notebook), str(partial), parameters=parameters,
+                                   engine_name="mlwb",
+                                   kernel_name=kernel_name, request_save_on_cell_execute=False,
+                                   progress_bar=False,
                                    kernel_env=env, kernel_cwd=str(cwd) if cwd else None, km=km,
                                    trace_path=str(trace_path) if trace_path else None)
     finally:
@@ -126,7 +149,8 @@ def execute_stage_notebook(notebook: Path, output: Path, parameters: dict, kerne
         close_thread_loop()
 
 def close_thread_loop():
-    "Close the event loop that nbclient (through jupyter_core) left in this thread, before Python complains about it at exit."
+    ("Close the event loop that nbclient (through jupyter_core) left in this thread, "
+     "before Python complains about it at exit.")
     import asyncio
     if threading.current_thread() is threading.main_thread(): return
     try: loop = asyncio.get_event_loop_policy().get_event_loop()
@@ -135,17 +159,21 @@ def close_thread_loop():
     asyncio.set_event_loop(None)
 
 # %% ../nbs/33_kernels.ipynb #4418c17c
-def start_kernel(kernel_name: str, cwd: Path, env: dict, warm_code: str | None = None) -> KernelManager:
-    "A kernel started the usual way, through jupyter_client (given `warm_code`, with that code already run in it)."
+def start_kernel(kernel_name: str, cwd: Path, env: dict,
+                 warm_code: str | None = None) -> KernelManager:
+    ("A kernel started the usual way, through jupyter_client (given `warm_code`, "
+     "with that code already run in it).")
     km = KernelManager(kernel_name=kernel_name)
-    km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"  # what nbclient expects from km.client()
+    # what nbclient expects from km.client()
+    km.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
     km.start_kernel(env=env, cwd=str(cwd), extra_arguments=QUIET_KERNEL)
     if warm_code:
         kc = km.blocking_client(); kc.start_channels()
         try:
             kc.wait_for_ready(timeout=60)
             reply = kc.execute_interactive(warm_code, silent=True, store_history=False, timeout=300)
-            if reply["content"]["status"] != "ok": raise KernelSetupError(f"warm-up failed: {reply['content'].get('evalue')}")
+            if reply["content"]["status"] != "ok":
+                raise KernelSetupError(f"warm-up failed: {reply['content'].get('evalue')}")
         finally: kc.stop_channels()
     return km
 
@@ -156,13 +184,16 @@ def stop_kernel(km: KernelManager):
     finally: close_thread_loop()
 
 def release_kernel(km: KernelManager):
-    "Stop a used kernel: a forked one at once (one signal), else in the background (jupyter_client waits for the process)."
+    ("Stop a used kernel: a forked one at once (one signal), "
+     "else in the background (jupyter_client waits for the process).")
     if isinstance(km, ForkedKernel): km.shutdown_kernel()
     else: threading.Thread(target=stop_kernel, args=(km,), daemon=True).start()
 
 def warm_imports(modules) -> str:
-    "Kernel code that imports `modules` into `sys.modules` without binding any name in the user's namespace."
-    return ("def _mlwb_warm(names):\n    import importlib\n    for name in names:\n        try: importlib.import_module(name)\n"
+    ("Kernel code that imports `modules` into `sys.modules` without binding any name in the "
+     "user's namespace.")
+    return ("def _mlwb_warm(names):\n    import importlib\n    for name in names:\n        try: "
+            "importlib.import_module(name)\n"
             f"        except Exception: pass\n_mlwb_warm({sorted(set(modules))!r}); del _mlwb_warm")
 
 # %% ../nbs/33_kernels.ipynb #a6337894
@@ -174,12 +205,14 @@ def process_alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError): return True
 
 class ForkedKernel(KernelManager):
-    "A kernel that is not our child process (a template forked it): known by its connection details and process id."
+    ("A kernel that is not our child process (a template forked it): "
+     "known by its connection details and process id.")
     pid = Integer(0)
     @property
     def has_kernel(self) -> bool: return True
     def is_alive(self) -> bool: return self.pid > 0 and process_alive(self.pid)
-    async def _async_is_alive(self) -> bool: return self.is_alive()  # what clients ask (nbclient, once a second while a cell runs)
+    async def _async_is_alive(self) -> bool:
+        return self.is_alive()  # what clients ask (nbclient, once a second while a cell runs)
     def shutdown_kernel(self, now: bool = False, restart: bool = False):
         if self.pid <= 0: return  # never forked: killpg(0) would hit our own group
         try: os.killpg(self.pid, signal.SIGKILL)  # the kernel leads its own process group
@@ -194,7 +227,8 @@ def kernel_pid(km) -> int:
 class QuickKernelClient(AsyncKernelClient):
     "jupyter_client's kernel client, ready as soon as the kernel answers on both channels."
     async def _async_wait_for_ready(self, timeout: float | None = None):
-        "Ask for `kernel_info` until the kernel answers it and its IOPub channel is heard (no fixed wait after that)."
+        ("Ask for `kernel_info` until the kernel answers it and its IOPub channel is heard (no "
+         "fixed wait after that).")
         deadline = time.monotonic() + (timeout or 60)
         while True:
             self.kernel_info()
@@ -202,10 +236,14 @@ class QuickKernelClient(AsyncKernelClient):
             except queue.Empty: reply = None
             if reply and reply["msg_type"] == "kernel_info_reply":
                 try:
-                    await self.iopub_channel.get_msg(timeout=0.5)  # the kernel's busy/idle status: IOPub is connected
+                    # the kernel's busy/idle status: IOPub is connected
+                    await self.iopub_channel.get_msg(timeout=0.5)
                     self._handle_kernel_info_reply(reply); return
                 except queue.Empty: pass
-            if not await self._async_is_alive(): raise RuntimeError("Kernel died before replying to kernel_info")
-            if time.monotonic() > deadline: raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
+            if not await self._async_is_alive():
+                raise RuntimeError("Kernel died before replying to kernel_info")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Kernel didn't respond in {timeout} seconds")
 
-    wait_for_ready = _async_wait_for_ready  # the name nbclient calls (AsyncKernelClient binds it to the base class's method)
+    # the name nbclient calls (AsyncKernelClient binds it to the base class's method)
+    wait_for_ready = _async_wait_for_ready

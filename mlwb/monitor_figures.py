@@ -74,7 +74,8 @@ def distribution_figure(column: str, reference: ColumnProfile, current: ColumnPr
 
 # %% ../nbs/29_monitor_figures.ipynb #696f2442
 def _metric_axis(ax, performance: dict, vertical: bool = True):
-    "Start the metric's axis at 0 (to 1 for a bounded score); draw its reference and its alarm line."
+    ("Start the metric's axis at 0 (to 1 for a bounded score); draw its reference and its "
+     "alarm line.")
     metric, reference, limit = performance["metric"], performance["reference"], performance["limit"]
     lower = metric in LOWER_IS_BETTER
     alarm = reference * (1 + limit) if lower else reference * (1 - limit)
@@ -109,5 +110,6 @@ def performance_figure(performance: dict):
     ax.barh(["now", "reference"], [performance["current"], performance["reference"]],
             color=[color, "#95a5a6"])
     _metric_axis(ax, performance, vertical=False)
-    ax.set_xlabel(performance["metric"]); ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_xlabel(performance["metric"])
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure

@@ -57,7 +57,8 @@ class Pipeline:
         "The stage called `name`."
         for stage in self.stages:
             if stage.name == name: return stage
-        raise PipelineError(f"{self.folder / PIPELINE_FILE}: no stage '{name}'; stages: {', '.join(self.names)}")
+        raise PipelineError(f"{self.folder / PIPELINE_FILE}: no stage '{name}'; stages: "
+                            f"{', '.join(self.names)}")
 
     @property
     def names(self) -> list: return [s.name for s in self.stages]
@@ -79,12 +80,16 @@ def _string_list(value, where, key) -> tuple:
 # %% ../nbs/35_pipeline.ipynb #5a98899b
 def _check_stage_keys(entry, where):
     "Raise unless `entry` is a mapping with a name, a notebook and only known keys."
-    if not isinstance(entry, dict): raise PipelineError(f"{where}: expected a mapping with 'name' and 'notebook'")
+    if not isinstance(entry, dict):
+        raise PipelineError(f"{where}: expected a mapping with 'name' and 'notebook'")
     for key in entry:
-        if key not in STAGE_KEYS: raise PipelineError(f"{where}: unknown key '{key}'; allowed: {', '.join(STAGE_KEYS)}")
+        if key not in STAGE_KEYS:
+            raise PipelineError(f"{where}: unknown key '{key}'; allowed: {', '.join(STAGE_KEYS)}")
     for key in ("name", "notebook"):
-        if not isinstance(entry.get(key), str) or not entry[key].strip(): raise PipelineError(f"{where}: '{key}' is required")
-    if not isinstance(entry.get("parameters", {}) or {}, dict): raise PipelineError(f"{where}: 'parameters' must be a mapping")
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise PipelineError(f"{where}: '{key}' is required")
+    if not isinstance(entry.get("parameters", {}) or {}, dict):
+        raise PipelineError(f"{where}: 'parameters' must be a mapping")
 
 # %% ../nbs/35_pipeline.ipynb #48a82bee
 def parse_stage(entry, index: int, path: Path) -> Stage:
@@ -92,10 +97,12 @@ def parse_stage(entry, index: int, path: Path) -> Stage:
     where = _where(path, index, entry)
     _check_stage_keys(entry, where)
     notebook = (path.parent / entry["notebook"]).resolve()
-    if not notebook.is_file(): raise PipelineError(f"{where}: key 'notebook': file not found: {notebook}")
+    if not notebook.is_file():
+        raise PipelineError(f"{where}: key 'notebook': file not found: {notebook}")
     parameters = entry.get("parameters") or {}
     for key, value in parameters.items(): check_json_value(value, f"{where}: parameters.{key}")
-    return Stage(name=entry["name"], notebook=notebook, description=entry.get("description") or "", parameters=parameters,
+    return Stage(name=entry["name"], notebook=notebook, description=entry.get("description") or "",
+                 parameters=parameters,
                  depends_on=_string_list(entry.get("depends_on"), where, "depends_on"),
                  inputs=_string_list(entry.get("inputs"), where, "inputs"),
                  outputs=_string_list(entry.get("outputs"), where, "outputs"))
@@ -108,7 +115,8 @@ def check_json_value(value, where: str):
         for i, v in enumerate(value): check_json_value(v, f"{where}[{i}]")
     elif isinstance(value, dict) and all(isinstance(k, str) for k in value):
         for k, v in value.items(): check_json_value(v, f"{where}.{k}")
-    else: raise PipelineError(f"{where}: {type(value).__name__} is not a JSON-compatible value (quote it as a string?)")
+    else: raise PipelineError(f"{where}: {type(value).__name__} is not a JSON-compatible value "
+                              "(quote it as a string?)")
 
 # %% ../nbs/35_pipeline.ipynb #0596a68a
 def _check_names(stages, path):
@@ -119,19 +127,22 @@ def _check_names(stages, path):
         seen.add(s.name)
     for s in stages:
         for d in s.depends_on:
-            if d not in seen: raise PipelineError(f"{path}: stage '{s.name}': depends_on names an unknown stage '{d}'")
+            if d not in seen: raise PipelineError(f"{path}: stage '{s.name}': "
+                                                  f"depends_on names an unknown stage '{d}'")
 
 def _check_outputs(stages, path):
     "Raise when two stages declare the same output."
     producer = {}
     for s in stages:
         for out in s.outputs:
-            if out in producer: raise PipelineError(f"{path}: output '{out}' is declared by stages '{producer[out]}' and '{s.name}'")
+            if out in producer: raise PipelineError(f"{path}: output '{out}' is declared by stages "
+                                                    f"'{producer[out]}' and '{s.name}'")
             producer[out] = s.name
 
 # %% ../nbs/35_pipeline.ipynb #8fdf8edf
 def find_cycle(pending) -> list:
-    "The names along one dependency cycle among `pending` (stages none of which can run yet), closed: a, b, a."
+    ("The names along one dependency cycle among `pending` (stages none of which can run yet), "
+     "closed: a, b, a.")
     by_name, path = {s.name: s for s in pending}, [pending[0].name]
     while True:
         name = next(d for d in by_name[path[-1]].depends_on if d in by_name)
@@ -152,13 +163,17 @@ def order_stages(stages, path) -> tuple:
 # %% ../nbs/35_pipeline.ipynb #1a06e1d2
 def read_pipeline_file(path: Path) -> dict:
     "The mapping in `path`, with only known top-level keys and a non-empty list of stages."
-    if not path.is_file(): raise PipelineError(f"{path}: file not found (a project folder needs a {PIPELINE_FILE})")
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found (a project folder needs a {PIPELINE_FILE})")
     try: spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e: raise PipelineError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict): raise PipelineError(f"{path}: expected a mapping with a 'stages' list")
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{path}: expected a mapping with a 'stages' list")
     for key in spec:
-        if key not in TOP_KEYS: raise PipelineError(f"{path}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
-    if not isinstance(spec.get("stages"), list) or not spec["stages"]: raise PipelineError(f"{path}: 'stages' must be a non-empty list")
+        if key not in TOP_KEYS:
+            raise PipelineError(f"{path}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
+    if not isinstance(spec.get("stages"), list) or not spec["stages"]:
+        raise PipelineError(f"{path}: 'stages' must be a non-empty list")
     return spec
 
 # %% ../nbs/35_pipeline.ipynb #5cabddf7
@@ -170,23 +185,30 @@ def load_pipeline(folder: Path | str) -> Pipeline:
     stages = [parse_stage(entry, i, path) for i, entry in enumerate(spec["stages"])]
     _check_names(stages, path)
     _check_outputs(stages, path)
-    return Pipeline(name=folder.name, folder=folder, description=spec.get("description") or "", stages=order_stages(stages, path))
+    return Pipeline(name=folder.name, folder=folder, description=spec.get("description") or "",
+                    stages=order_stages(stages, path))
 
 # %% ../nbs/35_pipeline.ipynb #d84e6c95
 def find_project(name_or_path: str, settings: Settings) -> Path:
-    "The folder of project `name_or_path`: a folder path, or a name under the workspace's `projects/`."
+    ("The folder of project `name_or_path`: a folder path, or a name under the workspace's "
+     "`projects/`.")
     for candidate in (Path(name_or_path), settings.projects_path / name_or_path):
         if (candidate / PIPELINE_FILE).is_file(): return candidate.resolve()
-    known = sorted(p.name for p in settings.projects_path.glob(f"*/{PIPELINE_FILE}") for p in [p.parent])
-    raise PipelineError(f"no project '{name_or_path}' (no {PIPELINE_FILE} there); projects in {settings.projects_path}: {', '.join(known) or 'none'}")
+    known = sorted(p.name for p in settings.projects_path.glob(f"*/{PIPELINE_FILE}")
+                   for p in [p.parent])
+    raise PipelineError(f"no project '{name_or_path}' (no {PIPELINE_FILE} there); "
+                        f"projects in {settings.projects_path}: {', '.join(known) or 'none'}")
 
 # %% ../nbs/35_pipeline.ipynb #42d39ffe
-PARAMETER_LINE = re.compile(r"^(?P<target>\w[\w_]*)\s*(:\s*[\"']?(?P<annotation>\w[\w_\[\],\s]*)[\"']?\s*)?=\s*"
-                            r"(?P<value>.*?)(\s*#\s*(type:\s*(?P<type_comment>[^\s]*)\s*)?(?P<help>.*))?$")
+PARAMETER_LINE = re.compile(r"^(?P<target>\w[\w_]*)\s*"
+                            r"(:\s*[\"']?(?P<annotation>\w[\w_\[\],\s]*)[\"']?\s*)?=\s*"
+                            r"(?P<value>.*?)(\s*#\s*(type:\s*(?P<type_comment>[^\s]*)\s*)?"
+                            r"(?P<help>.*))?$")
 
 def _flatten(lines: list) -> str:
     "One multi-line definition as one line, without the comments of all but its last line."
-    return "".join(l.split("#")[0].strip() if "#" in l else l.strip() for l in lines[:-1]) + (lines[-1].strip() if lines else "")
+    return "".join(l.split("#")[0].strip() if "#" in l else l.strip()
+                   for l in lines[:-1]) + (lines[-1].strip() if lines else "")
 
 def parse_parameters_cell(source: str) -> dict:
     "`{name: default source}` of the assignments in a `parameters` cell, as papermill reads them."
@@ -217,13 +239,15 @@ def read_cells(notebook: Path) -> list:
 def declared_parameters(notebook: Path) -> dict:
     "`{name: default source}` for the assignments in `notebook`'s cell tagged `parameters`."
     try: cells = read_cells(notebook)
-    except (OSError, ValueError, KeyError) as e: raise ParameterError(f"{notebook}: cannot read its parameters cell ({e})") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise ParameterError(f"{notebook}: cannot read its parameters cell ({e})") from None
     source = next((src for _, src, tags in cells if "parameters" in tags), "")
     return parse_parameters_cell(source)
 
 # %% ../nbs/35_pipeline.ipynb #19e1abee
 def parse_cli_value(text: str):
-    "A `-p` value as a JSON literal (`5`, `0.1`, `true`, `[1, 2]`, `\"x\"`); anything else is a plain string."
+    ("A `-p` value as a JSON literal (`5`, `0.1`, `true`, `[1, 2]`, `\"x\"`); "
+     "anything else is a plain string.")
     try: return json.loads(text)
     except json.JSONDecodeError: return text
 
@@ -232,7 +256,8 @@ def parse_cli_parameters(pairs) -> list:
     parsed = []
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or not key.strip(): raise ParameterError(f"-p {pair!r}: expected NAME=VALUE or STAGE.NAME=VALUE")
+        if not sep or not key.strip():
+            raise ParameterError(f"-p {pair!r}: expected NAME=VALUE or STAGE.NAME=VALUE")
         stage, _, name = key.strip().rpartition(".")
         parsed.append((stage or None, name, parse_cli_value(text)))
     return parsed
@@ -240,17 +265,21 @@ def parse_cli_parameters(pairs) -> list:
 # %% ../nbs/35_pipeline.ipynb #c30dc4fb
 def _kind(value):
     "The kind of a JSON value, with bool apart from int."
-    return "bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float)) else type(value).__name__
+    return ("bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float))
+            else type(value).__name__)
 
 def check_value_kind(name: str, value, default_source: str, where: str):
     "Raise unless `value` is of the same kind as the notebook's default for `name`."
     try: default = ast.literal_eval(default_source)
     except (ValueError, SyntaxError): return
     if default is None or _kind(value) == _kind(default):
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and not value.is_integer():
-            raise ParameterError(f"{where}: parameter '{name}' expects a whole number (default {default_source}), got {value!r}")
+        if (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)
+            and not value.is_integer()):
+            raise ParameterError(f"{where}: parameter '{name}' expects a whole number (default "
+                                 f"{default_source}), got {value!r}")
         return
-    raise ParameterError(f"{where}: parameter '{name}' expects a {_kind(default)} like its default {default_source}, got {value!r}")
+    raise ParameterError(f"{where}: parameter '{name}' expects a {_kind(default)} like its default "
+                         f"{default_source}, got {value!r}")
 
 # %% ../nbs/35_pipeline.ipynb #6127c01a
 def resolve_parameters(stage: Stage, declared: dict, seed: int, cli: list) -> dict:
@@ -260,7 +289,8 @@ def resolve_parameters(stage: Stage, declared: dict, seed: int, cli: list) -> di
     sources += [(n, v, "-p") for s, n, v in cli if s in (None, stage.name) and (s or n in declared)]
     for name, value, where in sources:
         if name not in declared:
-            raise ParameterError(f"{where}: stage '{stage.name}' has no parameter '{name}'; its notebook declares: {', '.join(declared) or 'none'}")
+            raise ParameterError(f"{where}: stage '{stage.name}' has no parameter '{name}'; "
+                                 f"its notebook declares: {', '.join(declared) or 'none'}")
         check_value_kind(name, value, declared[name], where)
         resolved[name] = value
     return resolved
@@ -270,10 +300,12 @@ def check_cli_parameters(pipeline: Pipeline, declared_by_stage: dict, cli: list)
     "Raise for a `-p` that names an unknown stage or a parameter that no (named) stage declares."
     for stage, name, _ in cli:
         if stage is not None and stage not in pipeline.names:
-            raise ParameterError(f"-p {stage}.{name}: no stage '{stage}'; stages: {', '.join(pipeline.names)}")
+            raise ParameterError(f"-p {stage}.{name}: no stage '{stage}'; stages: "
+                                 f"{', '.join(pipeline.names)}")
         scope = [stage] if stage else pipeline.names
         if not any(name in declared_by_stage[s] for s in scope):
-            raise ParameterError(f"-p {name}: no stage declares a parameter '{name}'" + (f" (stage '{stage}')" if stage else ""))
+            raise ParameterError(f"-p {name}: no stage declares a parameter '{name}'"
+                                 + (f" (stage '{stage}')" if stage else ""))
 
 # %% ../nbs/35_pipeline.ipynb #e1e41d13
 def resolve_pipeline_parameters(pipeline: Pipeline, seed: int, cli: list) -> dict:

@@ -35,10 +35,13 @@ __all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'GATE_METRIC_TAG', 'GATE_DIRECTION_TA
 
 # %% ../nbs/31_release.ipynb #9abb133d
 class ReleaseError(MlwbError):
-    "A release step cannot be done: an unknown model or version, a refused promotion, nothing to roll back to, a bad plan."
+    ("A release step cannot be done: an unknown model or version, a refused promotion, "
+     "nothing to roll back to, a bad plan.")
 
-HISTORY_PREFIX = "mlwb.release.history."  # one registered-model tag per alias move: <prefix><5-digit sequence>
-MAX_REASON = 1000  # characters of a reason kept (MLflow limits tag values to a few thousand characters)
+# one registered-model tag per alias move: <prefix><5-digit sequence>
+HISTORY_PREFIX = "mlwb.release.history."
+# characters of a reason kept (MLflow limits tag values to a few thousand characters)
+MAX_REASON = 1000
 
 # %% ../nbs/31_release.ipynb #5ef3a88e
 def history(client, name: str) -> list:
@@ -50,10 +53,13 @@ def who() -> str:
     "The person (or process) making a move: MLWB_USER, else the login name."
     return os.environ.get("MLWB_USER") or getpass.getuser()
 
-def record_move(client, name: str, action: str, alias: str, old: str | None, new: str | None, reason: str = "", forced: bool = False) -> dict:
+def record_move(client, name: str, action: str, alias: str, old: str | None, new: str | None,
+                reason: str = "", forced: bool = False) -> dict:
     "Append one alias move to `name`'s history tags and return it."
-    entry = {"seq": len(history(client, name)) + 1, "ts": datetime.now(timezone.utc).isoformat(timespec="seconds"), "who": who(),
-             "action": action, "alias": alias, "from": old, "to": new, "reason": reason[:MAX_REASON], "forced": forced}
+    entry = {"seq": len(history(client, name)) + 1,
+             "ts": datetime.now(timezone.utc).isoformat(timespec="seconds"), "who": who(),
+             "action": action, "alias": alias, "from": old, "to": new,
+             "reason": reason[:MAX_REASON], "forced": forced}
     client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{entry['seq']:05d}", json.dumps(entry))
     return entry
 
@@ -68,7 +74,8 @@ def _version(client, name: str, version: str):
     "Model version `name`/`version`, or a `ReleaseError` naming it."
     from mlflow.exceptions import MlflowException
     try: return client.get_model_version(name, str(version))
-    except MlflowException: raise ReleaseError(f"model '{name}' version {version}: not in the registry") from None
+    except MlflowException:
+        raise ReleaseError(f"model '{name}' version {version}: not in the registry") from None
 
 def version_metrics(client, name: str, version: str) -> dict:
     "The metrics of `name`/`version`: its run's metrics, overridden by numeric version tags."
@@ -130,21 +137,25 @@ def move_alias(name: str, # registered model name
                force: bool = False, # move even when the gate refuses (recorded as forced)
                metric: str | None = None, # the gate's metric (None: the version's own)
                settings: Settings | None = None) -> dict:
-    "Point `alias` of `name` at `version` if the gate passes it against the champion (or `force`); record and return the move."
+    ("Point `alias` of `name` at `version` if the gate passes it against the champion (or "
+     "`force`); record and return the move.")
     from mlwb.tracking import mlflow_client
     client = mlflow_client(settings or load_settings())
     _version(client, name, version)
     refused = gate_refusals(client, name, version, metric)
     if refused and not force:
-        raise ReleaseError(f"model '{name}' version {version}: refused by the gate: {' '.join(refused)} (use --force to override)")
+        raise ReleaseError(f"model '{name}' version {version}: refused by the gate: "
+                           f"{' '.join(refused)} (use --force to override)")
     old = alias_version(client, name, alias)
     client.set_registered_model_alias(name, alias, str(version))
     why = reason + (f" [gate refused: {' '.join(refused)}]" if refused else "")
-    return record_move(client, name, "promote" if alias == "champion" else "challenger", alias, old, str(version), why, bool(refused))
+    return record_move(client, name, "promote" if alias == "champion" else "challenger", alias, old,
+                       str(version), why, bool(refused))
 
 # %% ../nbs/31_release.ipynb #77d0232f
 def champion_stack(moves: list) -> list:
-    "The champions a rollback can return to, latest last: each promotion pushes the one it replaced, each rollback pops one."
+    ("The champions a rollback can return to, latest last: each promotion pushes the one it "
+     "replaced, each rollback pops one.")
     stack = []
     for move in moves:
         if move["alias"] != "champion": continue
@@ -153,7 +164,8 @@ def champion_stack(moves: list) -> list:
     return stack
 
 def previous_champion(moves: list) -> str | None:
-    "The version the next rollback returns the champion to; None when every promotion has been rolled back."
+    ("The version the next rollback returns the champion to; None when every promotion has been "
+     "rolled back.")
     stack = champion_stack(moves)
     return stack[-1] if stack else None
 
@@ -183,8 +195,11 @@ def release_status(name: str, settings: Settings | None = None) -> dict:
     client = mlflow_client(settings or load_settings())
     try: model = client.get_registered_model(name)
     except Exception: raise ReleaseError(f"model '{name}': not in the registry") from None
-    versions = sorted((str(v.version) for v in client.search_model_versions(f"name='{name}'")), key=int)
-    return {"name": name, "aliases": {a: str(v) for a, v in (model.aliases or {}).items()}, "versions": versions, "history": history(client, name)}
+    versions = sorted((str(v.version)
+                       for v in client.search_model_versions(f"name='{name}'")), key=int)
+    aliases = {a: str(v) for a, v in (model.aliases or {}).items()}
+    return {"name": name, "aliases": aliases, "versions": versions,
+            "history": history(client, name)}
 
 # %% ../nbs/31_release.ipynb #82396bae
 SWEEP_VARIABLE = "MLWB_SWEEP"  # set (not "0") by `mlwb sweep`: register stages move no alias
@@ -369,7 +384,8 @@ def promote_command(name, version, force, reason, metric):
 @release_command.command("challenger")
 @click.argument("name")
 @click.argument("version")
-@click.option("--force", is_flag=True, help="Make it challenger even if the gate refuses (recorded).")
+@click.option("--force", is_flag=True,
+              help="Make it challenger even if the gate refuses (recorded).")
 @click.option("--reason", default="", help="Why (recorded in the history).")
 @click.option("--metric", default=None, help=METRIC_HELP)
 def challenger_command(name, version, force, reason, metric):
@@ -390,6 +406,7 @@ def status_command(name, as_json):
     "Show NAME's aliases, versions and history of alias moves."
     status = release_status(name)
     if as_json: return click.echo(json.dumps(status, indent=2))
-    click.echo(f"{name}: versions {', '.join(status['versions'])}; " + ", ".join(f"{a}={v}" for a, v in sorted(status["aliases"].items())))
+    click.echo(f"{name}: versions {', '.join(status['versions'])}; "
+               + ", ".join(f"{a}={v}" for a, v in sorted(status["aliases"].items())))
     for m in status["history"]:
         click.echo(f"{m['ts']} {m['who']}: {m['action']} {_move_text(m)} {m['reason']}")

@@ -19,12 +19,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .cache import (CacheIndex, StageKey, code_cells_hash, environment_versions, file_hashes, hash_bytes,
-                        hash_file, make_record, stale_reasons)
+from .cache import (CacheIndex, StageKey, code_cells_hash, environment_versions, file_hashes,
+                        hash_bytes, hash_file, make_record, stale_reasons)
 from .config import ConfigError, MlwbError, Settings, load_settings
 from .core import write_atomically
-from .pipeline import (Pipeline, PipelineError, Stage, find_project, load_pipeline, parse_cli_parameters,
-                           read_cells, resolve_pipeline_parameters)
+from .pipeline import (Pipeline, PipelineError, Stage, find_project, load_pipeline,
+                           parse_cli_parameters, read_cells, resolve_pipeline_parameters)
 from .tracking import tracking_uri
 
 # %% auto #0
@@ -44,7 +44,8 @@ def stage_inputs(pipeline: Pipeline, stage: Stage) -> list:
 def current_key(pipeline: Pipeline, stage: Stage, parameters: dict, environment: dict) -> StageKey:
     "The cache key of `stage` as things are now (imports are filled in after a run)."
     return StageKey(code=code_cells_hash(stage.notebook), parameters=parameters,
-                    inputs=file_hashes(pipeline.folder, stage_inputs(pipeline, stage)), environment=environment)
+                    inputs=file_hashes(pipeline.folder, stage_inputs(pipeline, stage)),
+                    environment=environment)
 
 # %% ../nbs/37_runner.ipynb #f826eaf0
 @dataclass
@@ -67,13 +68,15 @@ class RunContext:
     parameters: dict  # {stage: resolved parameters}
     folder: Path  # this run's folder under the runs folder
     index: CacheIndex
-    tracker: object  # records the run: `mlwb.runs.RunTracker` (start_stage, end_stage, record_cached)
+    # records the run: `mlwb.runs.RunTracker` (start_stage, end_stage, record_cached)
+    tracker: object
     forced: set
     environment: dict
     on_event: callable = None
     dev: bool = False  # development mode: a template kept warm between runs, runs tagged as such
     pool: object = None  # the KernelPool of this run, once a stage has to run
-    lock: object = field(default_factory=threading.RLock)  # guards the index, tracker and progress display
+    # guards the index, tracker and progress display
+    lock: object = field(default_factory=threading.RLock)
 
 # %% ../nbs/37_runner.ipynb #94dfab1f
 def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
@@ -91,11 +94,14 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     emit(ctx, "running", StageResult(stage.name, "running", reasons=reasons))
     return execute_stage(ctx, stage, key, reasons)
 
-def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False, dev: bool = False,
+def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False,
+                  dev: bool = False,
                   store: str | None = None) -> list:
-    "Why a stage must run (empty: reuse it); never what a development run or another tracking store made."
+    ("Why a stage must run (empty: reuse it); never what a development run or another tracking "
+     "store made.")
     if forced: return ["forced"]
-    if record and record.get("mode") == "dev" and not dev: return ["last run was in development mode"]
+    if record and record.get("mode") == "dev" and not dev:
+        return ["last run was in development mode"]
     if record and store and record.get("store", store) != store:
         return ["tracking store changed (its runs and models are not in this one)"]
     return stale_reasons(record, key, folder)
@@ -109,7 +115,8 @@ def execute_stage(ctx: RunContext, stage: Stage, key: StageKey, reasons: list) -
     "Run `stage`'s notebook in its child run; on success, record its outputs in the cache index."
     from mlwb.kernels import execute_stage_notebook, release_kernel
     params, started = ctx.parameters[stage.name], time.monotonic()
-    with ctx.lock: run_id = ctx.tracker.start_stage(stage, params, {"mlwb.reasons": "; ".join(reasons)[:5000]})
+    with ctx.lock:
+        run_id = ctx.tracker.start_stage(stage, params, {"mlwb.reasons": "; ".join(reasons)[:5000]})
     notebook = ctx.folder / f"{ctx.pipeline.names.index(stage.name) + 1:02d}_{stage.name}.ipynb"
     trace = ctx.folder / f".{stage.name}.imports.json"
     result = StageResult(stage.name, "done", run_id=run_id, notebook=str(notebook), reasons=reasons)
@@ -126,15 +133,18 @@ def execute_stage(ctx: RunContext, stage: Stage, key: StageKey, reasons: list) -
         if km is not None: release_kernel(km)
     result.seconds = time.monotonic() - started
     with ctx.lock:
-        ctx.tracker.end_stage(run_id, "FINISHED" if result.status == "done" else "FAILED", result.seconds, notebook)
+        ctx.tracker.end_stage(run_id, "FINISHED" if result.status == "done" else "FAILED",
+                              result.seconds, notebook)
         if result.status == "done": remember_stage(ctx, stage, key, result)
     trace.unlink(missing_ok=True)
     return result
 
 # %% ../nbs/37_runner.ipynb #0c9ce2e2
 def stage_variables(ctx: RunContext, run_id: str | None = None) -> dict:
-    "A stage kernel's variables: the workspace, the tracking store and (once known) the stage's MLflow run."
-    found = {"MLWB_WORKSPACE": str(ctx.settings.workspace), "MLFLOW_TRACKING_URI": tracking_uri(ctx.settings)}
+    ("A stage kernel's variables: the workspace, the tracking store and (once known) "
+     "the stage's MLflow run.")
+    found = {"MLWB_WORKSPACE": str(ctx.settings.workspace),
+             "MLFLOW_TRACKING_URI": tracking_uri(ctx.settings)}
     return {**found, "MLFLOW_RUN_ID": run_id} if run_id else found
 
 def stage_environment(ctx: RunContext, run_id: str | None = None) -> dict:
@@ -151,18 +161,22 @@ def output_stamps(pipeline: Pipeline, stage: Stage) -> dict:
     return stamps
 
 def check_outputs(pipeline: Pipeline, stage: Stage, before: dict):
-    "Raise unless the stage wrote every output it declares: each exists and is not the file left from `before`."
+    ("Raise unless the stage wrote every output it declares: each exists and is not the file left "
+     "from `before`.")
     now = output_stamps(pipeline, stage)
     unwritten = [out for out in stage.outputs if out not in now or now[out] == before.get(out)]
-    if unwritten: raise PipelineError(f"stage '{stage.name}' finished without writing its declared output(s): "
+    if unwritten: raise PipelineError(f"stage '{stage.name}' finished without writing its "
+                                      "declared output(s): "
                                       f"{', '.join(unwritten)}")
 
 def remember_stage(ctx: RunContext, stage: Stage, key: StageKey, result: StageResult):
     "Record a successful stage run, with the digests of its outputs, in the cache index."
     outputs = file_hashes(ctx.pipeline.folder, stage.outputs)
     ctx.index.put(stage.name, make_record(
-        key, outputs, run_id=result.run_id, experiment_id=ctx.tracker.experiment_id, parent_run=ctx.tracker.parent_id,
-        notebook=result.notebook, pipeline_run=ctx.folder.name, mode="dev" if ctx.dev else "release",
+        key, outputs, run_id=result.run_id, experiment_id=ctx.tracker.experiment_id,
+        parent_run=ctx.tracker.parent_id,
+        notebook=result.notebook, pipeline_run=ctx.folder.name,
+        mode="dev" if ctx.dev else "release",
         store=store_id(ctx.settings), finished=datetime.now(timezone.utc).isoformat()))
 
 # %% ../nbs/37_runner.ipynb #cda5f5fc
@@ -170,7 +184,8 @@ def source_cell_number(executed: Path, cell_index: int) -> int:
     "The 1-based number, in the stage's own notebook, of cell `cell_index` of its executed copy."
     import nbformat
     if not executed.exists(): return cell_index + 1
-    cells = [c for c in nbformat.read(executed, as_version=4).cells  # without the error banners papermill adds on save
+    # without the error banners papermill adds on save
+    cells = [c for c in nbformat.read(executed, as_version=4).cells
              if "papermill-error-cell-tag" not in c.metadata.get("tags", [])][:cell_index]
     injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells)
     return cell_index + 1 - injected
@@ -184,14 +199,17 @@ def describe_failure(stage: Stage, error: Exception, notebook: Path) -> str:
         where = f"in cell {source_cell_number(notebook, error.cell_index)} of {stage.notebook.name}"
         text = f"stage '{stage.name}' failed {where}: {error.ename}: {error.evalue}"
     elif isinstance(error, DeadKernelError):
-        text = f"stage '{stage.name}' failed: its kernel died while running (killed, or out of memory)"
+        text = (f"stage '{stage.name}' failed: its kernel died while running (killed, "
+                "or out of memory)")
     elif isinstance(error, MlwbError): text = str(error)
     else: text = f"stage '{stage.name}' failed: {type(error).__name__}: {error}"
-    return text + (f"\n  executed notebook, with the traceback: {notebook}" if notebook.exists() else "")
+    return text + (f"\n  executed notebook, with the traceback: {notebook}"
+                   if notebook.exists() else "")
 
 # %% ../nbs/37_runner.ipynb #644e66a1
 def select_stages(pipeline: Pipeline, targets=None) -> Pipeline:
-    "`pipeline` with only the stages in `targets` and those they depend on (all stages when `targets` is None)."
+    ("`pipeline` with only the stages in `targets` and those they depend on (all stages when "
+     "`targets` is None).")
     if targets is None: return pipeline
     needed, todo = set(), [pipeline.stage(name).name for name in targets]
     while todo:
@@ -201,7 +219,8 @@ def select_stages(pipeline: Pipeline, targets=None) -> Pipeline:
 
 # %% ../nbs/37_runner.ipynb #63c355d3
 def forced_stages(pipeline: Pipeline, force: bool, from_stage: str | None) -> set:
-    "The stages to run whatever their cache says: all with `force`, or `from_stage` and every later one."
+    ("The stages to run whatever their cache says: all with `force`, "
+     "or `from_stage` and every later one.")
     if force: return set(pipeline.names)
     if from_stage is None: return set()
     pipeline.stage(from_stage)
@@ -213,7 +232,8 @@ def check_declared_inputs(pipeline: Pipeline):
     for stage in pipeline.stages:
         for path in stage.inputs:
             if path not in produced and not (pipeline.folder / path).is_file():
-                raise PipelineError(f"{pipeline.folder / 'pipeline.yml'}: stage '{stage.name}': input '{path}' not found")
+                raise PipelineError(f"{pipeline.folder / 'pipeline.yml'}: stage '{stage.name}': "
+                                    f"input '{path}' not found")
 
 # %% ../nbs/37_runner.ipynb #2b2667e8
 def check_kernel(name: str):
@@ -222,7 +242,8 @@ def check_kernel(name: str):
     try: KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
         known = ", ".join(sorted(KernelSpecManager().find_kernel_specs()))
-        raise ConfigError(f"setting 'kernel_name': no Jupyter kernel named '{name}'; installed kernels: {known}") from None
+        raise ConfigError(f"setting 'kernel_name': no Jupyter kernel named '{name}'; "
+                          f"installed kernels: {known}") from None
 
 # %% ../nbs/37_runner.ipynb #7b00c9e6
 @contextmanager
@@ -232,7 +253,8 @@ def project_lock(settings: Settings, pipeline: Pipeline):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         try: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError: raise MlwbError(f"another `mlwb run` of '{pipeline.name}' is in progress (lock: {path})") from None
+        except BlockingIOError: raise MlwbError(f"another `mlwb run` of '{pipeline.name}' is in "
+                                                f"progress (lock: {path})") from None
         yield
 
 # %% ../nbs/37_runner.ipynb #8e079fb2
@@ -245,7 +267,8 @@ def new_context(settings, pipeline, resolved, forced, on_event, dev=False) -> Ru
     folder = settings.runs_path / pipeline.name / new_run_id()
     index = CacheIndex.load(settings.runs_path / pipeline.name / "cache.json")
     environment = environment_versions(environment_memo(settings))
-    return RunContext(settings, pipeline, resolved, folder, index, None, forced, environment, on_event, dev)
+    return RunContext(settings, pipeline, resolved, folder, index, None, forced, environment,
+                      on_event, dev)
 
 def environment_memo(settings: Settings) -> Path:
     "Where the package versions of this interpreter are remembered between runs."
@@ -257,7 +280,8 @@ def ready_stages(pending: list, finished: dict) -> list:
     return [s for s in pending if all(finished.get(d) in ("done", "cached") for d in s.depends_on)]
 
 def run_stages(ctx: RunContext) -> list:
-    "Run each stage once its dependencies are done, `workers` at a time; after a failure, start none."
+    ("Run each stage once its dependencies are done, `workers` at a time; after a failure, "
+     "start none.")
     finished, results, running, pending = {}, [], {}, list(ctx.pipeline.stages)
     with ThreadPoolExecutor(ctx.settings.workers, thread_name_prefix="mlwb-stage") as workers:
         while pending or running:
@@ -273,7 +297,8 @@ def run_stages(ctx: RunContext) -> list:
     return sorted(results, key=lambda r: ctx.pipeline.names.index(r.stage))
 
 def record_result(ctx: RunContext, results: list, result: StageResult):
-    "Add `result` to `results`, tell the progress display, and keep the run folder's `run.json` up to date."
+    ("Add `result` to `results`, tell the progress display, and keep the run folder's `run.json` "
+     "up to date.")
     results.append(result)
     emit(ctx, result.status, result)
     write_atomically(ctx.folder / "run.json", json.dumps([asdict(r) for r in results], indent=1))
@@ -290,22 +315,27 @@ def stages_that_may_run(ctx: RunContext) -> list:
     for stage in ctx.pipeline.stages:  # in dependency order
         upstream_runs = any(d in may_run for d in stage.depends_on)
         key = current_key(ctx.pipeline, stage, ctx.parameters[stage.name], ctx.environment)
-        if upstream_runs or stage_reasons(ctx.index.get(stage.name), key, ctx.pipeline.folder, stage.name in ctx.forced, ctx.dev, store_id(ctx.settings)):
+        if upstream_runs or stage_reasons(ctx.index.get(stage.name), key, ctx.pipeline.folder,
+                                          stage.name in ctx.forced, ctx.dev,
+                                          store_id(ctx.settings)):
             may_run.append(stage.name)
     return may_run
 
 # %% ../nbs/37_runner.ipynb #58b5d1b5
 def notebook_imports(pipeline: Pipeline) -> list:
-    "The installed packages and modules imported by the code cells of `pipeline`'s notebooks (not its local modules)."
+    ("The installed packages and modules imported by the code cells of `pipeline`'s notebooks (not "
+     "its local modules).")
     import ast
     names = set()
     for stage in pipeline.stages:
         for kind, source, _ in read_cells(stage.notebook):
             if kind != "code": continue
-            try: tree = ast.parse("\n".join(l for l in source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+            try: tree = ast.parse("\n".join(l for l in source.splitlines()
+                                            if not l.lstrip().startswith(("%", "!"))))
             except SyntaxError: continue
             names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-            names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+            names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                      and not n.level}
     return sorted(n for n in names if not _is_local(pipeline.folder, n))
 
 def _is_local(folder: Path, module: str) -> bool:
@@ -319,8 +349,10 @@ def kernel_pool(ctx: RunContext, may_run: list):
     if not may_run: yield None; return
     from mlwb.template import KernelPool, idle_seconds
     park = ctx.dev and idle_seconds() > 0
-    ctx.pool = KernelPool(ctx.settings.kernel_name, ctx.pipeline.folder, stage_environment(ctx), size=min(ctx.settings.workers, len(may_run)),
-                          limit=len(may_run), modules=notebook_imports(ctx.pipeline), park=warm_kernels_folder(ctx.settings) if park else None)
+    ctx.pool = KernelPool(ctx.settings.kernel_name, ctx.pipeline.folder, stage_environment(ctx),
+                          size=min(ctx.settings.workers, len(may_run)),
+                          limit=len(may_run), modules=notebook_imports(ctx.pipeline),
+                          park=warm_kernels_folder(ctx.settings) if park else None)
     try: yield ctx.pool
     finally: ctx.pool.close()
 
@@ -329,17 +361,21 @@ def warm_kernels_folder(settings: Settings) -> Path:
     return settings.runs_path / ".warm-kernels"
 
 def stop_warm_kernels(settings: Settings) -> int:
-    "Stop the kernel templates that development runs left waiting (they also stop by themselves when unused for 15 minutes)."
+    ("Stop the kernel templates that development runs left waiting (they also stop by themselves "
+     "when unused for 15 minutes).")
     from mlwb.template import stop_parked
     return stop_parked(warm_kernels_folder(settings))
 
 # %% ../nbs/37_runner.ipynb #a449ed21
-def why_stage(project: str, stage_name: str, settings: Settings | None = None, parameters=()) -> list:
+def why_stage(project: str, stage_name: str, settings: Settings | None = None,
+              parameters=()) -> list:
     "The reasons `stage_name` of `project` would run now (empty: it would be reused)."
     settings = settings or load_settings()
     pipeline = load_pipeline(find_project(project, settings))
     stage = pipeline.stage(stage_name)
-    resolved = resolve_pipeline_parameters(pipeline, settings.seed, parse_cli_parameters(parameters))
-    key = current_key(pipeline, stage, resolved[stage.name], environment_versions(environment_memo(settings)))
+    resolved = resolve_pipeline_parameters(pipeline, settings.seed,
+                                           parse_cli_parameters(parameters))
+    key = current_key(pipeline, stage, resolved[stage.name],
+                      environment_versions(environment_memo(settings)))
     record = CacheIndex.load(settings.runs_path / pipeline.name / "cache.json").get(stage.name)
     return stage_reasons(record, key, pipeline.folder, store=store_id(settings))

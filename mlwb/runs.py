@@ -16,10 +16,11 @@ from fastcore.basics import patch
 
 from .cache import file_hashes
 from .config import Settings, load_settings
-from .pipeline import Pipeline, Stage, find_project, load_pipeline, parse_cli_parameters, resolve_pipeline_parameters
-from .runner import (RunContext, StageResult, check_declared_inputs, check_kernel, emit, forced_stages, kernel_pool,
-                         new_context, project_lock, run_stages, select_stages, stage_inputs, stages_that_may_run,
-                         store_id)
+from .pipeline import (Pipeline, Stage, find_project, load_pipeline, parse_cli_parameters,
+                           resolve_pipeline_parameters)
+from .runner import (RunContext, StageResult, check_declared_inputs, check_kernel, emit,
+                         forced_stages, kernel_pool, new_context, project_lock, run_stages,
+                         select_stages, stage_inputs, stages_that_may_run, store_id)
 from .tracking import ensure_experiment, git_state, mlflow_client, run_url
 
 # %% auto #0
@@ -34,7 +35,8 @@ def _short(value, limit=500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 class RunTracker:
-    "The MLflow side of one pipeline run: a parent run and a child run per stage, through `MlflowClient`."
+    ("The MLflow side of one pipeline run: a parent run and a child run per stage, "
+     "through `MlflowClient`.")
     def __init__(self, settings: Settings, pipeline: Pipeline):
         self.settings, self.pipeline = settings, pipeline
         self.client = mlflow_client(settings)
@@ -45,7 +47,8 @@ class RunTracker:
         "Create the parent run."
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
-        for name, value in params.items(): self.client.log_param(self.parent_id, name, _short(value))
+        for name, value in params.items():
+            self.client.log_param(self.parent_id, name, _short(value))
         return self.parent_id
 
 # %% ../nbs/38_runs.ipynb #6593b2b2
@@ -54,13 +57,16 @@ def start_stage(self: RunTracker, stage: Stage, parameters: dict, tags=None) -> 
     "Create the child run of `stage` under the parent run."
     tags = {"mlflow.parentRunId": self.parent_id, "mlwb.stage": stage.name, **(tags or {})}
     run = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags)
-    for name, value in parameters.items(): self.client.log_param(run.info.run_id, name, _short(value))
+    for name, value in parameters.items():
+        self.client.log_param(run.info.run_id, name, _short(value))
     return run.info.run_id
 
 @patch
-def end_stage(self: RunTracker, run_id: str, status: str, seconds: float, notebook: Path | None = None):
+def end_stage(self: RunTracker, run_id: str, status: str, seconds: float,
+              notebook: Path | None = None):
     "Close a child run with its status, duration and executed notebook."
-    if notebook is not None and notebook.exists(): self.client.log_artifact(run_id, str(notebook), "notebook")
+    if notebook is not None and notebook.exists():
+        self.client.log_artifact(run_id, str(notebook), "notebook")
     self.client.log_metric(run_id, "duration_s", round(seconds, 3))
     self.client.set_terminated(run_id, status)
 
@@ -68,7 +74,9 @@ def end_stage(self: RunTracker, run_id: str, status: str, seconds: float, notebo
 def record_cached(self: RunTracker, stage: Stage, parameters: dict, record: dict) -> str:
     "A finished child run for a skipped stage, pointing at the run that produced its outputs."
     url = run_url(self.settings, record["experiment_id"], record["run_id"])
-    tags = {"mlwb.cached": "true", "mlwb.cached_from": record["run_id"], "mlwb.cached_from_url": url}
+    tags = {"mlwb.cached": "true",
+            "mlwb.cached_from": record["run_id"],
+            "mlwb.cached_from_url": url}
     run_id = self.start_stage(stage, parameters, tags)
     self.end_stage(run_id, "FINISHED", 0.0)
     return run_id
@@ -76,7 +84,8 @@ def record_cached(self: RunTracker, stage: Stage, parameters: dict, record: dict
 @patch
 def finish(self: RunTracker, status: str, artifacts: dict):
     "Attach the reproduction record to the parent run and close it."
-    for name, text in artifacts.items(): self.client.log_text(self.parent_id, text, f"reproduce/{name}")
+    for name, text in artifacts.items():
+        self.client.log_text(self.parent_id, text, f"reproduce/{name}")
     self.client.set_terminated(self.parent_id, status)
 
 # %% ../nbs/38_runs.ipynb #40307b69
@@ -92,7 +101,8 @@ class PipelineRun:
     @property
     def ok(self) -> bool: return all(r.status in ("done", "cached") for r in self.results)
     @property
-    def failure(self) -> StageResult | None: return next((r for r in self.results if r.status == "failed"), None)
+    def failure(self) -> StageResult | None:
+        return next((r for r in self.results if r.status == "failed"), None)
 
 def up_to_date_message(run: PipelineRun) -> str:
     "What to tell a user whose run found nothing to do."
@@ -100,25 +110,31 @@ def up_to_date_message(run: PipelineRun) -> str:
 
 # %% ../nbs/38_runs.ipynb #0609809b
 def nothing_to_do(ctx: RunContext) -> PipelineRun:
-    "Every stage is up to date: report each as reused, close what killed runs left open, start no run."
+    ("Every stage is up to date: report each as reused, close what killed runs left open, "
+     "start no run.")
     close_abandoned_runs(ctx)
     records = {s.name: ctx.index.get(s.name) for s in ctx.pipeline.stages}
-    results = [StageResult(name, "cached", run_id=r["run_id"], cached_from=r["run_id"], notebook=r.get("notebook"))
+    results = [StageResult(name, "cached", run_id=r["run_id"], cached_from=r["run_id"],
+                           notebook=r.get("notebook"))
                for name, r in records.items()]
     for result in results: emit(ctx, "cached", result)
     last = max(records.values(), key=lambda r: r.get("finished", ""))
     folder = ctx.settings.runs_path / ctx.pipeline.name / last.get("pipeline_run", "")
-    parent = last.get("parent_run") or last["run_id"]  # records written before parent_run existed: the stage's run
-    return PipelineRun(ctx.pipeline, folder, last["experiment_id"], parent, results, up_to_date=True)
+    # records written before parent_run existed: the stage's run
+    parent = last.get("parent_run") or last["run_id"]
+    return PipelineRun(ctx.pipeline, folder, last["experiment_id"], parent, results,
+                       up_to_date=True)
 
 # %% ../nbs/38_runs.ipynb #a200f91d
 def run_pipeline(project: str, settings: Settings | None = None, parameters=(), force: bool = False,
                  from_stage: str | None = None, on_event=None, dev: bool = False, targets=None,
                  tags=None) -> PipelineRun:
-    "Run (or reuse) the stages of `project` (all, or `targets` and what they need), recorded in MLflow."
+    ("Run (or reuse) the stages of `project` (all, or `targets` and what they need), "
+     "recorded in MLflow.")
     settings = settings or load_settings()
     pipeline = select_stages(load_pipeline(find_project(project, settings)), targets)
-    resolved = resolve_pipeline_parameters(pipeline, settings.seed, parse_cli_parameters(parameters))
+    resolved = resolve_pipeline_parameters(pipeline, settings.seed,
+                                           parse_cli_parameters(parameters))
     forced = forced_stages(pipeline, force, from_stage)
     check_declared_inputs(pipeline)
     with project_lock(settings, pipeline):
@@ -133,7 +149,8 @@ def run_pipeline(project: str, settings: Settings | None = None, parameters=(), 
 
 # %% ../nbs/38_runs.ipynb #60902e13
 def start_run(ctx: RunContext, cli_parameters, tags: dict | None = None):
-    "Create the run folder and the parent MLflow run, with extra `tags`, once killed runs are closed."
+    ("Create the run folder and the parent MLflow run, with extra `tags`, "
+     "once killed runs are closed.")
     ctx.folder.mkdir(parents=True)
     ctx.tracker = RunTracker(ctx.settings, ctx.pipeline)
     close_abandoned_runs(ctx, ctx.tracker)
@@ -145,17 +162,24 @@ def start_run(ctx: RunContext, cli_parameters, tags: dict | None = None):
 def run_tags(ctx: RunContext, extra: dict | None = None) -> dict:
     "The parent run's tags: project, run folder, mode, Python, git commit and state, then `extra`."
     git = git_state(ctx.pipeline.folder)
-    tags = {"mlwb.project": ctx.pipeline.name, "mlwb.run_id": ctx.folder.name, "mlwb.run_folder": str(ctx.folder),
+    tags = {"mlwb.project": ctx.pipeline.name,
+            "mlwb.run_id": ctx.folder.name,
+            "mlwb.run_folder": str(ctx.folder),
             "mlwb.mode": "dev" if ctx.dev else "release", "mlwb.python": sys.version.split()[0],
-            "mlflow.source.git.commit": git.get("commit", ""), "mlwb.git.dirty": str(git.get("dirty", ""))}
-    if ctx.dev: tags["mlwb.note"] = "development run: kernels from a template kept warm, not a reproducible record"
+            "mlflow.source.git.commit": git.get("commit", ""),
+            "mlwb.git.dirty": str(git.get("dirty", ""))}
+    if ctx.dev:
+        tags["mlwb.note"] = ("development run: kernels from a template kept warm, "
+                             "not a reproducible record")
     return {**tags, **(extra or {})}
 
 # %% ../nbs/38_runs.ipynb #f175a6c2
-UNFINISHED = ".unfinished"  # in a run folder from before its MLflow run exists until that run is closed
+# in a run folder from before its MLflow run exists until that run is closed
+UNFINISHED = ".unfinished"
 
 def abandoned_runs(running: list, folders) -> list:
-    "Of `running` (`[(run id, mlwb.run_folder or None, parent run id or None)]`), those of `folders` and below."
+    ("Of `running` (`[(run id, mlwb.run_folder or None, parent run id or None)]`), "
+     "those of `folders` and below.")
     folders = {str(f) for f in folders}
     dead = {run_id for run_id, folder, _ in running if folder in folders}
     while True:
@@ -164,7 +188,8 @@ def abandoned_runs(running: list, folders) -> list:
         dead |= below
 
 def unfinished_folders(settings: Settings, pipeline: Pipeline) -> list:
-    "The run folders of `pipeline` whose run died before closing its MLflow runs in the store in use."
+    ("The run folders of `pipeline` whose run died before closing its MLflow runs in the "
+     "store in use.")
     store, found = store_id(settings), []
     for mark in (settings.runs_path / pipeline.name).glob(f"*/{UNFINISHED}"):
         try: found += [mark.parent] if mark.read_text() == store else []
@@ -174,16 +199,20 @@ def unfinished_folders(settings: Settings, pipeline: Pipeline) -> list:
 # %% ../nbs/38_runs.ipynb #08f2393b
 @patch
 def close_abandoned(self: RunTracker, folders: list) -> list:
-    "Mark as KILLED the runs of run `folders` (and those below them) still RUNNING; return their ids."
-    found = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+    ("Mark as KILLED the runs of run `folders` (and those below them) still RUNNING; "
+     "return their ids.")
+    found = self.client.search_runs([self.experiment_id],
+                                    filter_string="attributes.status = 'RUNNING'",
                                     max_results=50_000)
-    tags = lambda r: (r.info.run_id, r.data.tags.get("mlwb.run_folder"), r.data.tags.get("mlflow.parentRunId"))
+    tags = lambda r: (r.info.run_id, r.data.tags.get("mlwb.run_folder"),
+                      r.data.tags.get("mlflow.parentRunId"))
     dead = abandoned_runs([tags(r) for r in found], folders)
     for run_id in dead: self.client.set_terminated(run_id, "KILLED")
     return dead
 
 def close_abandoned_runs(ctx: RunContext, tracker: RunTracker | None = None) -> list:
-    "Close in MLflow the runs that killed runs of this project left RUNNING, then forget their marks."
+    ("Close in MLflow the runs that killed runs of this project left RUNNING, "
+     "then forget their marks.")
     folders = unfinished_folders(ctx.settings, ctx.pipeline)
     if not folders: return []
     dead = (tracker or RunTracker(ctx.settings, ctx.pipeline)).close_abandoned(folders)
@@ -194,21 +223,24 @@ def close_abandoned_runs(ctx: RunContext, tracker: RunTracker | None = None) -> 
 def reproduction_record(ctx: RunContext) -> dict:
     "The artifacts that let someone rerun this pipeline run and check they got the same bytes."
     hashes = {s.name: {"inputs": file_hashes(ctx.pipeline.folder, stage_inputs(ctx.pipeline, s)),
-                       "outputs": file_hashes(ctx.pipeline.folder, s.outputs)} for s in ctx.pipeline.stages}
+                       "outputs": file_hashes(ctx.pipeline.folder, s.outputs)}
+              for s in ctx.pipeline.stages}
     return {"environment.txt": lock_text(ctx.environment),
             "pipeline.yml": (ctx.pipeline.folder / "pipeline.yml").read_text(),
             "parameters.json": json.dumps(ctx.parameters, indent=1, sort_keys=True),
             "hashes.json": json.dumps(hashes, indent=1, sort_keys=True)}
 
 def lock_text(environment: dict) -> str:
-    "The interpreter and package versions as a requirements-style text, like `mlwb.tracking.environment_lock`."
+    ("The interpreter and package versions as a requirements-style text, "
+     "like `mlwb.tracking.environment_lock`.")
     import platform
     head = f"# python {environment['python']} ({sys.implementation.name}, {platform.machine()})"
     return "\n".join([head] + [f"{n}=={v}" for n, v in environment.items() if n != "python"]) + "\n"
 
 def finish_run(ctx: RunContext, results: list) -> PipelineRun:
     "Close the parent run, remove the run folder's unfinished mark, and return the outcome."
-    run = PipelineRun(ctx.pipeline, ctx.folder, ctx.tracker.experiment_id, ctx.tracker.parent_id, results)
+    run = PipelineRun(ctx.pipeline, ctx.folder, ctx.tracker.experiment_id,
+                      ctx.tracker.parent_id, results)
     ctx.tracker.finish("FINISHED" if run.ok else "FAILED", reproduction_record(ctx))
     (ctx.folder / UNFINISHED).unlink(missing_ok=True)
     return run

@@ -21,7 +21,8 @@ import click
 from .cache import CacheIndex
 from .config import MlwbError, Settings, load_settings
 from .core import Registry
-from .pipeline import Pipeline, declared_parameters, find_project, load_pipeline, parse_cli_value
+from .pipeline import (Pipeline, declared_parameters, find_project, load_pipeline,
+                           parse_cli_value)
 from .runner import new_run_id
 from .runs import run_pipeline
 from .tracking import ensure_experiment, mlflow_client, run_url
@@ -35,7 +36,8 @@ __all__ = ['ENGINES', 'SweepError', 'parse_grid', 'grid_configurations', 'swept_
 
 # %% ../nbs/39_sweep.ipynb #69b96333
 class SweepError(MlwbError):
-    "A sweep that cannot be run as asked: a malformed grid, a parameter no stage declares, a failed shared stage."
+    ("A sweep that cannot be run as asked: a malformed grid, a parameter no stage declares, "
+     "a failed shared stage.")
 
 def parse_grid(options) -> dict:
     "`{name: [values]}` from `-g NAME=A,B,C` options."
@@ -43,27 +45,34 @@ def parse_grid(options) -> dict:
     for option in options:
         name, sep, text = option.partition("=")
         values = [v.strip() for v in text.split(",")]
-        if not sep or not name.strip() or not all(values): raise SweepError(f"-g {option!r}: expected NAME=VALUE,VALUE,... (values separated by commas)")
+        if not sep or not name.strip() or not all(values):
+            raise SweepError(f"-g {option!r}: expected NAME=VALUE,VALUE,... "
+                             "(values separated by commas)")
         grid[name.strip()] = [parse_cli_value(v) for v in values]
     return grid
 
 def grid_configurations(grid: dict, random_n: int | None = None, seed: int = 0) -> list:
-    "Every combination of the grid's values as `{name: value}`, or `random_n` of them drawn with `seed`."
+    ("Every combination of the grid's values as `{name: value}`, or `random_n` of them drawn "
+     "with `seed`.")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     if random_n is not None:
-        if random_n < 1: raise SweepError(f"--random {random_n}: expected a positive number of configurations")
+        if random_n < 1:
+            raise SweepError(f"--random {random_n}: expected a positive number of configurations")
         combos = random.Random(seed).sample(combos, min(random_n, len(combos)))
     return combos
 
 # %% ../nbs/39_sweep.ipynb #833ae6c1
 def swept_stages(pipeline: Pipeline, grid: dict) -> set:
-    "The stages that a swept parameter reaches: those that declare it, and every stage downstream of one."
+    ("The stages that a swept parameter reaches: those that declare it, "
+     "and every stage downstream of one.")
     declared = {s.name: declared_parameters(s.notebook) for s in pipeline.stages}
     reached = set()
     for key in grid:
         stage, _, name = key.rpartition(".")
-        direct = {s.name for s in pipeline.stages if (not stage or s.name == stage) and name in declared[s.name]}
-        if not direct: raise SweepError(f"-g {key}: no stage{' ' + repr(stage) if stage else ''} of '{pipeline.name}' declares a parameter '{name}'")
+        direct = {s.name for s in pipeline.stages if (not stage or s.name == stage)
+                  and name in declared[s.name]}
+        if not direct: raise SweepError(f"-g {key}: no stage{' ' + repr(stage) if stage else ''} "
+                                        f"of '{pipeline.name}' declares a parameter '{name}'")
         reached |= direct
     for s in pipeline.stages:  # in dependency order
         if set(s.depends_on) & reached: reached.add(s.name)
@@ -71,12 +80,14 @@ def swept_stages(pipeline: Pipeline, grid: dict) -> set:
 
 # %% ../nbs/39_sweep.ipynb #089b7630
 def make_sandbox(pipeline: Pipeline, settings: Settings, shared: set, folder: Path) -> tuple:
-    "A copy of the project in `folder`, and settings whose runs folder (in `folder`) already holds the shared stages' records."
+    ("A copy of the project in `folder`, and settings whose runs folder (in `folder`) "
+     "already holds the shared stages' records.")
     project = folder / pipeline.name
     shutil.copytree(pipeline.folder, project, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     runs = folder / "runs"
     records = CacheIndex.load(settings.runs_path / pipeline.name / "cache.json").records
-    CacheIndex(runs / pipeline.name / "cache.json", {k: v for k, v in records.items() if k in shared}).save()
+    CacheIndex(runs / pipeline.name / "cache.json",
+               {k: v for k, v in records.items() if k in shared}).save()
     return project, replace(settings, runs_dir=str(runs), workers=1)
 
 # %% ../nbs/39_sweep.ipynb #024797be
@@ -87,8 +98,10 @@ def run_configuration(spec: dict) -> dict:
     held = os.environ.get("MLWB_SWEEP")
     os.environ["MLWB_SWEEP"] = "1"  # a sweep explores: its register stages never move an alias
     try:
-        run = run_pipeline(str(spec["project"]), spec["settings"], spec["parameters"], tags=spec["tags"])
-        outcome.update(status="done" if run.ok else "failed", run_id=run.mlflow_run_id, experiment_id=run.experiment_id,
+        run = run_pipeline(str(spec["project"]), spec["settings"], spec["parameters"],
+                           tags=spec["tags"])
+        outcome.update(status="done" if run.ok else "failed", run_id=run.mlflow_run_id,
+                       experiment_id=run.experiment_id,
                        error=run.failure.error if run.failure else None)
     except Exception as error:
         outcome.update(status="failed", run_id=None, error=f"{type(error).__name__}: {error}")
@@ -106,7 +119,8 @@ def configuration_parameters(values: dict) -> list:
 ENGINES = Registry("sweep engine", SweepError, entry_points="mlwb.sweep_engines")
 
 def configuration_job():
-    "`run_configuration`, taken from `mlwb.sweep` by name, so that a worker process finds it even when a notebook calls us."
+    ("`run_configuration`, taken from `mlwb.sweep` by name, so that a worker process finds it even "
+     "when a notebook calls us.")
     import mlwb.sweep
     return mlwb.sweep.run_configuration
 
@@ -119,7 +133,8 @@ def local_engine(specs: list, workers: int, scheduler: str | None = None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(configuration_job(), spec) for spec in specs]): yield future.result()
+        for future in as_completed([pool.submit(configuration_job(), spec) for spec in specs]):
+            yield future.result()
 
 def local_dask_cluster(workers: int):
     "A Dask cluster of `workers` processes on loopback, with no dashboard and no fixed port."
@@ -128,12 +143,14 @@ def local_dask_cluster(workers: int):
                         dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})
 
 def dask_engine(specs: list, workers: int, scheduler: str | None = None):
-    "Run the configurations on the Dask cluster at `scheduler` (a local cluster of `workers` processes when empty)."
+    ("Run the configurations on the Dask cluster at `scheduler` (a local cluster of `workers` "
+     "processes when empty).")
     from distributed import Client, as_completed
     cluster = None if scheduler else local_dask_cluster(workers)
     try:
         with Client(scheduler or cluster) as client:
-            for future in as_completed(client.map(configuration_job(), specs, pure=False)): yield future.result()
+            for future in as_completed(client.map(configuration_job(), specs, pure=False)):
+                yield future.result()
     finally:
         if cluster is not None: cluster.close()
 
@@ -142,26 +159,34 @@ register_engine("dask", dask_engine)
 
 # %% ../nbs/39_sweep.ipynb #b03e1d2e
 def choose_engine(settings: Settings, scheduler: str | None) -> tuple:
-    "`(engine name, scheduler address)`: Dask when a scheduler is named or `sweep_engine` says so, else local processes."
+    ("`(engine name, scheduler address)`: Dask when a scheduler is named or `sweep_engine` says "
+     "so, else local processes.")
     scheduler = scheduler or settings.dask_scheduler or None
     if scheduler and not scheduler.startswith(("tcp://", "tls://", "inproc://")):
         raise SweepError(f"--scheduler {scheduler}: expected an address like tcp://HOST:PORT")
     return ("dask" if scheduler or settings.sweep_engine == "dask" else "local"), scheduler
 
 # %% ../nbs/39_sweep.ipynb #d23ae257
-def start_sweep_run(settings: Settings, pipeline: Pipeline, sweep_id: str, grid: dict, metric: str | None) -> tuple:
+def start_sweep_run(settings: Settings, pipeline: Pipeline, sweep_id: str, grid: dict,
+                    metric: str | None) -> tuple:
     "Create the sweep's MLflow run; return `(client, experiment id, run id)`."
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, pipeline.name, settings)
-    run = client.create_run(experiment_id, run_name=f"sweep {sweep_id}", tags={"mlwb.kind": "sweep", "mlwb.sweep": sweep_id, "mlwb.project": pipeline.name})
+    run = client.create_run(experiment_id, run_name=f"sweep {sweep_id}",
+                            tags={"mlwb.kind": "sweep",
+                                  "mlwb.sweep": sweep_id,
+                                  "mlwb.project": pipeline.name})
     client.log_param(run.info.run_id, "grid", json.dumps(grid)[:500])
     if metric: client.log_param(run.info.run_id, "metric", metric)
     return client, experiment_id, run.info.run_id
 
 def metric_of(client, experiment_id: str, run_id: str, metric: str):
-    "The value of `metric` as logged by one of the stage runs of pipeline run `run_id` (None if none did)."
-    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-    values = [c.data.metrics[metric] for c in sorted(children, key=lambda c: c.info.start_time) if metric in c.data.metrics]
+    ("The value of `metric` as logged by one of the stage runs of pipeline run `run_id` (None "
+     "if none did).")
+    children = client.search_runs([experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    values = [c.data.metrics[metric] for c in sorted(children, key=lambda c: c.info.start_time)
+              if metric in c.data.metrics]
     return values[-1] if values else None
 
 # %% ../nbs/39_sweep.ipynb #4d4b3a8a
@@ -169,17 +194,21 @@ def record_outcomes(client, experiment_id: str, outcomes: list, metric: str | No
     "Give each configuration's run its swept values and the metric (stored in the outcome too)."
     for o in outcomes:
         if not o.get("run_id"): continue
-        for name, value in o["values"].items(): client.log_param(o["run_id"], f"sweep.{name}", json.dumps(value))
+        for name, value in o["values"].items():
+            client.log_param(o["run_id"], f"sweep.{name}", json.dumps(value))
         o["metric"] = metric_of(client, experiment_id, o["run_id"], metric) if metric else None
         if o["metric"] is not None: client.log_metric(o["run_id"], metric, o["metric"])
 
 def finish_sweep_run(client, run_id: str, ranked: list, metric: str | None, table: str):
     "Log the best configuration and the ranked table on the sweep run, and close it."
     best = ranked[0] if ranked and ranked[0].get("metric") is not None else None
-    if best: client.log_metric(run_id, f"best_{metric}", best["metric"]); client.set_tag(run_id, "mlwb.best_run", best["run_id"])
+    if best:
+        client.log_metric(run_id, f"best_{metric}", best["metric"])
+        client.set_tag(run_id, "mlwb.best_run", best["run_id"])
     client.log_text(run_id, json.dumps(ranked, indent=1, default=str), "sweep/results.json")
     client.log_text(run_id, table, "sweep/ranking.txt")
-    client.set_terminated(run_id, "FINISHED" if any(o["status"] == "done" for o in ranked) else "FAILED")
+    client.set_terminated(run_id,
+                          "FINISHED" if any(o["status"] == "done" for o in ranked) else "FAILED")
 
 # %% ../nbs/39_sweep.ipynb #2011b81c
 def rank_outcomes(outcomes: list, lower_is_better: bool = False) -> list:
@@ -187,25 +216,31 @@ def rank_outcomes(outcomes: list, lower_is_better: bool = False) -> list:
     def key(o):
         has = o["status"] == "done" and o.get("metric") is not None
         value = o["metric"] if has else 0.0
-        return (0 if has else 1 if o["status"] == "done" else 2, value if lower_is_better else -value, o["index"])
+        return (0 if has else 1 if o["status"] == "done" else 2,
+                value if lower_is_better else -value, o["index"])
     return sorted(outcomes, key=key)
 
 def format_ranking(ranked: list, names: list, metric: str | None) -> str:
     "The ranked configurations as a text table, the best marked."
     head = ["rank", *names, metric or "metric", "status", "seconds"]
-    rows = [[str(i), *(json.dumps(o["values"].get(n)) for n in names), "" if o.get("metric") is None else f"{o['metric']:.6g}",
+    rows = [[str(i), *(json.dumps(o["values"].get(n)) for n in names),
+             "" if o.get("metric") is None else f"{o['metric']:.6g}",
              o["status"], f"{o.get('seconds', 0):.1f}"] for i, o in enumerate(ranked, 1)]
     widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
     line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
     best = ranked and ranked[0]["status"] == "done" and ranked[0].get("metric") is not None
     body = [line(r) + ("   <- best" if i == 0 and best else "") for i, r in enumerate(rows)]
-    errors = [f"configuration {o['index']} failed: {o['error']}" for o in ranked if o["status"] == "failed"]
+    errors = [f"configuration {o['index']} failed: {o['error']}" for o in ranked
+              if o["status"] == "failed"]
     return "\n".join([line(head), *body, *errors])
 
 # %% ../nbs/39_sweep.ipynb #54930784
-def run_sweep(project: str, grid: dict, settings: Settings | None = None, random_n: int | None = None, metric: str | None = None,
-              lower_is_better: bool = False, scheduler: str | None = None, workers: int | None = None, on_done=None) -> dict:
-    "Run a grid of configurations of `project`'s pipeline; return the sweep's run id, folder and ranked outcomes."
+def run_sweep(project: str, grid: dict, settings: Settings | None = None,
+              random_n: int | None = None, metric: str | None = None,
+              lower_is_better: bool = False, scheduler: str | None = None,
+              workers: int | None = None, on_done=None) -> dict:
+    ("Run a grid of configurations of `project`'s pipeline; return the sweep's run id, "
+     "folder and ranked outcomes.")
     settings = settings or load_settings()
     pipeline = load_pipeline(find_project(project, settings))
     configurations = grid_configurations(grid, random_n, settings.seed)
@@ -215,7 +250,8 @@ def run_sweep(project: str, grid: dict, settings: Settings | None = None, random
     client, experiment_id, sweep_run = start_sweep_run(settings, pipeline, sweep_id, grid, metric)
     run_shared_stages(project, settings, shared, sweep_run)
     folder = settings.runs_path / pipeline.name / "sweeps" / sweep_id
-    specs = [configuration_spec(pipeline, settings, shared, folder, i, values, sweep_run) for i, values in enumerate(configurations)]
+    specs = [configuration_spec(pipeline, settings, shared, folder, i, values, sweep_run)
+             for i, values in enumerate(configurations)]
     outcomes = []
     for outcome in ENGINES[engine](specs, workers or settings.workers, scheduler):
         outcomes.append(outcome)
@@ -223,19 +259,30 @@ def run_sweep(project: str, grid: dict, settings: Settings | None = None, random
     record_outcomes(client, experiment_id, outcomes, metric)
     ranked = rank_outcomes(outcomes, lower_is_better)
     finish_sweep_run(client, sweep_run, ranked, metric, format_ranking(ranked, list(grid), metric))
-    return {"sweep_id": sweep_id, "run_id": sweep_run, "experiment_id": experiment_id, "folder": folder, "ranked": ranked, "engine": engine}
+    return {"sweep_id": sweep_id,
+            "run_id": sweep_run,
+            "experiment_id": experiment_id,
+            "folder": folder,
+            "ranked": ranked,
+            "engine": engine}
 
 # %% ../nbs/39_sweep.ipynb #a1ba7896
 def run_shared_stages(project: str, settings: Settings, shared: set, sweep_run: str):
     "Run (or reuse) the stages every configuration shares, once, in the project itself."
     if not shared: return
-    run = run_pipeline(project, settings, targets=sorted(shared), tags={"mlflow.parentRunId": sweep_run, "mlwb.sweep_role": "shared stages"})
-    if run.failure: raise SweepError(f"a stage shared by every configuration failed, so none was run:\n{run.failure.error}")
+    run = run_pipeline(project, settings, targets=sorted(shared),
+                       tags={"mlflow.parentRunId": sweep_run, "mlwb.sweep_role": "shared stages"})
+    if run.failure: raise SweepError("a stage shared by every configuration failed, "
+                                     f"so none was run:\n{run.failure.error}")
 
 def configuration_spec(pipeline, settings, shared, folder, index, values, sweep_run) -> dict:
-    "Everything a worker needs to run configuration `index`: its sandbox, settings, parameters and MLflow tags."
-    project, sandbox_settings = make_sandbox(pipeline, settings, shared, folder / f"config-{index:02d}")
-    tags = {"mlflow.parentRunId": sweep_run, "mlwb.sweep_role": "configuration", "mlwb.sweep_index": str(index)}
+    ("Everything a worker needs to run configuration `index`: its sandbox, settings, "
+     "parameters and MLflow tags.")
+    project, sandbox_settings = make_sandbox(pipeline, settings, shared,
+                                             folder / f"config-{index:02d}")
+    tags = {"mlflow.parentRunId": sweep_run,
+            "mlwb.sweep_role": "configuration",
+            "mlwb.sweep_index": str(index)}
     return {"index": index, "values": values, "project": project, "settings": sandbox_settings,
             "parameters": configuration_parameters(values), "tags": tags}
 
@@ -243,23 +290,31 @@ def configuration_spec(pipeline, settings, shared, folder, index, values, sweep_
 def outcome_line(outcome: dict) -> str:
     "The progress line for one finished configuration."
     mark = "✓" if outcome["status"] == "done" else "✗"
-    return f"  {mark} configuration {outcome['index']:<3} {json.dumps(outcome['values'])}  {outcome['status']} in {outcome['seconds']:.1f} s"
+    return (f"  {mark} configuration {outcome['index']:<3} {json.dumps(outcome['values'])}  "
+            f"{outcome['status']} in {outcome['seconds']:.1f} s")
 
 @click.command("sweep")
 @click.argument("project")
-@click.option("-g", "--grid", "grid", multiple=True, required=True, metavar="NAME=A,B,C", help="Values of one parameter (STAGE.NAME for one stage).")
-@click.option("--random", "random_n", type=int, help="Run N configurations drawn at random from the grid.")
+@click.option("-g", "--grid", "grid", multiple=True, required=True, metavar="NAME=A,B,C",
+              help="Values of one parameter (STAGE.NAME for one stage).")
+@click.option("--random", "random_n", type=int,
+              help="Run N configurations drawn at random from the grid.")
 @click.option("--metric", help="Rank the configurations by this metric (logged by a stage).")
 @click.option("--lower-is-better", is_flag=True, help="Rank the lowest metric first.")
-@click.option("--scheduler", metavar="tcp://HOST:PORT", help="Run on this Dask cluster (default: the dask_scheduler setting, else local processes).")
+@click.option("--scheduler", metavar="tcp://HOST:PORT",
+              help="Run on this Dask cluster (default: the dask_scheduler setting, "
+                   "else local processes).")
 @click.option("--workers", type=int, help="Local worker processes (default: the workers setting).")
 def sweep_command(project, grid, random_n, metric, lower_is_better, scheduler, workers):
     "Run a grid of configurations of a project's pipeline in parallel and rank them."
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     settings = load_settings()
     click.echo(f"sweep {project}")
-    result = run_sweep(project, parse_grid(grid), settings, random_n, metric, lower_is_better, scheduler, workers,
+    result = run_sweep(project, parse_grid(grid), settings, random_n, metric, lower_is_better,
+                       scheduler, workers,
                        on_done=lambda o: click.echo(outcome_line(o)))
     click.echo("\n" + format_ranking(result["ranked"], list(parse_grid(grid)), metric))
-    click.echo(f"\nMLflow sweep run: {run_url(settings, result['experiment_id'], result['run_id'])}  ({result['engine']} engine)")
+    click.echo("\nMLflow sweep run: "
+               f"{run_url(settings, result['experiment_id'], result['run_id'])}  "
+               f"({result['engine']} engine)")
     if any(o["status"] == "failed" for o in result["ranked"]): raise SystemExit(1)

@@ -22,8 +22,8 @@ from pathlib import Path
 from fastcore.basics import patch
 from jupyter_client import KernelManager
 
-from .kernels import (QUIET_KERNEL, ForkedKernel, KernelSetupError, process_alive, release_kernel,
-                          start_kernel, stop_kernel, warm_imports)
+from .kernels import (QUIET_KERNEL, ForkedKernel, KernelSetupError, process_alive,
+                          release_kernel, start_kernel, stop_kernel, warm_imports)
 
 # %% auto #0
 __all__ = ['TEMPLATE_SOURCE', 'IDLE_SECONDS', 'template_spec', 'socket_folder', 'KernelTemplate', 'idle_seconds', 'KernelPool',
@@ -34,20 +34,24 @@ TEMPLATE_SOURCE = r'''
 import importlib, json, os, signal, socket, sys, time
 
 def local_files():
-    "The files of loaded modules that live outside the interpreter's own folders, with their modification times."
+    ("The files of loaded modules that live outside the interpreter's own folders, "
+     "with their modification times.")
     import site, sysconfig
-    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(), site.getusersitepackages()}
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values(),
+             *site.getsitepackages(), site.getusersitepackages()}
     roots = tuple(os.path.realpath(r) + os.sep for r in roots if r)
     found = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if isinstance(path, str) and path.endswith(".py") and not os.path.realpath(path).startswith(roots):
+        if (isinstance(path, str) and path.endswith(".py")
+            and not os.path.realpath(path).startswith(roots)):
             try: found[os.path.realpath(path)] = os.stat(path).st_mtime_ns
             except OSError: pass
     return found
 
 def warm(names, seen):
-    "Import `names` (a failure is left for the stage to meet); return the local files changed since they were imported."
+    ("Import `names` (a failure is left for the stage to meet); return the local files changed "
+     "since they were imported.")
     for name in names:
         try: importlib.import_module(name)
         except BaseException: pass
@@ -57,14 +61,16 @@ def warm(names, seen):
     return stale
 
 def become_kernel(request, server, conn):
-    "In the forked child: the stage's folder and environment, then an IPython kernel on the given connection file."
+    ("In the forked child: the stage's folder and environment, then an IPython kernel on the given "
+     "connection file.")
     server.close(); conn.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2): os.dup2(null, fd)
     os.chdir(request["cwd"]); os.environ.clear(); os.environ.update(request["env"])
-    if "numpy" in sys.modules: sys.modules["numpy"].random.seed()  # fresh entropy, as a new process would have
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()  # fresh entropy, as a new process would have
     import threading
     threading.Thread(target=exit_with, args=(request["owner"],), daemon=True).start()
     sys.argv = [sys.argv[0], "-f", request["connection_file"], *request["arguments"]]
@@ -72,15 +78,18 @@ def become_kernel(request, server, conn):
     kernelapp.launch_new_instance()
 
 def exit_with(owner):
-    "End this kernel once the run that asked for it has gone (killed, say), rather than live on unused."
+    ("End this kernel once the run that asked for it has gone (killed, say), "
+     "rather than live on unused.")
     while alive(owner): time.sleep(1)
     os._exit(0)
 
 def serve(path, parent):
-    "Answer requests until stopped, until `parent` exits (while it uses us), or until unused for the parked time."
+    ("Answer requests until stopped, until `parent` exits (while it uses us), "
+     "or until unused for the parked time.")
     server = socket.socket(socket.AF_UNIX)
     server.bind(path); os.chmod(path, 0o600); server.listen(64)
-    if sys.path and sys.path[0] == "": del sys.path[0]  # installed packages only, never a file of the folder we started in
+    if sys.path and sys.path[0] == "":
+        del sys.path[0]  # installed packages only, never a file of the folder we started in
     import ipykernel.kernelapp, ipykernel.ipkernel  # what every kernel imports first
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the system reaps the forked kernels
     server.settimeout(1.0)
@@ -119,46 +128,60 @@ serve(sys.argv[1], int(sys.argv[2]))
 
 # %% ../nbs/34_template.ipynb #0502bc66
 def template_spec(kernel_name: str) -> dict | None:
-    "For an IPython kernel of a Python we can run: its interpreter, extra arguments and environment; else None."
+    ("For an IPython kernel of a Python we can run: its interpreter, "
+     "extra arguments and environment; else None.")
     import shutil
     from jupyter_client.kernelspec import KernelSpecManager
     spec = KernelSpecManager().get_kernel_spec(kernel_name)
     argv = list(spec.argv)
-    if len(argv) < 3 or argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]): return None
-    same = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}  # read as our own Python, as jupyter_client does
-    python = sys.executable if argv[0] in same else argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0])
+    if len(argv) < 3 or argv[1:3] not in (["-m", "ipykernel_launcher"], ["-m", "ipykernel"]):
+        return None
+    # read as our own Python, as jupyter_client does
+    same = {"python", f"python{sys.version_info[0]}", "python%i.%i" % sys.version_info[:2]}
+    python = (sys.executable if argv[0] in same else argv[0] if os.path.isabs(argv[0])
+              else shutil.which(argv[0]))
     if not python: return None
     rest = [a for a in argv[3:] if a not in ("-f", "{connection_file}")]
     return {"python": python, "arguments": rest + QUIET_KERNEL, "env": dict(spec.env or {})}
 
 def socket_folder() -> Path:
-    "A folder only we can enter, for the templates' sockets (a short path: sockets have a length limit)."
+    ("A folder only we can enter, for the templates' sockets (a short path: "
+     "sockets have a length limit).")
     import tempfile
     folder = Path(tempfile.gettempdir()) / f"mlwb-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077: raise KernelSetupError(f"{folder}: not private to this user")
+    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
+        raise KernelSetupError(f"{folder}: not private to this user")
     return folder
 
 # %% ../nbs/34_template.ipynb #9af05154
 class KernelTemplate:
-    "A process that has imported ipykernel and a pipeline's packages, and forks a fresh kernel on request."
+    ("A process that has imported ipykernel and a pipeline's packages, "
+     "and forks a fresh kernel on request.")
     def __init__(self, path: Path, pid: int, python: str, process: subprocess.Popen | None = None):
         self.path, self.pid, self.python, self.process = Path(path), pid, python, process
 
     @classmethod
     def start(cls, python: str, cwd: Path, env: dict) -> KernelTemplate:
-        "Start a template that imports in the background and exits when we do (unless it is parked first)."
+        ("Start a template that imports in the background and exits when we do (unless it is "
+         "parked first).")
         path = socket_folder() / f"{secrets.token_hex(6)}.sock"
-        with open(path.with_suffix(".log"), "wb") as log:  # not a pipe: nothing to fill up, nothing held open after we exit
-            process = subprocess.Popen([python, "-c", TEMPLATE_SOURCE, str(path), str(os.getpid())], cwd=str(cwd), env=env,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        # not a pipe: nothing to fill up, nothing held open after we exit
+        with open(path.with_suffix(".log"), "wb") as log:
+            process = subprocess.Popen([python, "-c", TEMPLATE_SOURCE, str(path), str(os.getpid())],
+                                       cwd=str(cwd), env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                       start_new_session=True)
         return cls(path, process.pid, python, process)
 
     @property
     def alive(self) -> bool:
-        "Whether the template runs (for one we did not start: a live process whose command line names our socket)."
+        ("Whether the template runs (for one we did not start: a live process whose command line "
+         "names our socket).")
         if self.process: return self.process.poll() is None
-        try: return process_alive(self.pid) and str(self.path).encode() in Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        try:
+            return (process_alive(self.pid)
+                    and str(self.path).encode() in Path(f"/proc/{self.pid}/cmdline").read_bytes())
         except OSError: return process_alive(self.pid)  # no /proc here
 
     def request(self, timeout: float = 300, **message) -> dict:
@@ -170,12 +193,17 @@ class KernelTemplate:
                 while True:  # until the template listens
                     try: s.connect(str(self.path)); break
                     except (FileNotFoundError, ConnectionRefusedError):
-                        if not self.alive or time.monotonic() > deadline: raise KernelSetupError(f"the kernel template ({self.python}) did not start{self._why()}") from None
+                        if not self.alive or time.monotonic() > deadline:
+                            raise KernelSetupError(f"the kernel template ({self.python}) "
+                                                   f"did not start{self._why()}") from None
                         time.sleep(0.01)
                 s.sendall((json.dumps(message) + "\n").encode())
                 answer = s.makefile("r").readline()
-        except OSError as error: raise KernelSetupError(f"the kernel template ({self.python}) did not answer: {error}{self._why()}") from None
-        if not answer: raise KernelSetupError(f"the kernel template ({self.python}) stopped{self._why()}")
+        except OSError as error:
+            raise KernelSetupError(f"the kernel template ({self.python}) did not answer: "
+                                   f"{error}{self._why()}") from None
+        if not answer:
+            raise KernelSetupError(f"the kernel template ({self.python}) stopped{self._why()}")
         return json.loads(answer)
 
     def _why(self) -> str:
@@ -187,18 +215,24 @@ class KernelTemplate:
 # %% ../nbs/34_template.ipynb #510543af
 @patch
 def warm(self: KernelTemplate, modules) -> list:
-    "Import `modules` in the template; return the local source files that changed since the template imported them."
+    ("Import `modules` in the template; return the local source files that changed since the "
+     "template imported them.")
     return self.request(do="warm", modules=sorted(set(modules)))["stale"]
 
 @patch
-def fork(self: KernelTemplate, cwd: Path, env: dict, arguments: list, kernel_name: str) -> ForkedKernel:
-    "A fresh kernel forked from the template, in folder `cwd` with environment `env` (it may still be starting)."
+def fork(self: KernelTemplate, cwd: Path, env: dict, arguments: list,
+         kernel_name: str) -> ForkedKernel:
+    ("A fresh kernel forked from the template, in folder `cwd` with environment `env` (it may "
+     "still be starting).")
     from jupyter_core.paths import jupyter_runtime_dir
     Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
-    km = ForkedKernel(kernel_name=kernel_name, connection_file=str(Path(jupyter_runtime_dir()) / f"kernel-mlwb-{secrets.token_hex(8)}.json"))
-    km.write_connection_file()  # free ports and a fresh signing key, as jupyter_client writes them for a kernel it starts
+    connection_file = Path(jupyter_runtime_dir()) / f"kernel-mlwb-{secrets.token_hex(8)}.json"
+    km = ForkedKernel(kernel_name=kernel_name, connection_file=str(connection_file))
+    # free ports and a fresh signing key, as jupyter_client writes them for a kernel it starts
+    km.write_connection_file()
     km.client_class = "mlwb.kernels.QuickKernelClient"
-    try: km.pid = self.request(do="fork", cwd=str(cwd), env=env, arguments=arguments, connection_file=km.connection_file,
+    try: km.pid = self.request(do="fork", cwd=str(cwd), env=env, arguments=arguments,
+                               connection_file=km.connection_file,
                                owner=os.getpid())["pid"]
     except BaseException: km.cleanup_connection_file(); raise
     return km
@@ -220,7 +254,8 @@ def stop(self: KernelTemplate):
         try: os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError): pass
         deadline = time.monotonic() + 5
-        while not self.process and process_alive(self.pid) and time.monotonic() < deadline: time.sleep(0.01)  # gone when we return
+        while not self.process and process_alive(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # gone when we return
     if self.process: self.process.wait()
     self.path.unlink(missing_ok=True); self.path.with_suffix(".log").unlink(missing_ok=True)
 
@@ -228,19 +263,26 @@ def stop(self: KernelTemplate):
 IDLE_SECONDS = 900  # a parked template exits after this long unused
 
 def idle_seconds() -> float:
-    "How long a parked template waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: do not park), else `IDLE_SECONDS`."
+    ("How long a parked template waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: "
+     "do not park), else `IDLE_SECONDS`.")
     return float(os.environ.get("WARM_KERNELS_IDLE_S") or IDLE_SECONDS)
 
 # %% ../nbs/34_template.ipynb #9d560a25
 class KernelPool:
-    "Fresh kernels started in the background ahead of need, each handed out once; forked from a template when the kernel is IPython's."
-    def __init__(self, kernel_name: str, cwd: Path, env: dict, size: int = 1, limit: int | None = None, modules=(), park: Path | None = None):
-        self.kernel_name, self.cwd, self.env, self.modules, self.park = kernel_name, cwd, env, sorted(set(modules)), park
+    ("Fresh kernels started in the background ahead of need, each handed out once; "
+     "forked from a template when the kernel is IPython's.")
+    def __init__(self, kernel_name: str, cwd: Path, env: dict, size: int = 1,
+                 limit: int | None = None, modules=(), park: Path | None = None):
+        self.kernel_name, self.cwd, self.env = kernel_name, cwd, env
+        self.modules, self.park = sorted(set(modules)), park
         self.left = limit if limit is not None else float("inf")  # kernels still to start
-        self.ready, self.lock, self.closed, self.threads = queue.Queue(), threading.Lock(), False, []
-        self.spec, self.template, self.warmed, self.template_lock = template_spec(kernel_name), None, False, threading.Lock()
+        self.ready, self.lock = queue.Queue(), threading.Lock()
+        self.closed, self.threads = False, []
+        self.spec, self.template = template_spec(kernel_name), None
+        self.warmed, self.template_lock = False, threading.Lock()
         if self.spec:
-            self.template = (claim_template(park, kernel_name, self.spec["python"]) if park else None) or self._new_template()
+            self.template = (claim_template(park, kernel_name, self.spec["python"]) if park
+                             else None) or self._new_template()
         for _ in range(min(size, self.left)): self._start_another()
 
     def _new_template(self) -> KernelTemplate:
@@ -255,7 +297,10 @@ class KernelPool:
         self.threads.append(thread)
 
     def _start_one(self):
-        try: km = self._fork() if self.template else start_kernel(self.kernel_name, self.cwd, self.env, warm_imports(self.modules))
+        try:
+            km = (self._fork() if self.template
+                  else start_kernel(self.kernel_name, self.cwd, self.env,
+                                    warm_imports(self.modules)))
         except Exception as error: self.ready.put(error); return
         with self.lock:
             if not self.closed: self.ready.put(km); return
@@ -264,18 +309,24 @@ class KernelPool:
 # %% ../nbs/34_template.ipynb #132f7659
 @patch
 def _fork(self: KernelPool) -> ForkedKernel:
-    "A kernel forked from the template, once the template has the pipeline's imports (a template whose local sources changed is replaced)."
+    ("A kernel forked from the template, once the template has the pipeline's imports (a template "
+     "whose local sources changed is replaced).")
     with self.template_lock:
         if not self.warmed:
-            if self.template.warm(self.modules):  # a parked template imported files that were edited since
-                self.template.stop(); self.template = self._new_template(); self.template.warm(self.modules)
+            # a parked template imported files that were edited since
+            if self.template.warm(self.modules):
+                self.template.stop()
+                self.template = self._new_template()
+                self.template.warm(self.modules)
             self.warmed = True
-    return self.template.fork(self.cwd, {**self.env, **self.spec["env"]}, self.spec["arguments"], self.kernel_name)
+    return self.template.fork(self.cwd, {**self.env, **self.spec["env"]}, self.spec["arguments"],
+                              self.kernel_name)
 
 @patch
 def take(self: KernelPool, timeout: float = 300) -> KernelManager:
     "A started kernel (waiting for one if none is ready); a replacement starts in the background."
-    if self.left <= 0 and self.ready.empty(): self.left = 1  # more stages than expected: start one now
+    if self.left <= 0 and self.ready.empty():
+        self.left = 1  # more stages than expected: start one now
     for _ in range(3):
         km = self.ready.get(timeout=timeout)
         self._start_another()
@@ -286,7 +337,8 @@ def take(self: KernelPool, timeout: float = 300) -> KernelManager:
 
 @patch
 def close(self: KernelPool):
-    "Stop the kernels that were started but not used; stop the template, or, with `park`, leave it for the next run."
+    ("Stop the kernels that were started but not used; stop the template, or, with `park`, "
+     "leave it for the next run.")
     with self.lock: self.closed = True
     while True:
         try: km = self.ready.get_nowait()
@@ -294,7 +346,8 @@ def close(self: KernelPool):
         if not isinstance(km, Exception): release_kernel(km)
     if not self.template: return
     with self.template_lock:  # not while a kernel is being forked
-        if self.park and self.warmed and self.template.alive: park_template(self.template, self.park, self.kernel_name)
+        if self.park and self.warmed and self.template.alive:
+            park_template(self.template, self.park, self.kernel_name)
         else: self.template.stop()
 
 # %% ../nbs/34_template.ipynb #80dccc60
@@ -302,13 +355,17 @@ def park_template(template: KernelTemplate, folder: Path, kernel_name: str):
     "Leave `template` running for a later run, described by a file in `folder`."
     try: template.park(idle_seconds())
     except KernelSetupError: template.stop(); return
-    record = {"pid": template.pid, "socket": str(template.path), "python": template.python, "kernel_name": kernel_name}
+    record = {"pid": template.pid,
+              "socket": str(template.path),
+              "python": template.python,
+              "kernel_name": kernel_name}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{template.pid}.tmp"
     tmp.write_text(json.dumps(record)); os.replace(tmp, folder / f"template-{template.pid}.json")
 
 def claim_template(folder: Path, kernel_name: str, python: str) -> KernelTemplate | None:
-    "A live parked template of `kernel_name` and `python` from `folder`, taken by an atomic rename; else None."
+    ("A live parked template of `kernel_name` and `python` from `folder`, "
+     "taken by an atomic rename; else None.")
     for path in sorted(Path(folder).glob("template-*.json")) if Path(folder).is_dir() else []:
         mine = path.with_name(f".claimed-{os.getpid()}-{path.name}")
         try: os.rename(path, mine)

@@ -47,7 +47,8 @@ def sqlite_artifact_root(uri: str) -> Path | None:
 def tracking_uri(settings: Settings, environ=None) -> str:
     "`MLFLOW_TRACKING_URI` if set, else the `tracking_uri` setting, else the embedded store."
     environ = os.environ if environ is None else environ
-    return environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri or embedded_tracking_uri(settings.workspace)
+    return (environ.get("MLFLOW_TRACKING_URI") or settings.tracking_uri
+            or embedded_tracking_uri(settings.workspace))
 
 def is_embedded(settings: Settings, environ=None) -> bool:
     "Whether runs go to the embedded store of this workspace."
@@ -68,13 +69,15 @@ def file_lock(path: Path):
 def sqlite_journal_mode(db: Path, mode: str | None = None) -> str:
     "The journal mode of the SQLite file `db`, after switching it to `mode` if given."
     with closing(sqlite3.connect(db, timeout=SQLITE_LOCK_TIMEOUT)) as connection:
-        return connection.execute(f"PRAGMA journal_mode{'=' + mode if mode else ''}").fetchone()[0].lower()
+        return connection.execute("PRAGMA "
+                                  f"journal_mode{'=' + mode if mode else ''}").fetchone()[0].lower()
 
 def has_mlflow_tables(db: Path) -> bool:
     "Whether the SQLite file `db` already holds MLflow's schema."
     if not db.exists() or db.stat().st_size == 0: return False
     with closing(sqlite3.connect(db, timeout=SQLITE_LOCK_TIMEOUT)) as connection:
-        found = connection.execute("SELECT name FROM sqlite_master WHERE name IN ('experiments', 'alembic_version')").fetchall()
+        found = connection.execute("SELECT name FROM sqlite_master WHERE name IN ('experiments', "
+                                   "'alembic_version')").fetchall()
     return len(found) == 2
 
 # %% ../nbs/02_tracking.ipynb #4fbedef1
@@ -86,7 +89,8 @@ def create_sqlite_store(uri: str) -> None:
     store.engine.dispose()
 
 def prepare_sqlite_store(uri: str) -> Path:
-    "Create the MLflow SQLite store at `uri` once, in WAL mode, even when many processes ask at once."
+    ("Create the MLflow SQLite store at `uri` once, in WAL mode, even when many processes "
+     "ask at once.")
     db = Path(uri[len("sqlite:///"):])
     if db.name in ("", ":memory:"): return db
     with file_lock(db.with_name(f".{db.name}.lock")):
@@ -155,7 +159,8 @@ def ui_command(settings: Settings, host: str = "127.0.0.1", port: int | None = N
 
 # %% ../nbs/02_tracking.ipynb #4d6bd886
 def stage_run(project: str, settings: Settings | None = None):
-    "The active MLflow run for a stage notebook: the pipeline's child run, or a new run when run by hand."
+    ("The active MLflow run for a stage notebook: the pipeline's child run, "
+     "or a new run when run by hand.")
     import mlflow
     if mlflow.active_run() is not None: return mlflow.active_run()
     settings = settings or load_settings()
@@ -163,30 +168,35 @@ def stage_run(project: str, settings: Settings | None = None):
     mlflow.set_registry_uri(tracking_uri(settings))
     if os.environ.get("MLFLOW_RUN_ID"): return mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
     experiment_id = ensure_experiment(mlflow_client(settings), project, settings)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=f"{project}-by-hand", tags={"mlwb.by_hand": "true"})
+    return mlflow.start_run(experiment_id=experiment_id, run_name=f"{project}-by-hand",
+                            tags={"mlwb.by_hand": "true"})
 
 # %% ../nbs/02_tracking.ipynb #c5a1cd23
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 @contextmanager
 def tracking_to(settings: Settings):
-    "Point `mlflow.*` calls at this workspace's store inside the block; restore the previous state after."
+    ("Point `mlflow.*` calls at this workspace's store inside the block; "
+     "restore the previous state after.")
     import mlflow
     saved = {name: os.environ.get(name) for name in URI_VARIABLES}
     uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
     try: yield uri
     finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"]); mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
         for name, value in saved.items():
             if value is None: os.environ.pop(name, None)
             else: os.environ[name] = value
 
 # %% ../nbs/02_tracking.ipynb #ebc1f140
 def git_state(folder: Path) -> dict:
-    "The git commit of `folder` and whether its working tree is dirty (empty if not a git repository)."
+    ("The git commit of `folder` and whether its working tree is dirty (empty if not a git "
+     "repository).")
     def git(*args):
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True,
+                              text=True, timeout=30)
     head = git("rev-parse", "HEAD")
     if head.returncode != 0: return {}
     dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
@@ -203,5 +213,6 @@ def package_versions() -> dict:
 
 def environment_lock() -> str:
     "The interpreter and package versions as a requirements-style text, one `name==version` a line."
-    lines = [f"# python {platform.python_version()} ({sys.implementation.name}, {platform.machine()})"]
+    lines = [f"# python {platform.python_version()} ({sys.implementation.name}, "
+             f"{platform.machine()})"]
     return "\n".join(lines + [f"{n}=={v}" for n, v in package_versions().items()]) + "\n"

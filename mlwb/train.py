@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from sklearn.base import clone, is_classifier
-from sklearn.metrics import accuracy_score, average_precision_score, mean_absolute_error, mean_squared_error, r2_score, roc_auc_score
+from sklearn.metrics import (accuracy_score, average_precision_score, mean_absolute_error,
+                             mean_squared_error, r2_score, roc_auc_score)
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
@@ -31,18 +32,22 @@ __all__ = ['TASKS', 'IMBALANCE', 'TRUSTED_PREFIXES', 'TrainError', 'make_pipelin
 
 # %% ../nbs/13_train.ipynb #98f714ea
 class TrainError(MlwbError):
-    "A training request that cannot be carried out: a missing target, an unknown option, a bad split."
+    ("A training request that cannot be carried out: a missing target, an unknown option, "
+     "a bad split.")
 
-TASKS = ("classification", "regression")  # what `train` fits; recommenders and text models are trained in their projects
+# what `train` fits; recommenders and text models are trained in their projects
+TASKS = ("classification", "regression")
 IMBALANCE = (None, "weights", "oversample", "undersample")
 
 def make_pipeline(model, # a registered model name or an unfitted estimator
-                  features: dict | None = None, # a feature spec for `build_features`; None passes columns through
+                  # a feature spec for `build_features`; None passes columns through
+                  features: dict | None = None,
                   task: str = "classification", # classification or regression
                   params: dict | None = None, # parameters for a named model
                  ) -> Pipeline:
     "The feature pipeline followed by the model, unfitted."
-    estimator = get_model(model, task=task, **(params or {})) if isinstance(model, str) else clone(model)
+    estimator = (get_model(model, task=task, **(params or {})) if isinstance(model, str)
+                 else clone(model))
     steps = [("features", build_features(features))] if features else []
     return Pipeline(steps + [("model", estimator)])
 
@@ -54,18 +59,22 @@ def seed_pipeline(pipeline: Pipeline, seed: int) -> Pipeline:
 
 # %% ../nbs/13_train.ipynb #688c0a63
 def resample(X: pd.DataFrame, y: pd.Series, method: str, seed: int) -> tuple:
-    "`X, y` over- or under-sampled so that every class has as many rows as the largest (or smallest)."
+    ("`X, y` over- or under-sampled so that every class has as many rows as the largest "
+     "(or smallest).")
     counts = y.value_counts()
     target = counts.max() if method == "oversample" else counts.min()
     rng = np.random.default_rng(seed)
-    rows = [rng.choice(np.flatnonzero((y == label).to_numpy()), target, replace=method == "oversample") for label in counts.index]
+    rows = [rng.choice(np.flatnonzero((y == label).to_numpy()), target,
+                       replace=method == "oversample") for label in counts.index]
     order = np.sort(np.concatenate(rows))
     return X.iloc[order].reset_index(drop=True), y.iloc[order].reset_index(drop=True)
 
 def apply_class_weights(pipeline: Pipeline):
-    "Set `class_weight='balanced'` on the model, or fail naming the model if it has no such parameter."
+    ("Set `class_weight='balanced'` on the model, or fail naming the model if it has no "
+     "such parameter.")
     if "model__class_weight" not in pipeline.get_params():
-        raise TrainError(f"imbalance='weights': model {type(pipeline[-1]).__name__} has no class_weight; use 'oversample'")
+        raise TrainError(f"imbalance='weights': model {type(pipeline[-1]).__name__} has no "
+                         "class_weight; use 'oversample'")
     pipeline.set_params(model__class_weight="balanced")
 
 # %% ../nbs/13_train.ipynb #f7a17b74
@@ -78,21 +87,30 @@ def score_model(pipeline, X, y, task: str) -> dict:
     "Validation metrics of a fitted `pipeline` on `X, y`."
     if task == "regression":
         predicted = pipeline.predict(X)
-        return {"rmse": float(np.sqrt(mean_squared_error(y, predicted))), "mae": float(mean_absolute_error(y, predicted)), "r2": float(r2_score(y, predicted))}
-    scores, metrics = positive_scores(pipeline, X), {"accuracy": float(accuracy_score(y, pipeline.predict(X)))}
+        return {"rmse": float(np.sqrt(mean_squared_error(y, predicted))),
+                "mae": float(mean_absolute_error(y, predicted)),
+                "r2": float(r2_score(y, predicted))}
+    scores = positive_scores(pipeline, X)
+    metrics = {"accuracy": float(accuracy_score(y, pipeline.predict(X)))}
     if scores.ndim == 1 and y.nunique() == 2:
-        metrics |= {"roc_auc": float(roc_auc_score(y, scores)), "average_precision": float(average_precision_score(y, scores))}
+        metrics |= {"roc_auc": float(roc_auc_score(y, scores)),
+                    "average_precision": float(average_precision_score(y, scores))}
     return metrics
 
 # %% ../nbs/13_train.ipynb #42b60b34
 def check_training_data(data: pd.DataFrame, target: str, task: str, imbalance):
     "Raise `TrainError` for a missing or unusable target, an unknown task or imbalance method."
     if task not in TASKS: raise TrainError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if imbalance not in IMBALANCE: raise TrainError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
-    if target not in data.columns: raise TrainError(f"target column '{target}' not in the data; columns: {', '.join(map(str, data.columns))}")
-    if data[target].isna().any(): raise TrainError(f"target column '{target}' has {int(data[target].isna().sum())} missing values")
+    if imbalance not in IMBALANCE:
+        raise TrainError(f"imbalance must be one of {IMBALANCE}, got {imbalance!r}")
+    if target not in data.columns: raise TrainError(f"target column '{target}' not in the data; "
+                                                    f"columns: {', '.join(map(str, data.columns))}")
+    if data[target].isna().any():
+        raise TrainError(f"target column '{target}' has {int(data[target].isna().sum())} "
+                         "missing values")
     if len(data) < 2: raise TrainError(f"need at least 2 rows to train, got {len(data)}")
-    if task == "classification" and data[target].nunique() < 2: raise TrainError(f"target column '{target}' has a single class")
+    if task == "classification" and data[target].nunique() < 2:
+        raise TrainError(f"target column '{target}' has a single class")
 
 def fit_pipeline(pipeline: Pipeline, X, y, imbalance, seed: int) -> Pipeline:
     "Fit `pipeline` on `X, y` with the chosen imbalance remedy."
@@ -103,15 +121,18 @@ def fit_pipeline(pipeline: Pipeline, X, y, imbalance, seed: int) -> Pipeline:
 # %% ../nbs/13_train.ipynb #f2e6d5a0
 def cross_validate(pipeline: Pipeline, X, y, task: str, folds: int, imbalance, seed: int) -> list:
     "Metrics of `folds` copies of `pipeline`, each validated on the fold it was not fitted on."
-    splitter = (StratifiedKFold if task == "classification" else KFold)(n_splits=folds, shuffle=True, random_state=seed)
+    splitter = (StratifiedKFold if task == "classification"
+                else KFold)(n_splits=folds, shuffle=True, random_state=seed)
     results = []
     for train_rows, valid_rows in splitter.split(X, y):
-        fitted = fit_pipeline(clone(pipeline), X.iloc[train_rows], y.iloc[train_rows], imbalance, seed)
+        fitted = fit_pipeline(clone(pipeline), X.iloc[train_rows], y.iloc[train_rows],
+                              imbalance, seed)
         results.append(score_model(fitted, X.iloc[valid_rows], y.iloc[valid_rows], task))
     return results
 
 def summarise_folds(results: list) -> dict:
-    "Mean and standard deviation of each metric over the folds: `cv_<metric>_mean`, `cv_<metric>_std`."
+    ("Mean and standard deviation of each metric over the folds: `cv_<metric>_mean`, "
+     "`cv_<metric>_std`.")
     summary = {}
     for name in results[0]:
         values = np.array([r[name] for r in results])
@@ -130,7 +151,8 @@ TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "mlwb.features.", "mlwb.feat
                     "mlwb.models.", "mlwb.torch_models.")
 
 def serialization_for(pipeline: Pipeline) -> tuple:
-    "(`'skops'`, trusted types) when skops can save `pipeline` with known types only, else (`'cloudpickle'`, None)."
+    ("(`'skops'`, trusted types) when skops can save `pipeline` with known types only, "
+     "else (`'cloudpickle'`, None).")
     import skops.io as sio
     try: untrusted = sio.get_untrusted_types(data=sio.dumps(pipeline))
     except Exception: return "cloudpickle", None
@@ -141,8 +163,8 @@ def serialization_for(pipeline: Pipeline) -> tuple:
 def model_requirements(serialization: str) -> list:
     "pip requirements for the logged model, pinned to this environment (no slow inference)."
     import mlflow.sklearn
-    requirements = mlflow.sklearn.get_default_pip_requirements(include_cloudpickle=serialization == "cloudpickle",
-                                                               include_skops=serialization == "skops")
+    requirements = mlflow.sklearn.get_default_pip_requirements(
+        include_cloudpickle=serialization == "cloudpickle", include_skops=serialization == "skops")
     import torch
     return requirements + [f"torch=={torch.__version__.split('+')[0]}"]
 
@@ -156,7 +178,8 @@ def log_model(pipeline: Pipeline, X: pd.DataFrame, task: str, name: str = "model
     serialization, trusted = serialization_for(pipeline)
     return mlflow.sklearn.log_model(pipeline, name=name, signature=signature, input_example=example,
                                     serialization_format=serialization, skops_trusted_types=trusted,
-                                    pyfunc_predict_fn=predict_fn, pip_requirements=model_requirements(serialization))
+                                    pyfunc_predict_fn=predict_fn,
+                                    pip_requirements=model_requirements(serialization))
 
 # %% ../nbs/13_train.ipynb #609f5087
 def flat_params(pipeline: Pipeline) -> dict:
@@ -164,20 +187,27 @@ def flat_params(pipeline: Pipeline) -> dict:
     return {f"model__{k}": str(v)[:500] for k, v in pipeline[-1].get_params(deep=False).items()}
 
 def training_params(result, target: str, task: str, seed: int, imbalance) -> dict:
-    "The parameters a rerun needs besides the data and the feature spec: the model's, its class, and how it was trained."
-    how = {"task": task, "target": target, "folds": len(result.folds), "seed": seed, "imbalance": str(imbalance)}
+    ("The parameters a rerun needs besides the data and the feature spec: the model's, its class, "
+     "and how it was trained.")
+    how = {"task": task,
+           "target": target,
+           "folds": len(result.folds),
+           "seed": seed,
+           "imbalance": str(imbalance)}
     return {**flat_params(result.pipeline), "model": type(result.pipeline[-1]).__name__, **how}
 
 def log_history(history: list):
     "A PyTorch model's per-epoch history, each value a metric with the epoch as its step."
     import mlflow
     for epoch, record in enumerate(history):
-        mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
+        mlflow.log_metrics({f"epoch_{k}": float(v) for k, v in record.items()
+                            if isinstance(v, (int, float))}, step=epoch)
 
 def log_folds(results: list):
     "Per-fold metrics, each fold a step."
     import mlflow
-    for fold, metrics in enumerate(results): mlflow.log_metrics({f"fold_{k}": v for k, v in metrics.items()}, step=fold)
+    for fold, metrics in enumerate(results):
+        mlflow.log_metrics({f"fold_{k}": v for k, v in metrics.items()}, step=fold)
 
 # %% ../nbs/13_train.ipynb #95b54b1c
 @dataclass
@@ -196,7 +226,8 @@ def train(data: pd.DataFrame, # training rows: feature columns and the target
           task: str = "classification", # classification or regression
           features: dict | None = None, # a feature spec for `mlwb.feature_spec.build_features`
           params: dict | None = None, # parameters of a named model
-          valid: pd.DataFrame | None = None, # validation rows; without them, metrics come from cross-validation
+          # validation rows; without them, metrics come from cross-validation
+          valid: pd.DataFrame | None = None,
           folds: int = 5, # cross-validation folds when `valid` is not given (0: no validation)
           imbalance: str | None = None, # None, "weights", "oversample" or "undersample"
           seed: int = 42, # one seed for every random choice
@@ -206,23 +237,29 @@ def train(data: pd.DataFrame, # training rows: feature columns and the target
     check_training_data(data, target, task, imbalance)
     X, y = data.drop(columns=[target]), data[target]
     pipeline = seed_pipeline(make_pipeline(model, features, task, params), seed)
-    fold_results = cross_validate(pipeline, X, y, task, folds, imbalance, seed) if valid is None and folds else []
+    fold_results = cross_validate(pipeline, X, y, task, folds, imbalance,
+                                  seed) if valid is None and folds else []
     fitted = fit_pipeline(pipeline, X, y, imbalance, seed)
-    metrics = score_model(fitted, valid.drop(columns=[target]), valid[target], task) if valid is not None else {}
+    metrics = score_model(fitted, valid.drop(columns=[target]), valid[target],
+                          task) if valid is not None else {}
     metrics |= summarise_folds(fold_results) if fold_results else {}
     result = TrainResult(fitted, metrics, fold_results)
-    return log_training(result, data, valid, target, task, features, seed, imbalance) if log else result
+    return log_training(result, data, valid, target, task, features, seed,
+                        imbalance) if log else result
 
 # %% ../nbs/13_train.ipynb #e5e4b385
-def log_training(result: TrainResult, data, valid, target: str, task: str, features: dict | None, seed: int, imbalance) -> TrainResult:
-    "Log parameters, the feature spec, metrics, history, data hashes and the model to the active MLflow run."
+def log_training(result: TrainResult, data, valid, target: str, task: str, features: dict | None,
+                 seed: int, imbalance) -> TrainResult:
+    ("Log parameters, the feature spec, metrics, history, data hashes and the model to the active "
+     "MLflow run.")
     import mlflow
     run = mlflow.active_run() or mlflow.start_run()
     mlflow.log_params(training_params(result, target, task, seed, imbalance))
     if features: mlflow.log_text(json.dumps(features, indent=2, default=str), "features.json")
     mlflow.set_tags({"mlwb.seed": str(seed), "mlwb.train_data_hash": data_hash(data),
                      "mlwb.valid_data_hash": data_hash(valid) if valid is not None else ""})
-    mlflow.log_metrics({f"valid_{k}" if not k.startswith("cv_") else k: v for k, v in result.metrics.items()})
+    mlflow.log_metrics({f"valid_{k}" if not k.startswith("cv_") else k: v
+                        for k, v in result.metrics.items()})
     if result.folds: log_folds(result.folds)
     log_history(getattr(result.pipeline[-1], "history_", []))
     info = log_model(result.pipeline, data.drop(columns=[target]), task)

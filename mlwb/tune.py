@@ -70,15 +70,19 @@ class TrialSetup:
 def fold_scores(setup: TrialSetup, params: dict):
     "Yield the validation score of each cross-validation fold for `params`."
     X, y = setup.data.drop(columns=[setup.target]), setup.data[setup.target]
-    pipeline = seed_pipeline(make_pipeline(setup.model, setup.features, setup.task, {**setup.fixed, **params}), setup.seed)
-    splitter = (StratifiedKFold if setup.task == "classification" else KFold)(setup.folds, shuffle=True, random_state=setup.seed)
+    pipeline = seed_pipeline(make_pipeline(setup.model, setup.features, setup.task,
+                                           {**setup.fixed, **params}), setup.seed)
+    splitter = (StratifiedKFold if setup.task == "classification"
+                else KFold)(setup.folds, shuffle=True, random_state=setup.seed)
     for train_rows, valid_rows in splitter.split(X, y):
-        fitted = fit_pipeline(clone(pipeline), X.iloc[train_rows], y.iloc[train_rows], None, setup.seed)
+        fitted = fit_pipeline(clone(pipeline), X.iloc[train_rows], y.iloc[train_rows],
+                              None, setup.seed)
         yield score_model(fitted, X.iloc[valid_rows], y.iloc[valid_rows], setup.task)[setup.metric]
 
 # %% ../nbs/16_tune.ipynb #8146a0d6
 def objective(setup: TrialSetup, trial: optuna.Trial) -> float:
-    "Cross-validated score of one trial's parameters; its nested run records whether it completed, was pruned or failed."
+    ("Cross-validated score of one trial's parameters; its nested run records whether it "
+     "completed, was pruned or failed.")
     params, scores = suggest(trial, search_space(setup.model)), []
     state = "FAIL"  # until the folds finish or the pruner stops them
     try:
@@ -91,23 +95,30 @@ def objective(setup: TrialSetup, trial: optuna.Trial) -> float:
     finally: log_trial(setup, trial.number, params, scores, state)
 
 def score_folds(setup: TrialSetup, trial: optuna.Trial, params: dict, scores: list) -> float:
-    "Mean score of `params` over the folds, each appended to `scores`; raise `TrialPruned` when the pruner says stop."
+    ("Mean score of `params` over the folds, each appended to `scores`; "
+     "raise `TrialPruned` when the pruner says stop.")
     for fold, score in enumerate(fold_scores(setup, params)):
         scores.append(score)
         trial.report(float(np.mean(scores)), fold)
-        if trial.should_prune(): raise optuna.TrialPruned(f"trial {trial.number} pruned after fold {fold}")
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"trial {trial.number} pruned after fold {fold}")
     return float(np.mean(scores))
 
-RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # trial state -> MLflow run status
+# trial state -> MLflow run status
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 def log_trial(setup: TrialSetup, number: int, params: dict, scores: list, state: str):
-    "A nested MLflow run for one trial (when the study is logged), its status and tag saying how the trial ended."
+    ("A nested MLflow run for one trial (when the study is logged), "
+     "its status and tag saying how the trial ended.")
     if setup.tracking_uri is None: return
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=setup.tracking_uri)
-    run = client.create_run(setup.experiment_id, run_name=f"trial {number}", tags={"mlflow.parentRunId": setup.parent_run_id, "mlwb.trial_state": state})
+    run = client.create_run(setup.experiment_id, run_name=f"trial {number}",
+                            tags={"mlflow.parentRunId": setup.parent_run_id,
+                                  "mlwb.trial_state": state})
     for name, value in params.items(): client.log_param(run.info.run_id, name, str(value))
-    for fold, value in enumerate(scores): client.log_metric(run.info.run_id, f"fold_{setup.metric}", value, step=fold)
+    for fold, value in enumerate(scores):
+        client.log_metric(run.info.run_id, f"fold_{setup.metric}", value, step=fold)
     if scores: client.log_metric(run.info.run_id, setup.metric, float(np.mean(scores)))
     client.set_terminated(run.info.run_id, RUN_STATUS[state])
 
@@ -119,23 +130,28 @@ def make_sampler(seed: int, worker: int = 0) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed + worker)
 
 def make_pruner() -> optuna.pruners.BasePruner:
-    "The default pruner: from the second fold on, stop a trial whose running mean is below the median of earlier trials."
+    ("The default pruner: from the second fold on, stop a trial whose running mean is below the "
+     "median of earlier trials.")
     return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
 
-def run_worker(fields: dict, # the `TrialSetup`'s fields: plain data that any process can rebuild it from
-               storage_path: str, # the study's journal file
-               pruner: optuna.pruners.BasePruner, # the study's pruner, the same in every worker
-               worker: int, # this worker's number, 0 for the first
-               n_trials: int, # trials to run here
-              ) -> int:
-    "Run `n_trials` trials of the shared study with this worker's sampler and the study's pruner; return how many ran."
+def run_worker(
+    fields: dict, # the `TrialSetup`'s fields: plain data that any process can rebuild it from
+    storage_path: str, # the study's journal file
+    pruner: optuna.pruners.BasePruner, # the study's pruner, the same in every worker
+    worker: int, # this worker's number, 0 for the first
+    n_trials: int, # trials to run here
+) -> int:
+    ("Run `n_trials` trials of the shared study with this worker's sampler and the study's pruner; "
+     "return how many ran.")
     sampler = make_sampler(fields["seed"], worker)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(storage_path), sampler=sampler, pruner=pruner)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(storage_path),
+                              sampler=sampler, pruner=pruner)
     study.optimize(partial(objective, TrialSetup(**fields)), n_trials=n_trials)
     return n_trials
 
 def worker_job():
-    "`run_worker`, taken from `mlwb.tune` by name, so that a spawned process finds it even when a notebook calls us."
+    ("`run_worker`, taken from `mlwb.tune` by name, so that a spawned process finds it even when a "
+     "notebook calls us.")
     import mlwb.tune
     return mlwb.tune.run_worker
 
@@ -147,10 +163,16 @@ def journal_storage(path: str):
 
 def shares(n_trials: int, n_workers: int) -> list:
     "`n_trials` split as evenly as possible over `n_workers`."
-    return [n_trials // n_workers + (i < n_trials % n_workers) for i in range(n_workers) if n_trials // n_workers + (i < n_trials % n_workers)]
+    return [n_trials // n_workers + (i < n_trials % n_workers) for i in range(n_workers)
+            if n_trials // n_workers + (i < n_trials % n_workers)]
 
 # %% ../nbs/16_tune.ipynb #620e42f7
-HIGHER_IS_BETTER = {"roc_auc": True, "average_precision": True, "accuracy": True, "r2": True, "rmse": False, "mae": False}
+HIGHER_IS_BETTER = {"roc_auc": True,
+                    "average_precision": True,
+                    "accuracy": True,
+                    "r2": True,
+                    "rmse": False,
+                    "mae": False}
 
 @dataclass
 class TuneResult:
@@ -164,8 +186,10 @@ class TuneResult:
 
 def check_tuning(model: str, metric: str, n_trials: int, folds: int):
     "Raise `TuneError` for a metric we cannot optimise or too few trials or folds."
-    if metric not in HIGHER_IS_BETTER: raise TuneError(f"metric must be one of {', '.join(HIGHER_IS_BETTER)}, got {metric!r}")
-    if n_trials < 1 or folds < 2: raise TuneError(f"need n_trials >= 1 and folds >= 2, got n_trials={n_trials}, folds={folds}")
+    if metric not in HIGHER_IS_BETTER:
+        raise TuneError(f"metric must be one of {', '.join(HIGHER_IS_BETTER)}, got {metric!r}")
+    if n_trials < 1 or folds < 2: raise TuneError("need n_trials >= 1 and folds >= 2, "
+                                                  f"got n_trials={n_trials}, folds={folds}")
     search_space(model)
 
 # %% ../nbs/16_tune.ipynb #31d08951
@@ -174,22 +198,26 @@ def tune(data: pd.DataFrame, # training rows: features and the target
          model: str = "hist_gb", # a registered model name with a search space
          task: str = "classification", # classification or regression
          features: dict | None = None, # a feature spec for `mlwb.feature_spec.build_features`
-         params: dict | None = None, # model parameters held fixed (not searched), e.g. {"max_epochs": 20}
+         # model parameters held fixed (not searched), e.g. {"max_epochs": 20}
+         params: dict | None = None,
          metric: str = "average_precision", # what to optimise (see HIGHER_IS_BETTER)
          n_trials: int = 20, # trials in all
          folds: int = 3, # cross-validation folds per trial
          n_workers: int = 1, # worker processes running trials at once
          seed: int = 42, # seeds the sampler and every model
-         pruner: optuna.pruners.BasePruner | None = None, # None: `make_pruner()`; `optuna.pruners.NopPruner()` never prunes
+         # None: `make_pruner()`; `optuna.pruners.NopPruner()` never prunes
+         pruner: optuna.pruners.BasePruner | None = None,
          log: bool = True, # log the study and each trial to MLflow (the active run is the parent)
         ) -> TuneResult:
     "Search the model's declared space with Optuna and return (and log) the best parameters."
     check_training_data(data, target, task, None)
     check_tuning(model, metric, n_trials, folds)
     parent = start_study_run() if log else None
-    setup = TrialSetup(data, target, model, task, features, params or {}, metric, folds, seed, *(parent or (None, None, None)))
+    setup = TrialSetup(data, target, model, task, features, params or {}, metric, folds, seed,
+                       *(parent or (None, None, None)))
     with tempfile.TemporaryDirectory() as folder:
-        study = run_study(setup, str(Path(folder) / "journal.log"), n_trials, n_workers, pruner or make_pruner())
+        study = run_study(setup, str(Path(folder) / "journal.log"), n_trials, n_workers,
+                          pruner or make_pruner())
     result = summarise_study(study, model, metric)
     if log: log_best(result)
     return result
@@ -201,36 +229,48 @@ def start_study_run() -> tuple:
     run = mlflow.active_run() or mlflow.start_run()
     return mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id
 
-def run_study(setup: TrialSetup, storage_path: str, n_trials: int, n_workers: int, pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    "Create the study in the journal, run its trials (in spawned worker processes when more than one), and return it in memory."
+def run_study(setup: TrialSetup, storage_path: str, n_trials: int, n_workers: int,
+              pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    ("Create the study in the journal, run its trials (in spawned worker processes when more than "
+     "one), and return it in memory.")
     direction = "maximize" if HIGHER_IS_BETTER[setup.metric] else "minimize"
-    optuna.create_study(study_name=STUDY_NAME, storage=journal_storage(storage_path), direction=direction)
-    jobs = [(vars(setup), storage_path, pruner, worker, n) for worker, n in enumerate(shares(n_trials, n_workers))]
+    optuna.create_study(study_name=STUDY_NAME, storage=journal_storage(storage_path),
+                        direction=direction)
+    jobs = [(vars(setup), storage_path, pruner, worker, n)
+            for worker, n in enumerate(shares(n_trials, n_workers))]
     if len(jobs) == 1: run_worker(*jobs[0])
     else:
         with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=optuna.logging.set_verbosity, initargs=(optuna.logging.WARNING,)) as pool:
+                                 initializer=optuna.logging.set_verbosity,
+                                 initargs=(optuna.logging.WARNING,)) as pool:
             list(pool.map(worker_job(), *zip(*jobs)))
     return in_memory(storage_path)
 
 def in_memory(storage_path: str) -> optuna.Study:
     "A copy of the journal's study in memory, still readable once the journal file is deleted."
     memory = optuna.storages.InMemoryStorage()
-    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=journal_storage(storage_path), to_storage=memory)
+    optuna.copy_study(from_study_name=STUDY_NAME, from_storage=journal_storage(storage_path),
+                      to_storage=memory)
     return optuna.load_study(study_name=STUDY_NAME, storage=memory)
 
 # %% ../nbs/16_tune.ipynb #446bcc24
 def summarise_study(study: optuna.Study, model: str, metric: str) -> TuneResult:
-    "The best trial's parameters (as the model takes them) and how many trials completed or were pruned."
+    ("The best trial's parameters (as the model takes them) and how many trials completed or "
+     "were pruned.")
     states = [t.state for t in study.trials]
     complete = states.count(optuna.trial.TrialState.COMPLETE)
-    if not complete: raise TuneError("no trial completed; widen the search space or lower the pruning")
+    if not complete:
+        raise TuneError("no trial completed; widen the search space or lower the pruning")
     best = study.best_trial
-    params = suggest(optuna.trial.FixedTrial(best.params), search_space(model))  # choices back from indices to values
-    return TuneResult(params, float(best.value), metric, complete, states.count(optuna.trial.TrialState.PRUNED), study)
+    # choices back from indices to values
+    params = suggest(optuna.trial.FixedTrial(best.params), search_space(model))
+    return TuneResult(params, float(best.value), metric, complete,
+                      states.count(optuna.trial.TrialState.PRUNED), study)
 
 def log_best(result: TuneResult):
     "Log the best parameters and score to the study's MLflow run."
     import mlflow
     mlflow.log_params({f"best_{k}": str(v) for k, v in result.best_params.items()})
-    mlflow.log_metrics({f"best_{result.metric}": result.best_value, "trials_complete": result.n_complete, "trials_pruned": result.n_pruned})
+    mlflow.log_metrics({f"best_{result.metric}": result.best_value,
+                        "trials_complete": result.n_complete,
+                        "trials_pruned": result.n_pruned})

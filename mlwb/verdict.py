@@ -49,16 +49,19 @@ def histogram_median(profile: ColumnProfile) -> float:
     return profile.lo + (min(max(k, 1), len(profile.counts) - 2) - 0.5) * profile.width
 
 def column_change(reference: ColumnProfile, current: ColumnProfile) -> str:
-    "How a column moved, in its own terms: the median of a number, the category whose share moved most."
+    ("How a column moved, in its own terms: the median of a number, the category whose share "
+     "moved most.")
     if reference.kind == "numeric":
-        return f"median {histogram_median(reference):.3g} before, {histogram_median(current):.3g} now"
+        return (f"median {histogram_median(reference):.3g} before, "
+                f"{histogram_median(current):.3g} now")
     before, now = _share(reference).align(_share(current), fill_value=0)
     name = (now - before).abs().idxmax()
     return f"'{name}' {before[name]:.0%} of rows before, {now[name]:.0%} now"
 
 # %% ../nbs/28_verdict.ipynb #1aaf834a
 def _strongest(result: MonitorResult) -> dict:
-    "Each drifted column: its highest drift score, the window of it, and in how many windows it drifted."
+    ("Each drifted column: its highest drift score, the window of it, "
+     "and in how many windows it drifted.")
     found = {}
     for w in result.windows:
         if not len(w.features): continue
@@ -93,7 +96,8 @@ def performance_held(result: MonitorResult) -> bool | None:
     return None if not checked else not any(p["failed"] for p in checked)
 
 def performance_sentence(result: MonitorResult) -> str:
-    "The watched metric then and now (in the worst window), and whether that is within the allowed drop."
+    ("The watched metric then and now (in the worst window), and whether that is within the "
+     "allowed drop.")
     checked = [(w.performance, w.window) for w in result.windows if w.performance]
     if not checked: return NO_LABELS
     p, window = max(checked, key=lambda pair: pair[0]["drop"])
@@ -115,7 +119,8 @@ def quality_sentences(result: MonitorResult) -> list:
 
 def _look_at(result: MonitorResult, most: int = 3) -> str:
     columns = drifted_columns(result)
-    return ", ".join(columns[:most]) + (f" and {len(columns) - most} more" if len(columns) > most else "")
+    return ", ".join(columns[:most]) + (f" and {len(columns) - most} more"
+                                        if len(columns) > most else "")
 
 def next_steps(result: MonitorResult) -> list:
     "What to do about this result, most urgent first."
@@ -125,12 +130,14 @@ def next_steps(result: MonitorResult) -> list:
         steps.append("Fix the data first: the feed or a pipeline step upstream is broken (see the "
                      "data-quality findings); drift and performance mean little until it is fixed.")
     if code == EXIT_PERFORMANCE or held is False:
-        steps.append("Retrain on recent labelled data and promote the new model only if it beats the "
+        steps.append("Retrain on recent labelled data and promote the new model only if "
+                     "it beats the "
                      "current one; roll back if an earlier model does better.")
     if drifted_columns(result):
         steps.append(f"Look at {_look_at(result)} below: a real change in the world (a season, new "
                      "customers) or a bug upstream (units, a renamed category)?")
-        if held is not False: steps.append("If the change is real and lasts, consider retraining on "
+        if held is not False: steps.append("If the change is real and lasts, "
+                                           "consider retraining on "
                                            "recent data" + ("; no hurry while performance holds."
                                                             if held else "."))
     if held is None: steps.append("Get labels for this period (--labels) to learn whether the "
@@ -146,7 +153,8 @@ def _performance_words(result: MonitorResult) -> str:
 def _what_it_means(result: MonitorResult) -> str:
     "The exit status in words: what happened, then what to do, for the one-line form."
     code, perf = result.exit_code, _performance_words(result)
-    inputs = f"inputs changed ({_look_at(result)})" if drifted_columns(result) else "inputs unchanged"
+    inputs = (f"inputs changed ({_look_at(result)})" if drifted_columns(result)
+              else "inputs unchanged")
     if code == EXIT_HEALTHY: return f"inputs look like the reference; {perf}; nothing to do"
     if code == EXIT_DRIFT:
         return (f"inputs changed; {perf}; look at {_look_at(result)}, "
@@ -168,7 +176,8 @@ def headline(result: MonitorResult) -> str:
     if code == EXIT_DATA_QUALITY: return "The data is broken: " + quality_sentences(result)[0]
     if code == EXIT_PERFORMANCE:
         p = max((w.performance for w in result.windows if w.performance), key=lambda p: p["drop"])
-        return f"The model got worse: {p['metric']} fell from {p['reference']:.3f} to {p['current']:.3f}."
+        return (f"The model got worse: {p['metric']} fell from {p['reference']:.3f} to "
+                f"{p['current']:.3f}.")
     if code == EXIT_DRIFT:
         tested = len(result.reference.kinds)
         return (f"The inputs changed: {len(columns)} of {tested} columns drifted; "
