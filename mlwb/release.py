@@ -8,30 +8,21 @@ Docs: https://mlwb.github.io/mlwb/release.html.md"""
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import math
 import os
-import random
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
-import click
-import numpy as np
 
 from .config import MlwbError, Settings, load_settings
 
 # %% auto #0
-__all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'GATE_METRIC_TAG', 'GATE_DIRECTION_TAG', 'SWEEP_VARIABLE', 'METRIC_HELP',
-           'ReleaseError', 'history', 'who', 'record_move', 'alias_version', 'version_metrics', 'same_model',
-           'gate_spec', 'gate', 'gate_refusals', 'move_alias', 'champion_stack', 'previous_champion',
-           'nothing_to_roll_back', 'rollback', 'release_status', 'promotion_held', 'Release', 'candidate_tags',
-           'champion_now', 'judge_candidate', 'check_fit', 'register_version', 'why_champion_stays', 'decide',
-           'release_candidate', 'report_verdict', 'release_command', 'promote_command', 'challenger_command',
-           'rollback_command', 'status_command']
+__all__ = ['HISTORY_PREFIX', 'MAX_REASON', 'GATE_METRIC_TAG', 'GATE_DIRECTION_TAG', 'SWEEP_VARIABLE', 'ReleaseError', 'history',
+           'who', 'record_move', 'alias_version', 'version_metrics', 'same_model', 'gate_spec', 'gate', 'gate_refusals',
+           'move_alias', 'champion_stack', 'previous_champion', 'nothing_to_roll_back', 'rollback', 'release_status',
+           'promotion_held', 'Release', 'candidate_tags', 'champion_now', 'judge_candidate', 'check_fit',
+           'register_version', 'why_champion_stays', 'decide', 'release_candidate', 'report_verdict']
 
 # %% ../nbs/31_release.ipynb #9abb133d
 class ReleaseError(MlwbError):
@@ -355,58 +346,3 @@ def report_verdict(client, name: str, verdict, card: dict | None) -> str:
         log_verdict(verdict, run.info.run_id, client)
         if text: log_model_card(text, run.info.run_id, client)
     return text
-
-# %% ../nbs/31_release.ipynb #81489b73
-@click.group("release")
-def release_command():
-    "Move a registered model's champion and challenger aliases, with a gate and a recorded history."
-
-def _move_text(move: dict) -> str:
-    "`alias: from -> to`, or `alias stays at V` for an entry that moved nothing (a candidate, say)."
-    if move["from"] == move["to"]: return f"{move['alias']} stays at {move['to'] or '-'}"
-    forced = " (forced)" if move["forced"] else ""
-    return f"{move['alias']}: {move['from'] or '-'} -> {move['to']}{forced}"
-
-def _echo_move(move: dict): click.echo(_move_text(move))
-
-METRIC_HELP = "The gate's metric [default: the version's own, else average_precision]."
-
-@release_command.command("promote")
-@click.argument("name")
-@click.argument("version")
-@click.option("--force", is_flag=True, help="Promote even if the gate refuses (recorded).")
-@click.option("--reason", default="", help="Why (recorded in the history).")
-@click.option("--metric", default=None, help=METRIC_HELP)
-def promote_command(name, version, force, reason, metric):
-    "Make VERSION the champion of NAME if it passes the gate against the current champion."
-    _echo_move(move_alias(name, "champion", version, reason, force, metric))
-
-@release_command.command("challenger")
-@click.argument("name")
-@click.argument("version")
-@click.option("--force", is_flag=True,
-              help="Make it challenger even if the gate refuses (recorded).")
-@click.option("--reason", default="", help="Why (recorded in the history).")
-@click.option("--metric", default=None, help=METRIC_HELP)
-def challenger_command(name, version, force, reason, metric):
-    "Make VERSION the challenger of NAME if it passes the gate against the current champion."
-    _echo_move(move_alias(name, "challenger", version, reason, force, metric))
-
-@release_command.command("rollback")
-@click.argument("name")
-@click.option("--reason", default="", help="Why (recorded in the history).")
-def rollback_command(name, reason):
-    "Return NAME's champion to the previous one."
-    _echo_move(rollback(name, reason))
-
-@release_command.command("status")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def status_command(name, as_json):
-    "Show NAME's aliases, versions and history of alias moves."
-    status = release_status(name)
-    if as_json: return click.echo(json.dumps(status, indent=2))
-    click.echo(f"{name}: versions {', '.join(status['versions'])}; "
-               + ", ".join(f"{a}={v}" for a, v in sorted(status["aliases"].items())))
-    for m in status["history"]:
-        click.echo(f"{m['ts']} {m['who']}: {m['action']} {_move_text(m)} {m['reason']}")

@@ -22,15 +22,17 @@ from fastcore.basics import patch
 
 from .config import Settings, load_settings
 from .model_store import resolve_model
-from .release import ReleaseError, alias_version, record_move, release_command
+from .release import (ReleaseError, alias_version, move_alias, record_move, release_status,
+                          rollback)
 from .request_log import read_log_records
 from .serve import ServeOptions, run_server, server_options, serving_state
 
 # %% auto #0
-__all__ = ['KEY_HEADER', 'PLAN_MODES', 'stable_bucket', 'choose', 'request_key', 'Canary', 'read_plan', 'plan_route',
-           'watch_aliases', 'serve_release', 'read_outcomes', 'srm_check', 'proportion_ci', 'two_proportion_test',
-           'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab', 'release_serve_command',
-           'ab_command', 'analyze_command']
+__all__ = ['KEY_HEADER', 'PLAN_MODES', 'METRIC_HELP', 'stable_bucket', 'choose', 'request_key', 'Canary', 'read_plan',
+           'plan_route', 'watch_aliases', 'serve_release', 'read_outcomes', 'srm_check', 'proportion_ci',
+           'two_proportion_test', 'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab',
+           'release_command', 'promote_command', 'challenger_command', 'rollback_command', 'status_command',
+           'release_serve_command', 'ab_command', 'analyze_command']
 
 # %% ../nbs/32_rollout.ipynb #79dabad8
 KEY_HEADER = "x-mlwb-key"  # the request header (or `key` query parameter) that makes routing sticky
@@ -269,6 +271,61 @@ def analyze_ab(log, # the request log (a frame, or its folder)
     decision, reason = verdict(srm, test, error_rates, alpha, higher_is_better)
     return {"metric": metric, "variants": per, "srm": srm, "verdict": decision, "reason": reason,
             "test": {**test, "method": "two-proportion z" if rate else "bootstrap"}}
+
+# %% ../nbs/32_rollout.ipynb #81489b73
+@click.group("release")
+def release_command():
+    "Move a registered model's champion and challenger aliases, with a gate and a recorded history."
+
+def _move_text(move: dict) -> str:
+    "`alias: from -> to`, or `alias stays at V` for an entry that moved nothing (a candidate, say)."
+    if move["from"] == move["to"]: return f"{move['alias']} stays at {move['to'] or '-'}"
+    forced = " (forced)" if move["forced"] else ""
+    return f"{move['alias']}: {move['from'] or '-'} -> {move['to']}{forced}"
+
+def _echo_move(move: dict): click.echo(_move_text(move))
+
+METRIC_HELP = "The gate's metric [default: the version's own, else average_precision]."
+
+@release_command.command("promote")
+@click.argument("name")
+@click.argument("version")
+@click.option("--force", is_flag=True, help="Promote even if the gate refuses (recorded).")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@click.option("--metric", default=None, help=METRIC_HELP)
+def promote_command(name, version, force, reason, metric):
+    "Make VERSION the champion of NAME if it passes the gate against the current champion."
+    _echo_move(move_alias(name, "champion", version, reason, force, metric))
+
+@release_command.command("challenger")
+@click.argument("name")
+@click.argument("version")
+@click.option("--force", is_flag=True,
+              help="Make it challenger even if the gate refuses (recorded).")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+@click.option("--metric", default=None, help=METRIC_HELP)
+def challenger_command(name, version, force, reason, metric):
+    "Make VERSION the challenger of NAME if it passes the gate against the current champion."
+    _echo_move(move_alias(name, "challenger", version, reason, force, metric))
+
+@release_command.command("rollback")
+@click.argument("name")
+@click.option("--reason", default="", help="Why (recorded in the history).")
+def rollback_command(name, reason):
+    "Return NAME's champion to the previous one."
+    _echo_move(rollback(name, reason))
+
+@release_command.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_command(name, as_json):
+    "Show NAME's aliases, versions and history of alias moves."
+    status = release_status(name)
+    if as_json: return click.echo(json.dumps(status, indent=2))
+    click.echo(f"{name}: versions {', '.join(status['versions'])}; "
+               + ", ".join(f"{a}={v}" for a, v in sorted(status["aliases"].items())))
+    for m in status["history"]:
+        click.echo(f"{m['ts']} {m['who']}: {m['action']} {_move_text(m)} {m['reason']}")
 
 # %% ../nbs/32_rollout.ipynb #29000011
 @release_command.command("serve")
