@@ -7,6 +7,8 @@ Docs: https://mlwb.github.io/mlwb/evaluate.html.md"""
 # %% ../nbs/14_evaluate.ipynb #2825fef9
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +25,8 @@ from .config import MlwbError
 __all__ = ['EvaluationError', 'classification_metrics', 'regression_metrics', 'precision_at_k', 'recall_at_k', 'ndcg_at_k',
            'map_at_k', 'average_precision_at_k', 'ranking_metrics', 'roc_figure', 'precision_recall_figure',
            'confusion_figure', 'calibration_table', 'calibration_figure', 'classification_figures', 'residuals_figure',
-           'expected_cost', 'cost_curve', 'ThresholdChoice', 'choose_threshold', 'cost_curve_figure']
+           'in_kernel', 'figure_png_bytes', 'show_figure', 'expected_cost', 'cost_curve', 'ThresholdChoice',
+           'choose_threshold', 'cost_curve_figure']
 
 # %% ../nbs/14_evaluate.ipynb #e169d27e
 class EvaluationError(MlwbError):
@@ -288,6 +291,28 @@ def residuals_figure(y_true, y_pred) -> Figure:
     right.axhline(0, linestyle="--", color="grey")
     right.set(title="Residuals", xlabel="predicted", ylabel="actual - predicted")
     return figure
+
+# %% ../nbs/14_evaluate.ipynb #b1ae0bbd
+def in_kernel() -> bool:
+    "Whether this code runs in a Jupyter kernel, where a displayed figure reaches a notebook."
+    ipython = sys.modules.get("IPython")  # never imported here: no IPython, no kernel
+    shell = ipython.get_ipython() if ipython else None
+    return getattr(shell, "kernel", None) is not None
+
+def figure_png_bytes(figure: Figure, dpi: float = 100) -> bytes:
+    "The figure rendered as a PNG image."
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+def show_figure(figure: Figure) -> bool:
+    "Show `figure` inline as a PNG when in a Jupyter kernel; return whether it was shown."
+    if not isinstance(figure, Figure):
+        raise EvaluationError(f"figure: expected a matplotlib Figure, got {type(figure).__name__}")
+    if not in_kernel(): return False
+    from IPython.display import Image, display
+    display(Image(figure_png_bytes(figure)))
+    return True
 
 # %% ../nbs/14_evaluate.ipynb #3331a461
 def _costs(cost_fn, cost_fp) -> tuple:

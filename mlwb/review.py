@@ -7,6 +7,7 @@ Docs: https://mlwb.github.io/mlwb/review.html.md"""
 # %% ../nbs/15_review.ipynb #7640d2b4
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -15,7 +16,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.inspection import permutation_importance
 
-from .evaluate import EvaluationError, _axes, _check_count, _number, classification_metrics
+from .evaluate import (EvaluationError, _axes, _check_count, _number, classification_metrics,
+                           show_figure)
 
 # %% auto #0
 __all__ = ['TOLERANCE', 'feature_importance', 'importance_figure', 'metrics_by_slice', 'GateVerdict', 'validation_gate',
@@ -255,10 +257,17 @@ def _run_target(run_id, client) -> tuple:
         run_id = mlflow.active_run().info.run_id
     return client or mlflow.MlflowClient(), run_id
 
+def _close(figure: Figure):
+    "Let pyplot forget `figure` if it made it (ours it never knew), so that memory is freed."
+    pyplot = sys.modules.get("matplotlib.pyplot")  # not imported here: unused, nothing to close
+    if pyplot is not None: pyplot.close(figure)
+
 def log_figures(figures: dict, # name -> matplotlib Figure; the name becomes the file name
                 run_id: str | None = None, client=None, # the run to log to (default: active run)
-                folder: str = "figures") -> list:
-    "Log each figure as a PNG image under `folder/` of the run; return the artifact paths."
+                folder: str = "figures",
+                show: bool = True, # also show each one inline, when running in a Jupyter kernel
+               ) -> list:
+    "Log each figure as a PNG under `folder/` of the run, show it, close it; return the paths."
     for name, figure in figures.items():
         if not isinstance(figure, Figure):
             raise EvaluationError(f"figures['{name}']: expected a matplotlib Figure, "
@@ -266,7 +275,10 @@ def log_figures(figures: dict, # name -> matplotlib Figure; the name becomes the
     client, run_id = _run_target(run_id, client)
     png = lambda name: "" if str(name).endswith(".png") else ".png"
     paths = {name: f"{folder}/{name}{png(name)}" for name in figures}
-    for name, figure in figures.items(): client.log_figure(run_id, figure, paths[name])
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, paths[name])
+        if show: show_figure(figure)
+        _close(figure)
     return list(paths.values())
 
 # %% ../nbs/15_review.ipynb #48452f23
