@@ -17,7 +17,7 @@ from mlwb.config import MlwbError, load_settings
 from mlwb.evaluate import (EvaluationError, average_precision_at_k, calibration_table, choose_threshold,
                            classification_figures, classification_metrics, cost_curve, cost_curve_figure, expected_cost,
                            map_at_k, ndcg_at_k, precision_at_k, ranking_metrics, recall_at_k, regression_metrics,
-                           residuals_figure)
+                           residuals_figure, roc_figure, show_figure)
 from mlwb.review import (GateVerdict, feature_importance, importance_figure, log_figures, log_model_card, log_verdict,
                          metrics_by_slice, model_card, validation_gate)
 from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
@@ -232,6 +232,33 @@ def test_loggers_use_the_active_run_when_no_run_id_is_given(store):
         log_verdict(validation_gate({"ap": 0.5}, {"ap": 0.1}, metric="ap"))
     assert {"figures/roc.png", "gate_verdict.json"} <= artifact_paths(client, run.info.run_id)
     assert client.get_run(run.info.run_id).data.tags["mlwb.gate.passed"] == "true"
+
+
+def test_log_figures_closes_the_pyplot_figures_it_logs(store):
+    _, client, run_id = store
+    figure, ax = plt.subplots()  # pyplot keeps it, and its memory, until it is closed
+    ax.plot([0, 1], [1, 0])
+    assert log_figures({"drawn": figure}, run_id, client, show=False) == ["figures/drawn.png"]
+    assert not plt.get_fignums()
+    assert "figures/drawn.png" in artifact_paths(client, run_id)
+
+
+def test_show_figure_displays_a_png_in_a_kernel_and_nothing_outside_one():
+    from jupyter_client.manager import start_new_kernel
+    assert show_figure(roc_figure([0, 1, 1, 0], [0.1, 0.8, 0.6, 0.3])) is False  # pytest: no kernel
+    manager, kernel = start_new_kernel(kernel_name="python3")
+    outputs = []
+    try:
+        code = ("from mlwb.evaluate import roc_figure, show_figure\n"
+                "shown = show_figure(roc_figure([0, 1, 1, 0], [0.1, 0.8, 0.6, 0.3]))\nshown")
+        reply = kernel.execute_interactive(code, timeout=120, output_hook=outputs.append)
+    finally:
+        kernel.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    data = [m["content"]["data"] for m in outputs
+            if m["msg_type"] in ("display_data", "execute_result")]
+    assert "image/png" in data[0] and data[1]["text/plain"] == "True", data
 
 
 # --- bad inputs ----------------------------------------------------------------------------------------
