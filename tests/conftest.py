@@ -143,3 +143,22 @@ def stage_runs(ws: Path, project: str) -> dict:
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     return {r.data.tags["mlwb.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+# One browser for the whole session: Playwright's sync API allows one at a time in a process.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    "Debian's Chromium, made sure of by .ci/chromium, driven by Playwright."
+    subprocess.run([str(REPO / ".ci" / "chromium")], check=True, timeout=900)
+    from playwright.sync_api import sync_playwright
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

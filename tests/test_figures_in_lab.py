@@ -15,7 +15,8 @@ from mlwb.config import load_settings
 from mlwb.core import free_port
 from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
-from test_lab import ARTIFACTS, browser, start, stop, wait_for  # noqa: F401 (browser: a fixture)
+from conftest import ARTIFACTS
+from test_lab import start, stop, wait_for
 
 PROJECT = "house-prices"
 FIGURES = ["figures/residuals.png", "figures/importance.png"]

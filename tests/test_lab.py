@@ -13,29 +13,11 @@ import urllib.request
 import psutil
 import pytest
 
-from conftest import MLWB, REPO, run_mlwb
+from conftest import ARTIFACTS, MLWB, REPO, run_mlwb
 from mlwb.config import load_settings
 from mlwb.core import free_port
 from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ARTIFACTS = REPO / "test-artifacts" / "browser"
-
-
-@pytest.fixture(scope="session")
-def browser():
-    "Debian's Chromium, made sure of by .ci/chromium, driven by Playwright."
-    subprocess.run([str(REPO / ".ci" / "chromium")], check=True, timeout=900)
-    from playwright.sync_api import sync_playwright
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
 
 @pytest.fixture(scope="module")
 def project_workspace(tmp_path_factory):

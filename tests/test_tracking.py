@@ -8,7 +8,7 @@ from conftest import REPO
 from mlwb.core import free_port
 from mlwb.config import load_settings
 from mlwb.tracking import embedded_artifact_root, ensure_experiment, mlflow_client, project_ui_url, run_url
-from test_lab import browser, start, stop, wait_for  # noqa: F401 (browser is a fixture)
+from test_lab import start, stop, wait_for
 
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 
