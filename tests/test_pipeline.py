@@ -168,6 +168,24 @@ def test_bad_command_line_parameter_is_refused_before_anything_runs(workspace, p
     assert nothing_ran(workspace, folder)
 
 
+@pytest.mark.parametrize("parameter, says", [
+    ("trian.max_iter=3", "no stage 'trian' (did you mean 'train'?)"),
+    ("n_card=3", "(did you mean 'n_cards'?); parameters: prepare: n_cards; train: max_iter, rate"),
+    ("train.n_cards=3", "(stage 'train'); parameters: train: max_iter, rate"),
+    ('rate="0.3"', 'got the text "0.3" (a JSON string); a number is written without quotes'),
+], ids=["stage-typo", "name-typo", "other-stage", "quoted-number"])
+def test_bad_parameter_message_says_what_to_do(workspace, parameter, says):
+    write_project(workspace, "p", """
+        stages:
+          - {name: prepare, notebook: a.ipynb, outputs: [out/a.txt]}
+          - {name: train, notebook: b.ipynb, outputs: [out/b.txt]}
+    """, {"a.ipynb": ("n_cards = 1", writes("out/a.txt", "n_cards")),
+          "b.ipynb": ("max_iter = 5\nrate = 0.5", writes("out/b.txt", "rate"))})
+    result = run_mlwb("run", "p", "-p", parameter)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr
+
+
 # --- 3. bad pipeline.yml -----------------------------------------------------------------------------
 
 GOOD_STAGES = """
