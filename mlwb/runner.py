@@ -362,7 +362,7 @@ def warm_kernels_folder(settings: Settings) -> Path:
 
 def stop_warm_kernels(settings: Settings) -> int:
     ("Stop the kernel templates that development runs left waiting (they also stop by themselves "
-     "when unused for 15 minutes).")
+     "when unused for `IDLE_SECONDS`, two minutes).")
     from mlwb.template import stop_parked
     return stop_parked(warm_kernels_folder(settings))
 

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from fastcore.basics import patch
 
 from .cache import file_hashes
@@ -20,13 +21,14 @@ from .pipeline import (Pipeline, Stage, find_project, load_pipeline, parse_cli_p
                            resolve_pipeline_parameters)
 from .runner import (RunContext, StageResult, check_declared_inputs, check_kernel, emit,
                          forced_stages, kernel_pool, new_context, project_lock, run_stages,
-                         select_stages, stage_inputs, stages_that_may_run, store_id)
+                         select_stages, stage_inputs, stages_that_may_run, stop_warm_kernels,
+                         store_id)
 from .tracking import ensure_experiment, git_state, mlflow_client, run_url
 
 # %% auto #0
 __all__ = ['UNFINISHED', 'RunTracker', 'PipelineRun', 'up_to_date_message', 'nothing_to_do', 'run_pipeline', 'start_run',
            'run_tags', 'abandoned_runs', 'unfinished_folders', 'close_abandoned_runs', 'reproduction_record',
-           'lock_text', 'finish_run']
+           'lock_text', 'finish_run', 'stop_kernels_command']
 
 # %% ../nbs/38_runs.ipynb #f73bcbe8
 def _short(value, limit=500) -> str:
@@ -245,3 +247,10 @@ def finish_run(ctx: RunContext, results: list) -> PipelineRun:
     (ctx.folder / UNFINISHED).unlink(missing_ok=True)
     return run
 
+
+# %% ../nbs/38_runs.ipynb #5725ce0e
+@click.command("stop-kernels")
+def stop_kernels_command():
+    "Stop the warm kernel templates that development runs (`run --dev`, `check`) left waiting."
+    stopped = stop_warm_kernels(load_settings())
+    click.echo(f"stopped {stopped} warm kernel template" + ("" if stopped == 1 else "s"))
