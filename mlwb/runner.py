@@ -181,14 +181,15 @@ def remember_stage(ctx: RunContext, stage: Stage, key: StageKey, result: StageRe
 
 # %% ../nbs/37_runner.ipynb #cda5f5fc
 def source_cell_number(executed: Path, cell_index: int) -> int:
-    "The 1-based number, in the stage's own notebook, of cell `cell_index` of its executed copy."
+    ("The number JupyterLab's prompt gives, in the stage's own notebook, to code cell `cell_index` "
+     "of its executed copy: its code cells up to it, without papermill's.")
     import nbformat
     if not executed.exists(): return cell_index + 1
-    # without the error banners papermill adds on save
+    # without the error banners papermill adds on save; the index counts the injected cell
     cells = [c for c in nbformat.read(executed, as_version=4).cells
-             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])][:cell_index]
-    injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells)
-    return cell_index + 1 - injected
+             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])][:cell_index + 1]
+    return sum(c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
+               for c in cells)
 
 # %% ../nbs/37_runner.ipynb #cb15902d
 def describe_failure(stage: Stage, error: Exception, notebook: Path) -> str:
@@ -196,7 +197,8 @@ def describe_failure(stage: Stage, error: Exception, notebook: Path) -> str:
     from papermill.exceptions import PapermillExecutionError
     from nbclient.exceptions import DeadKernelError
     if isinstance(error, PapermillExecutionError):
-        where = f"in cell {source_cell_number(notebook, error.cell_index)} of {stage.notebook.name}"
+        number = source_cell_number(notebook, error.cell_index)
+        where = f"in code cell {number} of {stage.notebook.name}"
         text = f"stage '{stage.name}' failed {where}: {error.ename}: {error.evalue}"
     elif isinstance(error, DeadKernelError):
         text = (f"stage '{stage.name}' failed: its kernel died while running (killed, "

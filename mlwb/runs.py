@@ -248,7 +248,7 @@ def finish_run(ctx: RunContext, results: list) -> PipelineRun:
     return run
 
 
-# %% ../nbs/38_runs.ipynb #5725ce0e
+# %% ../nbs/38_runs.ipynb #2ba309f9
 @click.command("stop-kernels")
 def stop_kernels_command():
     "Stop the warm kernel templates that development runs (`run --dev`, `check`) left waiting."

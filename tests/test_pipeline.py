@@ -424,11 +424,15 @@ def test_failed_stage_stops_the_run_and_the_next_run_resumes_from_it(workspace):
 
 
 def test_failure_message_names_the_failing_cell_of_the_stage_notebook(workspace):
-    write_project(workspace, "boom", "stages:\n  - {name: boom, notebook: boom.ipynb}\n",
-                  {"boom.ipynb": ("fail = False", 'if fail:\n    raise ValueError("boom")')})
+    folder = write_project(workspace, "boom", "stages:\n  - {name: boom, notebook: boom.ipynb}\n",
+                           {"boom.ipynb": ("fail = False", "x = 1", 'if fail:\n    raise ValueError("boom")')})
+    nb = nbformat.read(folder / "boom.ipynb", as_version=4)  # prose between the cells, as in a lesson
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("# Boom")); nb.cells.insert(3, nbformat.v4.new_markdown_cell("why"))
+    nbformat.write(nb, folder / "boom.ipynb")
     result = run_mlwb("run", "boom", "-p", "fail=true")
     assert result.returncode == 1
-    assert re.search(r"\bcell 2 of boom\.ipynb", result.stderr), result.stderr  # cell 1: parameters; cell 2: the raise
+    # JupyterLab's prompts: [1] parameters, [2] x = 1, [3] the raise; prose and the injected cell are not counted
+    assert "failed in code cell 3 of boom.ipynb: ValueError: boom" in result.stderr, result.stderr
 
 
 # --- 7 and 8. killed runs and concurrent runs ---------------------------------------------------------
