@@ -26,9 +26,9 @@ from .runner import (RunContext, StageResult, check_declared_inputs, check_kerne
 from .tracking import ensure_experiment, git_state, mlflow_client, run_url
 
 # %% auto #0
-__all__ = ['UNFINISHED', 'RunTracker', 'PipelineRun', 'up_to_date_message', 'nothing_to_do', 'run_pipeline', 'start_run',
-           'run_tags', 'abandoned_runs', 'unfinished_folders', 'close_abandoned_runs', 'reproduction_record',
-           'lock_text', 'finish_run', 'stop_kernels_command']
+__all__ = ['UNFINISHED', 'RunTracker', 'notebook_html', 'PipelineRun', 'up_to_date_message', 'nothing_to_do', 'run_pipeline',
+           'start_run', 'run_tags', 'abandoned_runs', 'unfinished_folders', 'close_abandoned_runs',
+           'reproduction_record', 'lock_text', 'finish_run', 'stop_kernels_command']
 
 # %% ../nbs/38_runs.ipynb #f73bcbe8
 def _short(value, limit=500) -> str:
@@ -53,6 +53,14 @@ class RunTracker:
             self.client.log_param(self.parent_id, name, _short(value))
         return self.parent_id
 
+# %% ../nbs/38_runs.ipynb #501114a2
+def notebook_html(notebook: Path) -> str:
+    "`notebook` rendered as one self-contained HTML page (JupyterLab's look, images embedded)."
+    import nbformat
+    from nbconvert import HTMLExporter
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    return exporter.from_notebook_node(nbformat.read(notebook, as_version=4))[0]
+
 # %% ../nbs/38_runs.ipynb #6593b2b2
 @patch
 def start_stage(self: RunTracker, stage: Stage, parameters: dict, tags=None) -> str:
@@ -66,9 +74,12 @@ def start_stage(self: RunTracker, stage: Stage, parameters: dict, tags=None) -> 
 @patch
 def end_stage(self: RunTracker, run_id: str, status: str, seconds: float,
               notebook: Path | None = None):
-    "Close a child run with its status, duration and executed notebook."
+    "Close a child run with its status, duration and executed notebook (and its HTML rendering)."
     if notebook is not None and notebook.exists():
         self.client.log_artifact(run_id, str(notebook), "notebook")
+        try: html = notebook_html(notebook)
+        except Exception as e: self.client.set_tag(run_id, "mlwb.html_error", _short(str(e)))
+        else: self.client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
     self.client.log_metric(run_id, "duration_s", round(seconds, 3))
     self.client.set_terminated(run_id, status)
 

@@ -241,7 +241,7 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
         stages:
           - {name: prep, notebook: prep.ipynb, parameters: {rows: 4}, outputs: [out/rows.txt]}
           - {name: score, notebook: score.ipynb, parameters: {scale: 2.0}, depends_on: [prep], outputs: [out/score.txt]}
-    """, {"prep.ipynb": ("rows = 1", writes("out/rows.txt", "rows")),
+    """, {"prep.ipynb": ("rows = 1", writes("out/rows.txt", "rows"), 'print(f"prepared {rows} rows")'),
           "score.ipynb": ("scale = 1.0", 'import mlflow\nfrom mlwb.tracking import stage_run\nstage_run("tracked")\nmlflow.log_metric("score", 2.5 * scale)',
                           writes("out/score.txt", "2.5 * scale"))},
         {"notes.md": "tracked\n"})
@@ -261,7 +261,10 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
     for number, stage in enumerate(["prep", "score"], 1):
         child = children[stage]
         assert child.data.metrics["duration_s"] > 0
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "notebook")] == [f"notebook/0{number}_{stage}.ipynb"]
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "notebook")} == {
+            f"notebook/0{number}_{stage}.{ext}" for ext in ("ipynb", "html")}  # executed, and rendered to read
+    page = Path(client.download_artifacts(children["prep"].info.run_id, "notebook/01_prep.html", str(tmp_path)))
+    assert "prepared 4 rows" in page.read_text()  # the stage's output, as it ran
 
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "reproduce")} >= {
         f"reproduce/{n}" for n in ("environment.txt", "pipeline.yml", "parameters.json", "hashes.json")}
@@ -283,6 +286,7 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
     assert len(runs) == 2 and [e.name for e in client.search_experiments()].count("tracked") == 1
     assert runs[1][0].data.tags["mlwb.git.dirty"] == "True"
     assert runs[1][0].data.tags["mlflow.source.git.commit"] == git(workspace, "rev-parse", "HEAD")
+    assert client.list_artifacts(runs[1][1]["prep"].info.run_id, "notebook") == []  # reused: not rendered again
 
 
 # --- 5. incremental reruns --------------------------------------------------------------------------
