@@ -28,8 +28,8 @@ from .pipeline import (Pipeline, PipelineError, Stage, find_project, load_pipeli
 from .tracking import tracking_uri
 
 # %% auto #0
-__all__ = ['stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage', 'stage_reasons', 'store_id', 'execute_stage',
-           'stage_variables', 'stage_environment', 'output_stamps', 'check_outputs', 'remember_stage',
+__all__ = ['DEV_REASON', 'stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage', 'stage_reasons', 'store_id',
+           'execute_stage', 'stage_variables', 'stage_environment', 'output_stamps', 'check_outputs', 'remember_stage',
            'source_cell_number', 'describe_failure', 'select_stages', 'forced_stages', 'check_declared_inputs',
            'check_kernel', 'project_lock', 'new_run_id', 'new_context', 'environment_memo', 'ready_stages',
            'run_stages', 'record_result', 'emit', 'stages_that_may_run', 'notebook_imports', 'kernel_pool',
@@ -94,14 +94,17 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     emit(ctx, "running", StageResult(stage.name, "running", reasons=reasons))
     return execute_stage(ctx, stage, key, reasons)
 
+DEV_REASON = ("last run was in development mode (mlwb check, run --dev), whose warm kernels may "
+              "hold code imported before an upgrade, so a release run redoes it; run `mlwb run` "
+              "first and `mlwb check` reuses its outputs")
+
 def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False,
                   dev: bool = False,
                   store: str | None = None) -> list:
     ("Why a stage must run (empty: reuse it); never what a development run or another tracking "
      "store made.")
     if forced: return ["forced"]
-    if record and record.get("mode") == "dev" and not dev:
-        return ["last run was in development mode"]
+    if record and record.get("mode") == "dev" and not dev: return [DEV_REASON]
     if record and store and record.get("store", store) != store:
         return ["tracking store changed (its runs and models are not in this one)"]
     return stale_reasons(record, key, folder)

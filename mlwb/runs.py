@@ -53,7 +53,7 @@ class RunTracker:
             self.client.log_param(self.parent_id, name, _short(value))
         return self.parent_id
 
-# %% ../nbs/38_runs.ipynb #501114a2
+# %% ../nbs/38_runs.ipynb #b062c94e
 def notebook_html(notebook: Path) -> str:
     "`notebook` rendered as one self-contained HTML page (JupyterLab's look, images embedded)."
     import nbformat

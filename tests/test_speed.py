@@ -82,9 +82,14 @@ def test_warm_kernels_keep_imports_but_not_variables_and_the_run_is_tagged_devel
     assert {a.path for a in client.list_artifacts(child.info.run_id, "notebook")} == {
         "notebook/02_second.ipynb", "notebook/02_second.html"}
     # a release run does not reuse what a development run produced
-    assert why_stage("iso", "first", load_settings(workspace)) == ["last run was in development mode"]
+    [why] = why_stage("iso", "first", load_settings(workspace))
+    assert why.startswith("last run was in development mode") and "warm kernels" in why  # says why
+    assert "run `mlwb run` first" in why  # how to avoid it
     again = run_pipeline("iso", load_settings(workspace))
     assert statuses(again) == {"first": "done", "second": "done"}
+    assert again.results[0].reasons == [why]  # the run's progress line says the same
+    later = run_pipeline("iso", load_settings(workspace), dev=True)  # a check after a release run
+    assert statuses(later) == {"first": "cached", "second": "cached"}  # reuses its outputs
     assert parent_run(workspace, again).data.tags["mlwb.mode"] == "release"
 
 
