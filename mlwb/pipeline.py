@@ -8,6 +8,7 @@ Docs: https://mlwb.github.io/mlwb/pipeline.html.md"""
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import math
 import re
@@ -22,7 +23,7 @@ from .config import MlwbError, Settings
 __all__ = ['PIPELINE_FILE', 'TOP_KEYS', 'STAGE_KEYS', 'PARAMETER_LINE', 'PipelineError', 'Stage', 'Pipeline', 'parse_stage',
            'check_json_value', 'find_cycle', 'order_stages', 'read_pipeline_file', 'load_pipeline', 'find_project',
            'parse_parameters_cell', 'ParameterError', 'read_cells', 'declared_parameters', 'parse_cli_value',
-           'parse_cli_parameters', 'check_value_kind', 'resolve_parameters', 'check_cli_parameters',
+           'parse_cli_parameters', 'check_value_kind', 'resolve_parameters', 'did_you_mean', 'check_cli_parameters',
            'resolve_pipeline_parameters']
 
 # %% ../nbs/35_pipeline.ipynb #b76aabf5
@@ -268,6 +269,16 @@ def _kind(value):
     return ("bool" if isinstance(value, bool) else "number" if isinstance(value, (int, float))
             else type(value).__name__)
 
+def _got(name: str, value, default) -> str:
+    "What a `-p` value was, in words that tell a quoted number from a number."
+    if not isinstance(value, str): return f"got {json.dumps(value)}"
+    hint = ""
+    try: unquoted = json.loads(value)
+    except json.JSONDecodeError: unquoted = None
+    if unquoted is not None and _kind(unquoted) == _kind(default):
+        hint = f"; a {_kind(default)} is written without quotes: {name}={value}"
+    return f"got the text {json.dumps(value)} (a JSON string){hint}"
+
 def check_value_kind(name: str, value, default_source: str, where: str):
     "Raise unless `value` is of the same kind as the notebook's default for `name`."
     try: default = ast.literal_eval(default_source)
@@ -279,7 +290,7 @@ def check_value_kind(name: str, value, default_source: str, where: str):
                                  f"{default_source}), got {value!r}")
         return
     raise ParameterError(f"{where}: parameter '{name}' expects a {_kind(default)} like its default "
-                         f"{default_source}, got {value!r}")
+                         f"{default_source}, {_got(name, value, default)}")
 
 # %% ../nbs/35_pipeline.ipynb #6127c01a
 def resolve_parameters(stage: Stage, declared: dict, seed: int, cli: list) -> dict:
@@ -296,16 +307,29 @@ def resolve_parameters(stage: Stage, declared: dict, seed: int, cli: list) -> di
     return resolved
 
 # %% ../nbs/35_pipeline.ipynb #ee176c6f
+def did_you_mean(word: str, options) -> str:
+    "' (did you mean 'x'?)' for the option closest to a mistyped `word`, or ''."
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+def _declared_list(declared_by_stage: dict, scope) -> str:
+    "'stage: a, b; other: c' -- the parameters each stage in `scope` declares."
+    return "; ".join(f"{s}: {', '.join(declared_by_stage[s]) or 'none'}" for s in scope)
+
 def check_cli_parameters(pipeline: Pipeline, declared_by_stage: dict, cli: list):
     "Raise for a `-p` that names an unknown stage or a parameter that no (named) stage declares."
     for stage, name, _ in cli:
         if stage is not None and stage not in pipeline.names:
-            raise ParameterError(f"-p {stage}.{name}: no stage '{stage}'; stages: "
+            raise ParameterError(f"-p {stage}.{name}: no stage '{stage}'"
+                                 f"{did_you_mean(stage, pipeline.names)}; stages: "
                                  f"{', '.join(pipeline.names)}")
         scope = [stage] if stage else pipeline.names
         if not any(name in declared_by_stage[s] for s in scope):
+            known = {n for s in scope for n in declared_by_stage[s]}
             raise ParameterError(f"-p {name}: no stage declares a parameter '{name}'"
-                                 + (f" (stage '{stage}')" if stage else ""))
+                                 + (f" (stage '{stage}')" if stage else "")
+                                 + did_you_mean(name, sorted(known)) + "; parameters: "
+                                 + _declared_list(declared_by_stage, scope))
 
 # %% ../nbs/35_pipeline.ipynb #e1e41d13
 def resolve_pipeline_parameters(pipeline: Pipeline, seed: int, cli: list) -> dict:

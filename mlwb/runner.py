@@ -28,8 +28,8 @@ from .pipeline import (Pipeline, PipelineError, Stage, find_project, load_pipeli
 from .tracking import tracking_uri
 
 # %% auto #0
-__all__ = ['stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage', 'stage_reasons', 'store_id', 'execute_stage',
-           'stage_variables', 'stage_environment', 'output_stamps', 'check_outputs', 'remember_stage',
+__all__ = ['DEV_REASON', 'stage_inputs', 'current_key', 'StageResult', 'RunContext', 'run_stage', 'stage_reasons', 'store_id',
+           'execute_stage', 'stage_variables', 'stage_environment', 'output_stamps', 'check_outputs', 'remember_stage',
            'source_cell_number', 'describe_failure', 'select_stages', 'forced_stages', 'check_declared_inputs',
            'check_kernel', 'project_lock', 'new_run_id', 'new_context', 'environment_memo', 'ready_stages',
            'run_stages', 'record_result', 'emit', 'stages_that_may_run', 'notebook_imports', 'kernel_pool',
@@ -94,14 +94,17 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     emit(ctx, "running", StageResult(stage.name, "running", reasons=reasons))
     return execute_stage(ctx, stage, key, reasons)
 
+DEV_REASON = ("last run was in development mode (mlwb check, run --dev), whose warm kernels may "
+              "hold code imported before an upgrade, so a release run redoes it; run `mlwb run` "
+              "first and `mlwb check` reuses its outputs")
+
 def stage_reasons(record: dict | None, key: StageKey, folder: Path, forced: bool = False,
                   dev: bool = False,
                   store: str | None = None) -> list:
     ("Why a stage must run (empty: reuse it); never what a development run or another tracking "
      "store made.")
     if forced: return ["forced"]
-    if record and record.get("mode") == "dev" and not dev:
-        return ["last run was in development mode"]
+    if record and record.get("mode") == "dev" and not dev: return [DEV_REASON]
     if record and store and record.get("store", store) != store:
         return ["tracking store changed (its runs and models are not in this one)"]
     return stale_reasons(record, key, folder)
@@ -181,14 +184,15 @@ def remember_stage(ctx: RunContext, stage: Stage, key: StageKey, result: StageRe
 
 # %% ../nbs/37_runner.ipynb #cda5f5fc
 def source_cell_number(executed: Path, cell_index: int) -> int:
-    "The 1-based number, in the stage's own notebook, of cell `cell_index` of its executed copy."
+    ("The number JupyterLab's prompt gives, in the stage's own notebook, to code cell `cell_index` "
+     "of its executed copy: its code cells up to it, without papermill's.")
     import nbformat
     if not executed.exists(): return cell_index + 1
-    # without the error banners papermill adds on save
+    # without the error banners papermill adds on save; the index counts the injected cell
     cells = [c for c in nbformat.read(executed, as_version=4).cells
-             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])][:cell_index]
-    injected = sum("injected-parameters" in c.metadata.get("tags", []) for c in cells)
-    return cell_index + 1 - injected
+             if "papermill-error-cell-tag" not in c.metadata.get("tags", [])][:cell_index + 1]
+    return sum(c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])
+               for c in cells)
 
 # %% ../nbs/37_runner.ipynb #cb15902d
 def describe_failure(stage: Stage, error: Exception, notebook: Path) -> str:
@@ -196,7 +200,8 @@ def describe_failure(stage: Stage, error: Exception, notebook: Path) -> str:
     from papermill.exceptions import PapermillExecutionError
     from nbclient.exceptions import DeadKernelError
     if isinstance(error, PapermillExecutionError):
-        where = f"in cell {source_cell_number(notebook, error.cell_index)} of {stage.notebook.name}"
+        number = source_cell_number(notebook, error.cell_index)
+        where = f"in code cell {number} of {stage.notebook.name}"
         text = f"stage '{stage.name}' failed {where}: {error.ename}: {error.evalue}"
     elif isinstance(error, DeadKernelError):
         text = (f"stage '{stage.name}' failed: its kernel died while running (killed, "
@@ -362,7 +367,7 @@ def warm_kernels_folder(settings: Settings) -> Path:
 
 def stop_warm_kernels(settings: Settings) -> int:
     ("Stop the kernel templates that development runs left waiting (they also stop by themselves "
-     "when unused for 15 minutes).")
+     "when unused for `IDLE_SECONDS`, two minutes).")
     from mlwb.template import stop_parked
     return stop_parked(warm_kernels_folder(settings))
 

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 from fastcore.basics import patch
 
 from .cache import file_hashes
@@ -20,13 +21,14 @@ from .pipeline import (Pipeline, Stage, find_project, load_pipeline, parse_cli_p
                            resolve_pipeline_parameters)
 from .runner import (RunContext, StageResult, check_declared_inputs, check_kernel, emit,
                          forced_stages, kernel_pool, new_context, project_lock, run_stages,
-                         select_stages, stage_inputs, stages_that_may_run, store_id)
+                         select_stages, stage_inputs, stages_that_may_run, stop_warm_kernels,
+                         store_id)
 from .tracking import ensure_experiment, git_state, mlflow_client, run_url
 
 # %% auto #0
-__all__ = ['UNFINISHED', 'RunTracker', 'PipelineRun', 'up_to_date_message', 'nothing_to_do', 'run_pipeline', 'start_run',
-           'run_tags', 'abandoned_runs', 'unfinished_folders', 'close_abandoned_runs', 'reproduction_record',
-           'lock_text', 'finish_run']
+__all__ = ['UNFINISHED', 'RunTracker', 'notebook_html', 'PipelineRun', 'up_to_date_message', 'nothing_to_do', 'run_pipeline',
+           'start_run', 'run_tags', 'abandoned_runs', 'unfinished_folders', 'close_abandoned_runs',
+           'reproduction_record', 'lock_text', 'finish_run', 'stop_kernels_command']
 
 # %% ../nbs/38_runs.ipynb #f73bcbe8
 def _short(value, limit=500) -> str:
@@ -51,6 +53,14 @@ class RunTracker:
             self.client.log_param(self.parent_id, name, _short(value))
         return self.parent_id
 
+# %% ../nbs/38_runs.ipynb #b062c94e
+def notebook_html(notebook: Path) -> str:
+    "`notebook` rendered as one self-contained HTML page (JupyterLab's look, images embedded)."
+    import nbformat
+    from nbconvert import HTMLExporter
+    exporter = HTMLExporter(template_name="lab", embed_images=True)
+    return exporter.from_notebook_node(nbformat.read(notebook, as_version=4))[0]
+
 # %% ../nbs/38_runs.ipynb #6593b2b2
 @patch
 def start_stage(self: RunTracker, stage: Stage, parameters: dict, tags=None) -> str:
@@ -64,9 +74,12 @@ def start_stage(self: RunTracker, stage: Stage, parameters: dict, tags=None) -> 
 @patch
 def end_stage(self: RunTracker, run_id: str, status: str, seconds: float,
               notebook: Path | None = None):
-    "Close a child run with its status, duration and executed notebook."
+    "Close a child run with its status, duration and executed notebook (and its HTML rendering)."
     if notebook is not None and notebook.exists():
         self.client.log_artifact(run_id, str(notebook), "notebook")
+        try: html = notebook_html(notebook)
+        except Exception as e: self.client.set_tag(run_id, "mlwb.html_error", _short(str(e)))
+        else: self.client.log_text(run_id, html, f"notebook/{notebook.stem}.html")
     self.client.log_metric(run_id, "duration_s", round(seconds, 3))
     self.client.set_terminated(run_id, status)
 
@@ -245,3 +258,10 @@ def finish_run(ctx: RunContext, results: list) -> PipelineRun:
     (ctx.folder / UNFINISHED).unlink(missing_ok=True)
     return run
 
+
+# %% ../nbs/38_runs.ipynb #2ba309f9
+@click.command("stop-kernels")
+def stop_kernels_command():
+    "Stop the warm kernel templates that development runs (`run --dev`, `check`) left waiting."
+    stopped = stop_warm_kernels(load_settings())
+    click.echo(f"stopped {stopped} warm kernel template" + ("" if stopped == 1 else "s"))

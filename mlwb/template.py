@@ -260,7 +260,7 @@ def stop(self: KernelTemplate):
     self.path.unlink(missing_ok=True); self.path.with_suffix(".log").unlink(missing_ok=True)
 
 # %% ../nbs/34_template.ipynb #17698a26
-IDLE_SECONDS = 900  # a parked template exits after this long unused
+IDLE_SECONDS = 120  # a parked template exits after this long unused (two minutes)
 
 def idle_seconds() -> float:
     ("How long a parked template waits for a later run: `WARM_KERNELS_IDLE_S` if set (0: "

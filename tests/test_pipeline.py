@@ -168,6 +168,24 @@ def test_bad_command_line_parameter_is_refused_before_anything_runs(workspace, p
     assert nothing_ran(workspace, folder)
 
 
+@pytest.mark.parametrize("parameter, says", [
+    ("trian.max_iter=3", "no stage 'trian' (did you mean 'train'?)"),
+    ("n_card=3", "(did you mean 'n_cards'?); parameters: prepare: n_cards; train: max_iter, rate"),
+    ("train.n_cards=3", "(stage 'train'); parameters: train: max_iter, rate"),
+    ('rate="0.3"', 'got the text "0.3" (a JSON string); a number is written without quotes'),
+], ids=["stage-typo", "name-typo", "other-stage", "quoted-number"])
+def test_bad_parameter_message_says_what_to_do(workspace, parameter, says):
+    write_project(workspace, "p", """
+        stages:
+          - {name: prepare, notebook: a.ipynb, outputs: [out/a.txt]}
+          - {name: train, notebook: b.ipynb, outputs: [out/b.txt]}
+    """, {"a.ipynb": ("n_cards = 1", writes("out/a.txt", "n_cards")),
+          "b.ipynb": ("max_iter = 5\nrate = 0.5", writes("out/b.txt", "rate"))})
+    result = run_mlwb("run", "p", "-p", parameter)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr
+
+
 # --- 3. bad pipeline.yml -----------------------------------------------------------------------------
 
 GOOD_STAGES = """
@@ -223,7 +241,7 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
         stages:
           - {name: prep, notebook: prep.ipynb, parameters: {rows: 4}, outputs: [out/rows.txt]}
           - {name: score, notebook: score.ipynb, parameters: {scale: 2.0}, depends_on: [prep], outputs: [out/score.txt]}
-    """, {"prep.ipynb": ("rows = 1", writes("out/rows.txt", "rows")),
+    """, {"prep.ipynb": ("rows = 1", writes("out/rows.txt", "rows"), 'print(f"prepared {rows} rows")'),
           "score.ipynb": ("scale = 1.0", 'import mlflow\nfrom mlwb.tracking import stage_run\nstage_run("tracked")\nmlflow.log_metric("score", 2.5 * scale)',
                           writes("out/score.txt", "2.5 * scale"))},
         {"notes.md": "tracked\n"})
@@ -243,7 +261,10 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
     for number, stage in enumerate(["prep", "score"], 1):
         child = children[stage]
         assert child.data.metrics["duration_s"] > 0
-        assert [a.path for a in client.list_artifacts(child.info.run_id, "notebook")] == [f"notebook/0{number}_{stage}.ipynb"]
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "notebook")} == {
+            f"notebook/0{number}_{stage}.{ext}" for ext in ("ipynb", "html")}  # executed, and rendered to read
+    page = Path(client.download_artifacts(children["prep"].info.run_id, "notebook/01_prep.html", str(tmp_path)))
+    assert "prepared 4 rows" in page.read_text()  # the stage's output, as it ran
 
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "reproduce")} >= {
         f"reproduce/{n}" for n in ("environment.txt", "pipeline.yml", "parameters.json", "hashes.json")}
@@ -265,6 +286,7 @@ def test_mlflow_records_parent_and_child_runs_with_reproduction_record(workspace
     assert len(runs) == 2 and [e.name for e in client.search_experiments()].count("tracked") == 1
     assert runs[1][0].data.tags["mlwb.git.dirty"] == "True"
     assert runs[1][0].data.tags["mlflow.source.git.commit"] == git(workspace, "rev-parse", "HEAD")
+    assert client.list_artifacts(runs[1][1]["prep"].info.run_id, "notebook") == []  # reused: not rendered again
 
 
 # --- 5. incremental reruns --------------------------------------------------------------------------
@@ -406,11 +428,15 @@ def test_failed_stage_stops_the_run_and_the_next_run_resumes_from_it(workspace):
 
 
 def test_failure_message_names_the_failing_cell_of_the_stage_notebook(workspace):
-    write_project(workspace, "boom", "stages:\n  - {name: boom, notebook: boom.ipynb}\n",
-                  {"boom.ipynb": ("fail = False", 'if fail:\n    raise ValueError("boom")')})
+    folder = write_project(workspace, "boom", "stages:\n  - {name: boom, notebook: boom.ipynb}\n",
+                           {"boom.ipynb": ("fail = False", "x = 1", 'if fail:\n    raise ValueError("boom")')})
+    nb = nbformat.read(folder / "boom.ipynb", as_version=4)  # prose between the cells, as in a lesson
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell("# Boom")); nb.cells.insert(3, nbformat.v4.new_markdown_cell("why"))
+    nbformat.write(nb, folder / "boom.ipynb")
     result = run_mlwb("run", "boom", "-p", "fail=true")
     assert result.returncode == 1
-    assert re.search(r"\bcell 2 of boom\.ipynb", result.stderr), result.stderr  # cell 1: parameters; cell 2: the raise
+    # JupyterLab's prompts: [1] parameters, [2] x = 1, [3] the raise; prose and the injected cell are not counted
+    assert "failed in code cell 3 of boom.ipynb: ValueError: boom" in result.stderr, result.stderr
 
 
 # --- 7 and 8. killed runs and concurrent runs ---------------------------------------------------------

@@ -79,11 +79,17 @@ def test_warm_kernels_keep_imports_but_not_variables_and_the_run_is_tagged_devel
     client = mlflow_client(load_settings(workspace, environ={}))
     child = client.get_run(run.results[1].run_id)
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == run.mlflow_run_id and child.data.metrics["duration_s"] > 0
-    assert [a.path for a in client.list_artifacts(child.info.run_id, "notebook")] == ["notebook/02_second.ipynb"]
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "notebook")} == {
+        "notebook/02_second.ipynb", "notebook/02_second.html"}
     # a release run does not reuse what a development run produced
-    assert why_stage("iso", "first", load_settings(workspace)) == ["last run was in development mode"]
+    [why] = why_stage("iso", "first", load_settings(workspace))
+    assert why.startswith("last run was in development mode") and "warm kernels" in why  # says why
+    assert "run `mlwb run` first" in why  # how to avoid it
     again = run_pipeline("iso", load_settings(workspace))
     assert statuses(again) == {"first": "done", "second": "done"}
+    assert again.results[0].reasons == [why]  # the run's progress line says the same
+    later = run_pipeline("iso", load_settings(workspace), dev=True)  # a check after a release run
+    assert statuses(later) == {"first": "cached", "second": "cached"}  # reuses its outputs
     assert parent_run(workspace, again).data.tags["mlwb.mode"] == "release"
 
 
@@ -105,6 +111,41 @@ def test_development_runs_leave_warm_kernels_for_the_next_one(dev_workspace):
     assert state["parent"] in parked and state["pid"] != first["pid"] and state["csv_preloaded"]  # a new kernel from the same warm template
     assert stop_warm_kernels(settings) == 1 and not list((workspace / "runs/.warm-kernels").glob("template-*.json"))
     assert not alive(state["parent"])
+
+
+
+def wait_until(condition, deadline_s: float) -> bool:
+    "Whether `condition()` became true before `deadline_s` passed (checked every 0.1 s)."
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if condition(): return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_a_parked_template_exits_by_itself_after_its_idle_time(dev_workspace, monkeypatch):
+    from mlwb.template import IDLE_SECONDS
+    assert IDLE_SECONDS <= 120  # not a quarter of an hour of 190-480 MB after each `mlwb check`
+    workspace = dev_workspace
+    write_project(workspace, "idle", WARM, {"only.ipynb": ("n = 1", writes("out/only.json", "n"))})
+    monkeypatch.setenv("WARM_KERNELS_IDLE_S", "0.5")
+    assert statuses(run_pipeline("idle", load_settings(workspace), dev=True)) == {"only": "done"}
+    records = list((workspace / "runs/.warm-kernels").glob("template-*.json"))
+    assert len(records) == 1
+    pid = json.loads(records[0].read_text())["pid"]
+    assert wait_until(lambda: not alive(pid), deadline_s=60), "the parked template is still running"
+
+
+def test_stop_kernels_command_stops_a_parked_template(dev_workspace):
+    from click.testing import CliRunner
+    from mlwb.runs import stop_kernels_command
+    workspace = dev_workspace
+    write_project(workspace, "stop", WARM, {"only.ipynb": ("n = 1", writes("out/only.json", "n"))})
+    assert statuses(run_pipeline("stop", load_settings(workspace), dev=True)) == {"only": "done"}
+    pid = json.loads(next((workspace / "runs/.warm-kernels").glob("template-*.json")).read_text())["pid"]
+    result = CliRunner().invoke(stop_kernels_command, env={"MLWB_WORKSPACE": str(workspace)})
+    assert result.exit_code == 0 and result.output == "stopped 1 warm kernel template\n", result.output
+    assert not alive(pid)
 
 
 # --- a kernel killed from outside -----------------------------------------------------------------------
