@@ -31,6 +31,7 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "learn": ("mlwb.learn", "learn_command"), "new": ("mlwb.learn", "new_command"),
     "lab": ("mlwb.learn", "lab_command"), "check": ("mlwb.milestones", "check_command"),
     "progress": ("mlwb.milestones", "progress_command"),
+    "stop-kernels": ("mlwb.runs", "stop_kernels_command"),
 }
 
 def command_elsewhere(name: str) -> click.Command | None:

@@ -74,6 +74,8 @@ def become_kernel(request, server, conn):
     import threading
     threading.Thread(target=exit_with, args=(request["owner"],), daemon=True).start()
     sys.argv = [sys.argv[0], "-f", request["connection_file"], *request["arguments"]]
+    if "matplotlib" in sys.modules:  # imported before ipykernel could choose its inline backend
+        sys.argv.append("--matplotlib=inline")
     from ipykernel import kernelapp
     kernelapp.launch_new_instance()
 

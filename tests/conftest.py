@@ -76,7 +76,7 @@ def set_stage_parameters(project: Path, changes: dict):
 
 
 # `mlwb check` runs in development mode, which leaves a warm kernel template for the next check; a test's
-# workspace is deleted after it, so the tests ask for none rather than leave processes behind for 15 minutes.
+# workspace is deleted after it, so the tests ask for none rather than leave processes behind for minutes.
 NO_WARM_KERNELS = {"WARM_KERNELS_IDLE_S": "0"}
 
 
