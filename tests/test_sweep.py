@@ -2,6 +2,7 @@
 stage run once, one MLflow sweep run with a child per configuration, a ranked table, and a failed configuration that does
 not stop the others."""
 import json
+import os
 import textwrap
 
 import pytest
@@ -94,3 +95,22 @@ def test_the_local_dask_cluster_opens_no_dashboard_and_listens_on_loopback_only(
     assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
     assert 8787 not in {a.port for a in listening}, listening
     assert http and all(host == "127.0.0.1" and port != 8787 for host, port in http), http  # health and metrics only
+
+
+HELD = ("import mlflow, os\nfrom mlwb.release import promotion_held\nfrom mlwb.tracking import stage_run\n"
+        "stage_run('held')\nmlflow.set_tag('held', str(promotion_held(True)))\nmlflow.log_metric('depth', depth)")
+
+
+def test_every_configuration_of_a_sweep_runs_with_promotion_held(workspace):
+    "What keeps a sweep's register stages from moving `champion`: each stage kernel sees MLWB_SWEEP."
+    folder = workspace / "projects" / "held"
+    folder.mkdir()
+    (folder / "pipeline.yml").write_text("stages:\n  - {name: register, notebook: register.ipynb}\n")
+    make_notebook(folder / "register.ipynb", "depth = 1", HELD)
+    result = run_mlwb("sweep", "held", "-g", "depth=1,2", "--metric", "depth", "--workers", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = mlflow_client(load_settings(workspace, environ={}))
+    experiment = client.get_experiment_by_name("held")
+    stages = [r for r in client.search_runs([experiment.experiment_id]) if "held" in r.data.tags]
+    assert len(stages) == 2 and all("sweep" in r.data.tags["held"] for r in stages), stages
+    assert "MLWB_SWEEP" not in os.environ  # the sweep put the variable back
