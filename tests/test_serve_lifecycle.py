@@ -1,8 +1,8 @@
 """A running `mlwb serve` under load: it follows a moved alias, and stops on SIGTERM losing nothing.
 
 Real servers (subprocesses on free loopback ports), real HTTP clients with kept-alive connections
-(one httpx connection pool shared by several threads), a registry in a temporary workspace. The tests
-wait on conditions, never on sleeps. `MLWB_REPEAT=10` runs each load test ten times.
+(one httpx connection pool shared by several threads), a registry in a temporary workspace. The
+tests wait on conditions, never on sleeps. `MLWB_REPEAT=10` runs each load test ten times.
 """
 import os
 import shutil
@@ -45,8 +45,9 @@ def log_version(C: float):
     X = pd.DataFrame({"amount": rng.gamma(2, 30, 300).round(2), "hour": rng.integers(0, 24, 300)})
     model = LogisticRegression(C=C).fit(X, X.amount > 60)
     signature = infer_signature(X, model.predict(X))
-    return mlflow.sklearn.log_model(model, name="model", signature=signature, input_example=X.head(3),
-                                    serialization_format="cloudpickle", pip_requirements=[])
+    return mlflow.sklearn.log_model(model, name="model", signature=signature,
+                                    input_example=X.head(3), serialization_format="cloudpickle",
+                                    pip_requirements=[])
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ class Load:
         limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
         self.http = httpx.Client(base_url=url, timeout=30, limits=limits)
         self.stop, self.stop_on_503 = threading.Event(), stop_on_503
-        self.answers = [[] for _ in range(threads)]  # per thread: (status, version, retry-after, when)
+        self.answers = [[] for _ in range(threads)]  # each thread's (status, version, retry-after, when)
         self.errors = []  # (thread, exception) of requests that got no HTTP answer
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True)
                         for i in range(threads)]
@@ -219,4 +220,4 @@ def test_sigterm_under_load_answers_or_refuses_every_request(registry, run):
     answers = load.all()
     assert {a[0] for a in answers} == {200, 503}
     assert all(a[2] == "1" for a in answers if a[0] == 503)
-    assert all(a[-1][0] == 503 for a in load.answers)  # each client ended refused, told when to retry
+    assert all(a[-1][0] == 503 for a in load.answers)  # each client ended refused, told to retry
