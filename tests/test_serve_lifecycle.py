@@ -2,7 +2,7 @@
 
 Real servers (subprocesses on free loopback ports), real HTTP clients with kept-alive connections
 (one httpx connection pool shared by several threads), a registry in a temporary workspace. The
-tests wait on conditions, never on sleeps. `MLWB_REPEAT=10` runs each load test ten times.
+tests wait on conditions, never on sleeps. `LOAD_TEST_REPEAT=10` runs each load test ten times.
 """
 import os
 import shutil
@@ -24,7 +24,7 @@ from mlwb.core import free_port
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
 NAME = "lifecycle"
-REPEAT = range(int(os.environ.get("MLWB_REPEAT", "1")))
+REPEAT = range(int(os.environ.get("LOAD_TEST_REPEAT", "1")))
 ROW = {"records": [{"amount": 80.0, "hour": 3}]}
 
 
@@ -113,7 +113,7 @@ class Load:
         limits = httpx.Limits(max_connections=threads, max_keepalive_connections=threads)
         self.http = httpx.Client(base_url=url, timeout=30, limits=limits)
         self.stop, self.stop_on_503 = threading.Event(), stop_on_503
-        self.answers = [[] for _ in range(threads)]  # each thread's (status, version, retry-after, when)
+        self.answers = [[] for _ in range(threads)]  # per thread: (status, version, retry, when)
         self.errors = []  # (thread, exception) of requests that got no HTTP answer
         self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True)
                         for i in range(threads)]
