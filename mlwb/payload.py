@@ -25,7 +25,8 @@ __all__ = ['MLFLOW_DTYPES', 'NUMBER_KINDS', 'INTEGER_KINDS', 'DATETIME_RANGE', '
            'ERROR_RESPONSE', 'ERROR_STATUSES', 'LOOPBACK', 'OPEN_PATHS', 'RETRY_AFTER', 'ServeError', 'RequestError',
            'numpy_dtype', 'Column', 'input_columns', 'read_json', 'records_to_columns', 'split_to_columns',
            'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns', 'predict_schemas',
-           'openapi_document', 'json_response', 'Guard', 'Closing', 'read_body', 'check_content_type', 'failure']
+           'openapi_document', 'json_response', 'Guard', 'Closing', 'unread_bytes', 'read_body', 'check_content_type',
+           'failure']
 
 # %% ../nbs/17_payload.ipynb #d97a0705
 class ServeError(MlwbError):
@@ -326,6 +327,15 @@ class Closing:
         if self.closing():
             headers = [h for h in headers if h[0] != b"connection"] + [(b"connection", b"close")]
         return {**start, "headers": headers}
+
+# %% ../nbs/17_payload.ipynb #16a0e00b
+def unread_bytes(transport) -> int:
+    "How many bytes a client sent on `transport`'s socket that the server has not read yet."
+    import fcntl, struct, termios
+    try: fd = transport.get_extra_info("socket").fileno()
+    except AttributeError: return 0  # closed already
+    try: return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError): return 0
 
 # %% ../nbs/17_payload.ipynb #da365520
 async def read_body(request, limit: int) -> bytes:

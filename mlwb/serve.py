@@ -28,15 +28,14 @@ from .model_store import (LoadedModel, ModelRef, ModelStore, Variant, resolve_mo
                               settle_heap, watch_aliases)
 from .payload import (LOOPBACK, Closing, Guard, ServeError, check_columns, check_content_type,
                           failure, json_response, openapi_document, payload_columns, read_body,
-                          read_json)
+                          read_json, unread_bytes)
 from .predictors import Scores
 from .request_log import LogItem, RequestLog, ServerMetrics, request_log_folder
 
 # %% auto #0
-__all__ = ['NOT_READY', 'LIMITS', 'DRAIN_QUIET_S', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState',
-           'response_body', 'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score',
-           'metadata', 'create_app', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options',
-           'serve_command']
+__all__ = ['NOT_READY', 'LIMITS', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'response_body',
+           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata', 'create_app',
+           'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
 
 # %% ../nbs/22_serve.ipynb #dea8b94b
 @dataclass
@@ -279,20 +278,22 @@ def _graceful_server():
             watchdog.start()
     return GracefulServer
 
-DRAIN_QUIET_S = 1.0  # no request for this long: the connections still open are idle ones
-
 def drained(server, state: ServerState, quiet: float) -> bool:
-    "Nothing in progress, and no connection left open -- or no request for `quiet` seconds."
+    "Nothing in progress or unread, and no connection left -- or no request for `quiet` seconds."
     uv = server.server_state  # uvicorn's: its open connections and the requests it is handling
-    if state.in_flight or uv.tasks: return False
+    unread = any(unread_bytes(c.transport) for c in uv.connections)
+    if state.in_flight or uv.tasks or unread: return False
     return not uv.connections or time.monotonic() - state.last_request > quiet
 
 async def drain(server, state: ServerState):
     "Answer what was received, refuse the rest with a 503; stop the server when requests stop."
     loop, grace = asyncio.get_running_loop(), state.options.grace
-    start, quiet = loop.time(), min(DRAIN_QUIET_S, grace / 5)
-    while loop.time() - start < grace * 0.8 and not drained(server, state, quiet):
+    start, quiet = loop.time(), min(1.0, grace / 5)  # no request for a second: what is open is idle
+    while not (done := drained(server, state, quiet)) and loop.time() - start < grace * 0.8:
         await asyncio.sleep(0.01)
+    if done:  # in the step that found them idle: stop listening, close the connections left
+        for listener in server.servers: listener.close()
+        for connection in list(server.server_state.connections): connection.transport.close()
     if state.log:  # every answered request on disk
         wait = max(0.5, grace * 0.9 - (loop.time() - start))
         await loop.run_in_executor(None, state.log.close, wait)
