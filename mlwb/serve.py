@@ -279,11 +279,11 @@ def _graceful_server():
     return GracefulServer
 
 def drained(server, state: ServerState, quiet: float) -> bool:
-    "Nothing in progress or unread, and no connection left -- or no request for `quiet` seconds."
+    "Nothing in progress or unread, and no request for `quiet` seconds: the clients have gone."
     uv = server.server_state  # uvicorn's: its open connections and the requests it is handling
     unread = any(unread_bytes(c.transport) for c in uv.connections)
     if state.in_flight or uv.tasks or unread: return False
-    return not uv.connections or time.monotonic() - state.last_request > quiet
+    return time.monotonic() - state.last_request > quiet  # none left open, or only idle ones
 
 async def drain(server, state: ServerState):
     "Answer what was received, refuse the rest with a 503; stop the server when requests stop."
