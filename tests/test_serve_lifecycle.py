@@ -88,7 +88,7 @@ class Server:
                                         stderr=subprocess.PIPE, text=True)
         self.log = []  # the lines of its stderr
         threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
-        wait_for(self.ready, "the server to be ready")
+        wait_for(self.ready, "the server to be ready", timeout=120)
 
     def ready(self) -> bool:
         if self.process.poll() is not None:
