@@ -241,7 +241,7 @@ def main():
         print("mlwb serve: an alias swap and a SIGTERM under wrk load (16 connections) ...", flush=True)
         events = lifecycle(wrk, servers["mlwb serve"], Path(d), uri, args.seconds)
     if results: report(results, args.concurrency)
-    print(f"\n| event under load (wrk, 16 connections) | answered | refused (503) | lost | connect errors |"
+    print(f"\n| event under load (wrk, 16 connections) | responses | of them 503 | lost | connect errors |"
           f"\n|---|---|---|---|---|")
     for name, e in events.items():
         print(f"| {name} | {e['answered']} | {e['refused']} | {e['lost']} | {e['connect_errors']} |")
