@@ -19,7 +19,7 @@ from .payload import concat_columns
 from .predictors import Scores
 
 # %% auto #0
-__all__ = ['Pending', 'MicroBatcher', 'score_batch']
+__all__ = ['Pending', 'scoring_executor', 'MicroBatcher', 'score_batch']
 
 # %% ../nbs/20_batching.ipynb #d5db0259
 @dataclass(eq=False)
@@ -30,11 +30,21 @@ class Pending:
     n: int
     future: asyncio.Future
 
+def _one_thread():
+    "Limit OpenMP and BLAS to one thread on the scoring thread: tiny batches gain nothing more."
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1)
+
+def scoring_executor() -> ThreadPoolExecutor:
+    "The one thread that scores batches, OpenMP and BLAS limited to one thread on it."
+    return ThreadPoolExecutor(1, thread_name_prefix="mlwb-score", initializer=_one_thread)
+
 class MicroBatcher:
-    "Groups concurrent requests into batches of up to `max_batch_size` rows, waiting at most `max_wait_ms`."
-    def __init__(self, max_batch_size: int = 64, max_wait_ms: float = 1.0, executor: ThreadPoolExecutor | None = None, on_batch=None):
+    "Groups concurrent requests into batches of up to `max_batch_size` rows, waiting `max_wait_ms`."
+    def __init__(self, max_batch_size: int = 64, max_wait_ms: float = 1.0,
+                 executor: ThreadPoolExecutor | None = None, on_batch=None):
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
-        self.executor, self.on_batch = executor or ThreadPoolExecutor(1, thread_name_prefix="mlwb-score"), on_batch
+        self.executor, self.on_batch = executor or scoring_executor(), on_batch
         self.queue, self.arriving, self._task = None, 0, None
 
     def start(self):
@@ -51,7 +61,7 @@ class MicroBatcher:
 # %% ../nbs/20_batching.ipynb #0698733b
 @patch
 async def _gather(self: MicroBatcher, first: Pending) -> list:
-    "The batch that starts with `first`: more waiting requests, up to the size limit or the wait limit."
+    "The batch that starts with `first`: more waiting requests, up to the size or the wait limit."
     batch, rows, loop = [first], first.n, asyncio.get_running_loop()
     deadline = loop.time() + self.max_wait
     while rows < self.max_batch_size:
@@ -80,14 +90,14 @@ async def _run(self: MicroBatcher):
 
 # %% ../nbs/20_batching.ipynb #53bcc196
 def score_batch(group: list) -> list:
-    "Score requests that share one model in one call; on failure, one by one. One `Scores` or exception each."
+    "Score requests sharing a model in one call; on failure, one by one. A `Scores` or error each."
     model = group[0].model
     try: scores = model.predictor.predict(concat_columns([p.data for p in group], model.columns))
     except Exception as e:
         if len(group) == 1: return [e]
         return [score_batch([p])[0] for p in group]
-    results, start = [], 0
+    results, start, probabilities = [], 0, scores.probabilities
     for p in group:
-        probabilities = scores.probabilities[start:start + p.n] if scores.probabilities is not None else None
-        results.append(Scores(scores.predictions[start:start + p.n], probabilities)); start += p.n
+        mine = probabilities[start:start + p.n] if probabilities is not None else None
+        results.append(Scores(scores.predictions[start:start + p.n], mine)); start += p.n
     return results

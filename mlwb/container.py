@@ -339,7 +339,7 @@ def copy_project(root: Path, target: Path):
     target.mkdir(parents=True)
     for name in ("pyproject.toml", "constraints.txt", "README.md", "LICENSE"):
         if (root / name).is_file(): shutil.copy2(root / name, target / name)
-    shutil.copytree(root / "mlwb", target / "mlwb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(root / "mlwb", target / "mlwb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "guided-projects"))
 
 @contextmanager
 def atomic_folder(out: Path, force: bool = False):

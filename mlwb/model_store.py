@@ -7,11 +7,14 @@ Docs: https://mlwb.github.io/mlwb/model_store.html.md"""
 # %% ../nbs/19_model_store.ipynb #18000002
 from __future__ import annotations
 
+import gc
 import math
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -25,7 +28,7 @@ from .tracking import tracking_to
 # %% auto #0
 __all__ = ['NATIVE_LOADERS', 'INLINE_BELOW_S', 'ModelLoadError', 'ModelRef', 'resolve_model', 'local_model_folder',
            'register_loader', 'load_native', 'LoadedModel', 'pd_frame', 'warm_up', 'load_model', 'Variant',
-           'ModelStore']
+           'ModelStore', 'follow_variant', 'watch_aliases', 'settle_heap']
 
 # %% ../nbs/19_model_store.ipynb #18000005
 class ModelLoadError(ServeError):
@@ -199,48 +202,106 @@ def load_model(uri: str, # any MLflow model URI
     return LoadedModel(ref, columns, predictor, native, report, signature, example, inline=inline)
 
 # %% ../nbs/19_model_store.ipynb #385f2198
+def _iso(ts: float | None) -> str | None:
+    "A Unix time as an ISO 8601 UTC string; None stays None."
+    if ts is None: return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
 class Variant:
     "A named slot holding a `LoadedModel`; `swap` replaces the model atomically."
-    def __init__(self, name: str, uri: str, model: LoadedModel):
+    def __init__(self, name: str, uri: str, model: LoadedModel, options: dict | None = None):
         self.name, self.uri, self.model = name, uri, model
+        self.options = options or {}  # the loader's options (fast path on or off), used to reload
+        self.changed_at, self.previous = None, None  # the last change: when, from which version
         self.batcher = None  # set by the server: the micro-batcher scoring this variant's requests
 
     def swap(self, model: LoadedModel) -> LoadedModel:
         "Put `model` in place (one reference assignment) and return the one it replaced."
         old, self.model = self.model, model
+        self.changed_at, self.previous = time.time(), old.ref.version
         return old
+
+    def describe(self) -> dict:
+        "What `/metadata` says of it: model, version, URI, signature, columns, fast path, times."
+        model = self.model
+        return {"model": model.ref.name, "version": model.ref.version, "uri": self.uri,
+                "signature": model.signature, "columns": [c.__dict__ for c in model.columns],
+                "fast_path": {**model.fast_path, "used": model.predictor.name},
+                "loaded_at": _iso(model.loaded_at), "changed_at": _iso(self.changed_at),
+                "previous_version": self.previous}
 
 # %% ../nbs/19_model_store.ipynb #e82a7af8
 class ModelStore:
-    "The variants a server holds, by name; `default` answers requests that no policy routes elsewhere."
+    "The variants a server holds, by name; `default` answers requests no policy routes elsewhere."
     def __init__(self, settings: Settings | None = None, loader=load_model):
         self.settings, self.loader, self.variants, self.default = settings, loader, {}, None
         self._lock = threading.Lock()
-        self.on_change = []  # callbacks(variant) run after a variant is added or swapped
+        self.on_change = []  # callbacks(variant, old model or None) once one is added or swapped
+        self.on_error = []  # callbacks(variant name, exception) when following an alias fails
 
     def load(self, name: str, uri: str, **options) -> Variant:
         "Load `uri` (outside the lock) and put it in variant `name`, swapping if it exists."
-        model = self.loader(uri, self.settings, **options)
+        model, old = self.loader(uri, self.settings, **options), None
+        kept = {k: v for k, v in options.items() if k != "ref"}  # a reload resolves afresh
         with self._lock:
             variant = self.variants.get(name)
-            if variant is None: variant = self.variants[name] = Variant(name, uri, model)
-            else: variant.uri = uri; variant.swap(model)
+            if variant is None: variant = self.variants[name] = Variant(name, uri, model, kept)
+            else: variant.uri, variant.options = uri, kept; old = variant.swap(model)
             self.default = self.default or name
-        for callback in self.on_change: callback(variant)
+        for callback in self.on_change: callback(variant, old)
         return variant
 
     def get(self, name: str | None = None) -> Variant:
         "Variant `name` (the default when None); a missing one is a `ServeError`."
         variant = self.variants.get(name or self.default)
-        if variant is None: raise ServeError(f"variant '{name or self.default}': not loaded; loaded: {sorted(self.variants)}")
+        if variant is None:
+            raise ServeError(f"variant '{name or self.default}': not loaded; "
+                             f"loaded: {sorted(self.variants)}")
         return variant
 
     def refresh(self, name: str) -> bool:
-        "Reload variant `name` if its URI now resolves to another version (an alias moved); True if swapped."
+        "Reload variant `name` (same options) if its URI names another version now; True if so."
         variant = self.get(name)
-        if resolve_model(variant.uri, self.settings or load_settings()).version == variant.model.ref.version: return False
-        self.load(name, variant.uri)
+        ref = resolve_model(variant.uri, self.settings or load_settings())
+        if ref.version == variant.model.ref.version: return False
+        self.load(name, variant.uri, **variant.options, ref=ref)
         return True
 
     @property
     def ready(self) -> bool: return self.default is not None
+
+# %% ../nbs/19_model_store.ipynb #5b1e0a02
+def follow_variant(store: ModelStore, name: str) -> bool:
+    "Refresh variant `name`, saying in the log what changed or why not; True if it swapped."
+    variant = store.get(name)
+    before = variant.model.ref
+    try: swapped = store.refresh(name)
+    except Exception as e:
+        print(f"mlwb serve: {name}: could not load what {variant.uri} names now; still serving "
+              f"version {before.version}: {type(e).__name__}: {str(e)[:300]}",
+              file=sys.stderr, flush=True)
+        for callback in store.on_error: callback(name, e)
+        return False
+    if swapped:
+        now = variant.model.ref.version
+        print(f"mlwb serve: {name}: {before.name} version {before.version} -> {now} "
+              f"({variant.uri} moved)",
+              file=sys.stderr, flush=True)
+    return swapped
+
+def watch_aliases(store: ModelStore, every: float = 5.0, # seconds between polls of the registry
+                  stop: threading.Event | None = None) -> threading.Thread:
+    "Start a daemon thread that follows each variant of `store` every `every` seconds until `stop`."
+    stop = stop or threading.Event()
+    def run():
+        while not stop.wait(every):
+            for name in list(store.variants): follow_variant(store, name)
+    thread = threading.Thread(target=run, name="mlwb-alias-watch", daemon=True)
+    thread.start()
+    return thread
+
+# %% ../nbs/19_model_store.ipynb #71d94c68
+def settle_heap():
+    "Collect once, then freeze everything alive (libraries, the model): later collections skip it."
+    gc.collect()
+    gc.freeze()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import itertools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ from .config import MlwbError
 
 # %% auto #0
 __all__ = ['MLFLOW_DTYPES', 'NUMBER_KINDS', 'INTEGER_KINDS', 'DATETIME_RANGE', 'CHECKERS', 'JSON_TYPES', 'PREDICT_RESPONSE',
-           'ERROR_RESPONSE', 'LOOPBACK', 'OPEN_PATHS', 'ServeError', 'RequestError', 'numpy_dtype', 'Column',
-           'input_columns', 'read_json', 'records_to_columns', 'split_to_columns', 'payload_columns', 'check_values',
-           'check_columns', 'frame_of', 'concat_columns', 'predict_schemas', 'json_response', 'Guard', 'read_body',
-           'check_content_type']
+           'ERROR_RESPONSE', 'ERROR_STATUSES', 'LOOPBACK', 'OPEN_PATHS', 'RETRY_AFTER', 'ServeError', 'RequestError',
+           'numpy_dtype', 'Column', 'input_columns', 'read_json', 'records_to_columns', 'split_to_columns',
+           'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns', 'predict_schemas',
+           'openapi_document', 'json_response', 'Guard', 'Closing', 'unread_bytes', 'read_body', 'check_content_type',
+           'failure']
 
 # %% ../nbs/17_payload.ipynb #d97a0705
 class ServeError(MlwbError):
@@ -236,6 +238,28 @@ PREDICT_RESPONSE = {"type": "object", "required": ["request_id", "model", "varia
 ERROR_RESPONSE = {"type": "object", "required": ["error"],
                   "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}}}
 
+# %% ../nbs/17_payload.ipynb #16a0e002
+ERROR_STATUSES = [(400, "malformed"), (401, "no token"), (413, "too large"), (415, "not JSON"),
+                  (422, "does not fit the signature"), (503, "not ready"), (504, "too slow")]
+
+def openapi_document(app, columns: list, max_rows: int) -> dict:
+    "The app's OpenAPI document with `/predict`'s body described from the `columns` of a signature."
+    from fastapi.openapi.utils import get_openapi
+    doc = get_openapi(title="mlwb model server", version="1", routes=app.routes,
+                      description="Predictions from an MLflow model.")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update({**predict_schemas(columns, max_rows), "PredictResponse": PREDICT_RESPONSE,
+                    "Error": ERROR_RESPONSE})
+    ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
+    json_of = lambda name: {"application/json": {"schema": ref(name)}}
+    errors = {str(s): {"description": d, "content": json_of("Error")} for s, d in ERROR_STATUSES}
+    body = {"oneOf": [ref("RecordsRequest"), ref("ColumnsRequest")]}
+    doc["paths"]["/predict"]["post"].update({
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": {"description": "scores", "content": json_of("PredictResponse")},
+                      **errors}})
+    return doc
+
 # %% ../nbs/17_payload.ipynb #6afe5a63
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the host names of this machine
 OPEN_PATHS = ("/health/live", "/health/ready")
@@ -279,6 +303,40 @@ def refusal(self: Guard, scope) -> tuple | None:
         return 413, {"error": f"request body too large: at most {self.max_body_bytes} bytes"}
     return None
 
+# %% ../nbs/17_payload.ipynb #16a0e005
+RETRY_AFTER = b"1"  # seconds a refused client should wait before it tries again
+
+class Closing:
+    "ASGI middleware: a 503 says when to retry; once `closing()`, answers close their connection."
+    def __init__(self, app, closing, # () -> True once the server is shutting down
+                 on_request=None): # callback() as each request arrives
+        self.app, self.closing, self.on_request = app, closing, on_request
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        if self.on_request: self.on_request()
+        async def send_with_headers(message):
+            starts = message["type"] == "http.response.start"
+            await send(self.headers_for(message) if starts else message)
+        await self.app(scope, receive, send_with_headers)
+
+    def headers_for(self, start: dict) -> dict:
+        "The response's start message with Retry-After on a 503, and Connection: close if closing."
+        headers = list(start.get("headers", []))
+        if start["status"] == 503: headers.append((b"retry-after", RETRY_AFTER))
+        if self.closing():
+            headers = [h for h in headers if h[0] != b"connection"] + [(b"connection", b"close")]
+        return {**start, "headers": headers}
+
+# %% ../nbs/17_payload.ipynb #16a0e00b
+def unread_bytes(transport) -> int:
+    "How many bytes a client sent on `transport`'s socket that the server has not read yet."
+    import fcntl, struct, termios
+    try: fd = transport.get_extra_info("socket").fileno()
+    except AttributeError: return 0  # closed already
+    try: return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError): return 0
+
 # %% ../nbs/17_payload.ipynb #da365520
 async def read_body(request, limit: int) -> bytes:
     "The request body, refused with 413 as soon as it passes `limit` bytes (for bodies without a declared length)."
@@ -293,3 +351,14 @@ def check_content_type(request):
     "A JSON content type, or a 415."
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json": raise RequestError(415, "Content-Type must be application/json")
+
+# %% ../nbs/17_payload.ipynb #16a0e008
+def failure(e: Exception, request_id: str) -> tuple:
+    "`(status, body, error kind)` of a failed request; internals never reach the client."
+    if isinstance(e, RequestError):
+        return e.status, {"error": str(e), "request_id": request_id}, "client"
+    if isinstance(e, TimeoutError):
+        error = "the prediction took longer than the time limit"
+        return 504, {"error": error, "request_id": request_id}, "timeout"
+    print(f"mlwb serve: request {request_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return 500, {"error": "the model failed on this request", "request_id": request_id}, "model"

@@ -1,4 +1,4 @@
-"""One record per scored row, in one schema: written by one thread without slowing a request or losing a line, and read back by one reader that the monitor and the A/B analysis share.
+"""One record per scored row, in one schema: written by one thread without slowing a request or losing a line, and read back by one reader that the monitor and the A/B analysis share; beside it, the Prometheus metrics a server exposes.
 
 Docs: https://mlwb.github.io/mlwb/request_log.html.md"""
 
@@ -22,8 +22,9 @@ from fastcore.basics import patch
 from .config import MlwbError, Settings
 
 # %% auto #0
-__all__ = ['LOG_FIELDS', 'RequestLogError', 'LogItem', 'log_lines', 'RequestLog', 'read_log_file', 'log_files',
-           'read_log_records', 'request_log_folder', 'read_request_log', 'request_rows']
+__all__ = ['LOG_FIELDS', 'LATENCY_BUCKETS', 'ROW_BUCKETS', 'RequestLogError', 'LogItem', 'log_lines', 'RequestLog',
+           'read_log_file', 'log_files', 'read_log_records', 'request_log_folder', 'read_request_log', 'request_rows',
+           'ServerMetrics']
 
 # %% ../nbs/21_request_log.ipynb #20000005
 LOG_FIELDS = ("ts", "request_id", "row", "model", "version", "variant", "status", "latency_ms",
@@ -172,3 +173,46 @@ def request_rows(log: pd.DataFrame) -> pd.DataFrame:
     for column in ("prediction", "probability"):
         if column in rows and rows[column].notna().sum() == 0: rows = rows.drop(columns=column)
     return rows.infer_objects()
+
+# %% ../nbs/21_request_log.ipynb #20a1e002
+LATENCY_BUCKETS = (.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+class ServerMetrics:
+    "The Prometheus metrics of one server."
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        by = lambda *labels: dict(labelnames=labels, registry=r)
+        self.requests = Counter("mlwb_requests", "Prediction requests by variant and HTTP status",
+                                **by("variant", "status"))
+        self.errors = Counter("mlwb_request_errors", "Failed prediction requests by kind",
+                              **by("variant", "kind"))
+        self.latency = Histogram("mlwb_request_latency_seconds", "Prediction request latency",
+                                 **by("variant"), buckets=LATENCY_BUCKETS)
+        self.batch_rows = Histogram("mlwb_batch_rows", "Rows scored per model call", **by(),
+                                    buckets=ROW_BUCKETS)
+        self.in_flight = Gauge("mlwb_requests_in_flight", "Prediction requests being handled",
+                               **by())
+        self.model_info = Gauge("mlwb_model_info", "The model each variant serves (1 per variant)",
+                                **by("variant", "model", "version", "path"))
+        self.swaps = Counter("mlwb_model_swaps", "Models swapped in because an alias moved",
+                             **by("variant"))
+        self.load_errors = Counter("mlwb_model_load_errors", "Failed loads of the model a moved "
+                                   "alias names (the old one kept serving)", **by("variant"))
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+    def observe(self, variant: str, status: int, seconds: float, kind: str | None = None):
+        "Count one answered request of `variant`: its latency and, if it failed, the kind of error."
+        self.requests.labels(variant, str(status)).inc()
+        self.latency.labels(variant).observe(seconds)
+        if kind: self.errors.labels(variant, kind).inc()
+
+    def serving(self, variants: dict):
+        "Set `mlwb_model_info` to the `{name: (model, version, uri)}` served now."
+        self.model_info.clear()
+        for name, (model, version, uri) in variants.items():
+            self.model_info.labels(name, model, str(version), uri).set(1)

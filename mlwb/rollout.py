@@ -29,10 +29,10 @@ from .serve import ServeOptions, run_server, server_options, serving_state
 
 # %% auto #0
 __all__ = ['KEY_HEADER', 'PLAN_MODES', 'METRIC_HELP', 'stable_bucket', 'choose', 'request_key', 'Canary', 'read_plan',
-           'plan_route', 'watch_aliases', 'serve_release', 'read_outcomes', 'srm_check', 'proportion_ci',
-           'two_proportion_test', 'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab',
-           'release_command', 'promote_command', 'challenger_command', 'rollback_command', 'status_command',
-           'release_serve_command', 'ab_command', 'analyze_command']
+           'plan_route', 'serve_release', 'read_outcomes', 'srm_check', 'proportion_ci', 'two_proportion_test',
+           'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab', 'release_command',
+           'promote_command', 'challenger_command', 'rollback_command', 'status_command', 'release_serve_command',
+           'ab_command', 'analyze_command']
 
 # %% ../nbs/32_rollout.ipynb #79dabad8
 KEY_HEADER = "x-mlwb-key"  # the request header (or `key` query parameter) that makes routing sticky
@@ -118,37 +118,28 @@ def plan_route(state, # a `mlwb.serve.ServerState`
                      observers=[canary.observe] if canary else [])
     return canary
 
-# %% ../nbs/32_rollout.ipynb #d99f4257
-def watch_aliases(store, every: float = 5.0, stop: threading.Event | None = None) -> threading.Thread:
-    "Start a daemon thread that refreshes each variant of `store` every `every` seconds until `stop` is set."
-    stop = stop or threading.Event()
-    def run():
-        while not stop.wait(every):
-            for name in list(store.variants):
-                try: store.refresh(name)
-                except Exception as e: print(f"mlwb serve: refreshing {name}: {type(e).__name__}: {e}", flush=True)
-    thread = threading.Thread(target=run, name="mlwb-alias-watch", daemon=True)
-    thread.start()
-    return thread
-
 # %% ../nbs/32_rollout.ipynb #9bd6474a
 def _registered_name(model: str) -> str:
-    "NAME of `models:/NAME` (or `models:/NAME@alias`, `models:/NAME/3`); other URIs are a `ReleaseError`."
-    if not model.startswith("models:/"): raise ReleaseError(f"{model}: a release plan needs a registered model, models:/NAME")
+    "NAME of `models:/NAME` (or `models:/NAME@alias`, `models:/NAME/3`); else a `ReleaseError`."
+    if not model.startswith("models:/"):
+        raise ReleaseError(f"{model}: a release plan needs a registered model, models:/NAME")
     return model[len("models:/"):].split("@")[0].split("/")[0]
 
-def serve_release(model: str, # models:/NAME (or models:/NAME@alias): the registered model whose aliases are served
+def serve_release(model: str, # models:/NAME (or models:/NAME@alias): whose aliases are served
                   plan_path, # the release plan file
-                  options: ServeOptions | None = None, settings: Settings | None = None, fast: bool = True):
+                  options: ServeOptions | None = None, settings: Settings | None = None,
+                  fast: bool = True):
     "Serve NAME's champion and challenger by the plan until stopped, following alias moves."
     name = _registered_name(model)
     settings, options, plan = settings or load_settings(), options or ServeOptions(), read_plan(plan_path)
     state = serving_state(resolve_model(f"models:/{name}@champion", settings), options, settings)
-    record = lambda reason: threading.Thread(target=_record_rollback, args=(name, reason, settings), daemon=True).start()
+    record = lambda reason: threading.Thread(target=_record_rollback, args=(name, reason, settings),
+                                             daemon=True).start()
     plan_route(state, plan, record)
     def load():
-        for alias in ("champion", "challenger"): state.store.load(alias, f"models:/{name}@{alias}", fast=fast)
-        watch_aliases(state.store, plan.get("poll_seconds", 5.0))
+        for alias in ("champion", "challenger"):
+            state.store.load(alias, f"models:/{name}@{alias}", fast=fast)
+        state.follow(plan.get("poll_seconds", options.follow_every))
     run_server(state, load)
 
 def _record_rollback(name: str, reason: str, settings: Settings):

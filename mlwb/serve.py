@@ -1,4 +1,4 @@
-"""A fast, safe model API: `mlwb serve MODEL` answers predictions over HTTP, checks every request against the model's signature, batches concurrent requests, uses ONNX Runtime when it gives the same answers, logs every prediction, and shuts down without dropping a request.
+"""A fast, safe model API: `mlwb serve MODEL` answers predictions over HTTP, checks every request against the model's signature, batches concurrent requests, uses ONNX Runtime when it gives the same answers, logs every prediction, follows its alias when a release moves it, and shuts down without dropping a request.
 
 Docs: https://mlwb.github.io/mlwb/serve.html.md"""
 
@@ -15,52 +15,27 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-import orjson
 from fastcore.basics import patch
 
 from .config import Settings, load_settings
 from .core import quiet_mlflow
-from .batching import MicroBatcher
-from .model_store import LoadedModel, ModelRef, ModelStore, Variant, resolve_model
-from .payload import (ERROR_RESPONSE, LOOPBACK, PREDICT_RESPONSE, Guard, RequestError, ServeError,
-                          check_columns, check_content_type, json_response, payload_columns, predict_schemas,
-                          read_body, read_json)
+from .batching import MicroBatcher, scoring_executor
+from .model_store import (LoadedModel, ModelRef, ModelStore, Variant, resolve_model,
+                              settle_heap, watch_aliases)
+from .payload import (LOOPBACK, Closing, Guard, ServeError, check_columns, check_content_type,
+                          failure, json_response, openapi_document, payload_columns, read_body,
+                          read_json, unread_bytes)
 from .predictors import Scores
-from .request_log import LogItem, RequestLog, request_log_folder
+from .request_log import LogItem, RequestLog, ServerMetrics, request_log_folder
 
 # %% auto #0
-__all__ = ['ERROR_STATUSES', 'SERVER_OPTIONS', 'ServerMetrics', 'ServeOptions', 'check_binding', 'ServerState', 'response_body',
-           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata',
-           'openapi_document', 'create_app', 'settle_heap', 'drain', 'run_server', 'serving_state', 'serve_model',
-           'server_options', 'serve_command']
-
-# %% ../nbs/22_serve.ipynb #0970e8b0
-class ServerMetrics:
-    "The Prometheus metrics of one server."
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("mlwb_requests", "Prediction requests by variant and HTTP status", ["variant", "status"], registry=r)
-        self.errors = Counter("mlwb_request_errors", "Failed prediction requests by kind", ["variant", "kind"], registry=r)
-        self.latency = Histogram("mlwb_request_latency_seconds", "Prediction request latency", ["variant"], registry=r,
-                                 buckets=(.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch_rows = Histogram("mlwb_batch_rows", "Rows scored per model call", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-        self.in_flight = Gauge("mlwb_requests_in_flight", "Prediction requests being handled", registry=r)
-        self.model_info = Gauge("mlwb_model_info", "The model each variant serves", ["variant", "model", "version", "path"], registry=r)
-
-    def text(self) -> bytes:
-        from prometheus_client import generate_latest
-        return generate_latest(self.registry)
-
-    def observe(self, variant: str, status: int, seconds: float, kind: str | None = None):
-        self.requests.labels(variant, str(status)).inc()
-        self.latency.labels(variant).observe(seconds)
-        if kind: self.errors.labels(variant, kind).inc()
+__all__ = ['NOT_READY', 'LIMITS', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'response_body',
+           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata', 'create_app',
+           'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
 
 # %% ../nbs/22_serve.ipynb #dea8b94b
 @dataclass
@@ -68,7 +43,7 @@ class ServeOptions:
     "How a server listens, whom it answers and its limits."
     host: str = "127.0.0.1"
     port: int = 5005
-    allowed_hosts: tuple = ()  # Host header values answered; empty: the loopback names (only allowed when bound to loopback)
+    allowed_hosts: tuple = ()  # Host header values answered; empty: the loopback names
     token: str | None = None  # a bearer token every request but the health checks must carry
     log_dir: Path | None = None  # where the request log goes; None: no log
     max_batch_size: int = 64  # rows per model call
@@ -77,47 +52,67 @@ class ServeOptions:
     max_body_bytes: int = 1_000_000  # bytes per request body, refused with 413 before parsing
     timeout: float = 10.0  # seconds a prediction may take before a 504
     grace: float = 10.0  # seconds from SIGTERM to exit
+    follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
 
 def check_binding(options: ServeOptions) -> tuple:
     "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."
     if options.allowed_hosts: return tuple(options.allowed_hosts)
     if options.host not in LOOPBACK:
-        raise ServeError(f"--host {options.host}: binding beyond loopback needs an explicit --allowed-hosts list (the names clients use)")
+        raise ServeError(f"--host {options.host}: binding beyond loopback needs an explicit "
+                         "--allowed-hosts list (the names clients use)")
     return LOOPBACK
 
 # %% ../nbs/22_serve.ipynb #c896b67c
 class ServerState:
-    "What the routes share: the model store, options, metrics, request log, traffic policy and shutdown state."
+    "What the routes share: the model store, options, metrics, log, traffic policy, shutdown state."
     def __init__(self, store: ModelStore, options: ServeOptions, log: RequestLog | None = None):
         self.store, self.options, self.log, self.metrics = store, options, log, ServerMetrics()
         self.in_flight, self.draining, self.load_error = 0, False, None
-        self.metrics.in_flight.set_function(lambda: self.in_flight)  # the gauge reads the count at each scrape
+        self.last_request, self.stopping, self.loop = time.monotonic(), threading.Event(), None
+        self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
+        store.on_change.append(self.model_changed)
+        store.on_error.append(lambda name, e: self.metrics.load_errors.labels(name).inc())
         self.use_policy(lambda request: store.default)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlwb-score", initializer=_one_thread)
+        self.executor = scoring_executor()
 
     def use_policy(self, route, # request -> variant name; a name not loaded (yet) means the default
-                   shadow: str | None = None, # a variant that also scores each answered request, never answering
-                   observers=(), # callbacks(variant name, status, seconds) after each request: keep them cheap
+                   shadow: str | None = None, # a variant that also scores each answered request
+                   observers=(), # callbacks(variant name, status, seconds) per request; cheap
                   ):
-        "Share requests among the store's variants by `route` (all go to the default until this is called)."
+        "Share requests among the store's variants by `route` (all go to the default until called)."
         self.route, self.shadow, self.observers = route, shadow, list(observers)
+
+    def follow(self, every: float): # seconds between looks at the registry; 0: never
+        "Follow the aliases of the store's variants until the server stops."
+        if every > 0: watch_aliases(self.store, every, self.stopping)
 
     @property
     def ready(self) -> bool: return self.store.ready and not self.draining
 
-def _one_thread():
-    "Limit OpenMP and BLAS to one thread on the scoring thread: tiny batches gain nothing, and lose on a busy machine."
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(1)
-
 # %% ../nbs/22_serve.ipynb #21000004
 @patch
 def refused(self: ServerState, path: str, status: int):
-    "Count and log a /predict request refused at the door (host, token or size), for no variant: none saw it."
+    "Count and log a /predict request refused at the door (host, token or size), for no variant."
     if path != "/predict" or not self.store.ready: return
     ref = self.store.get().model.ref
     self.metrics.observe("", status, 0.0, "client")
-    if self.log: self.log.write(LogItem(time.time(), uuid.uuid4().hex, ref.name, ref.version, None, status, 0.0))
+    if self.log:
+        item = LogItem(time.time(), uuid.uuid4().hex, ref.name, ref.version, None, status, 0.0)
+        self.log.write(item)
+
+@patch
+def model_changed(self: ServerState, variant: Variant, old: LoadedModel | None):
+    "Keep the metrics up to date when a variant gets a model; count a swap."
+    self.metrics.serving({v.name: (v.model.ref.name, v.model.ref.version, v.uri)
+                          for v in list(self.store.variants.values())})
+    if old is None: return
+    self.metrics.swaps.labels(variant.name).inc()
+    gc.freeze()  # the new model's objects out of the collector's walk, as at start-up (no pause)
+
+@patch
+def arrived(self: ServerState):
+    "Note that a request arrived: a drain waits until they stop coming."
+    self.last_request = time.monotonic()
 
 @patch
 def batcher_for(self: ServerState, variant: Variant) -> MicroBatcher:
@@ -131,104 +126,84 @@ def batcher_for(self: ServerState, variant: Variant) -> MicroBatcher:
 # %% ../nbs/22_serve.ipynb #2867c1c6
 def response_body(request_id: str, variant: Variant, model: LoadedModel, scores: Scores) -> dict:
     "The JSON answer to a scored request."
-    body = {"request_id": request_id, "model": model.ref.name, "version": model.ref.version, "variant": variant.name,
-            "predictions": scores.predictions}
+    body = {"request_id": request_id, "model": model.ref.name, "version": model.ref.version,
+            "variant": variant.name, "predictions": scores.predictions}
     if scores.probabilities is not None:
-        body["probabilities"] = scores.positive() if scores.probabilities.shape[1] == 2 else scores.probabilities.tolist()
+        two = scores.probabilities.shape[1] == 2
+        body["probabilities"] = scores.positive() if two else scores.probabilities.tolist()
     return body
 
 async def score_request(state: ServerState, request, variant: Variant) -> tuple:
     "Read, check and score one request: `(model, checked columns, scores)`."
     check_content_type(request)
-    batcher = state.batcher_for(variant)
+    batcher, options = state.batcher_for(variant), state.options
     batcher.arriving += 1
     try:
-        body = await read_body(request, state.options.max_body_bytes)
-        model = variant.model
-        data, n = check_columns(payload_columns(read_json(body)), model.columns, state.options.max_rows)
+        body = await read_body(request, options.max_body_bytes)
+        model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
+        data, n = check_columns(payload_columns(read_json(body)), model.columns, options.max_rows)
     finally: batcher.arriving -= 1
     return model, data, await batcher.submit(model, data, n)
 
 # %% ../nbs/22_serve.ipynb #f5fb1a2a
-def _failure(e: Exception, request_id: str) -> tuple:
-    "`(status, body, error kind)` of a failed request; internals never reach the client."
-    if isinstance(e, RequestError): return e.status, {"error": str(e), "request_id": request_id}, "client"
-    if isinstance(e, TimeoutError): return 504, {"error": "the prediction took longer than the time limit", "request_id": request_id}, "timeout"
-    print(f"mlwb serve: request {request_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    return 500, {"error": "the model failed on this request", "request_id": request_id}, "model"
-
 def routed_variant(state: ServerState, request) -> Variant:
     "The variant the route picks for `request`; the default when it names one not loaded (yet)."
     return state.store.variants.get(state.route(request)) or state.store.get()
 
-def log_request(state: ServerState, request_id: str, variant_name: str, model: LoadedModel, status: int, seconds: float, data=None, scores=None):
+def log_request(state: ServerState, request_id: str, variant_name: str, model: LoadedModel,
+                status: int, seconds: float, data=None, scores=None):
     "Observe and log one scored (or failed) request of `variant_name`."
     for observe in state.observers: observe(variant_name, status, seconds)
-    if state.log: state.log.write(LogItem(time.time(), request_id, model.ref.name, model.ref.version, variant_name, status, seconds * 1000,
-                                          data if scores else None, scores.predictions if scores else None, scores.positive() if scores else None))
+    if not state.log: return
+    scored = (data, scores.predictions, scores.positive()) if scores else ()
+    ref = model.ref
+    state.log.write(LogItem(time.time(), request_id, ref.name, ref.version, variant_name, status,
+                            seconds * 1000, *scored))
+
+NOT_READY = "not ready: the model is loading or the server is shutting down"
 
 async def predict_route(state: ServerState, request):
     "POST /predict: score the rows of one request."
     start, request_id = time.perf_counter(), uuid.uuid4().hex
-    if not state.ready: return json_response(503, {"error": "not ready: the model is loading or the server is shutting down", "request_id": request_id})
+    if not state.ready: return json_response(503, {"error": NOT_READY, "request_id": request_id})
     variant, state.in_flight = routed_variant(state, request), state.in_flight + 1
     model, data, scores, kind = variant.model, None, None, None
-    try:  # the request counts as in flight until it is logged, so a drain never stops the server before its record is queued
+    try:  # in flight until logged, so a drain never stops the server before its record is queued
         try:
-            async with asyncio.timeout(state.options.timeout): model, data, scores = await score_request(state, request, variant)
+            async with asyncio.timeout(state.options.timeout):
+                model, data, scores = await score_request(state, request, variant)
             status, body = 200, response_body(request_id, variant, model, scores)
-        except Exception as e: status, body, kind = _failure(e, request_id)
+        except Exception as e: status, body, kind = failure(e, request_id)
         seconds = time.perf_counter() - start
         state.metrics.observe(variant.name, status, seconds, kind)
         log_request(state, request_id, variant.name, model, status, seconds, data, scores)
     finally: state.in_flight -= 1
-    if scores and state.shadow and state.shadow != variant.name and state.shadow in state.store.variants:
-        asyncio.get_running_loop().create_task(shadow_score(state, request_id, state.store.variants[state.shadow], data))
+    shadow = state.store.variants.get(state.shadow) if state.shadow != variant.name else None
+    if scores and shadow:
+        asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, data))
     return json_response(status, body, {"x-request-id": request_id})
 
 async def shadow_score(state: ServerState, request_id: str, variant: Variant, data: dict):
-    "Score an answered request's rows with the shadow `variant` and log them; its failures reach no client."
+    "Score an answered request's rows with the shadow `variant`, and log them; no client waits."
     start, model, scores, status = time.perf_counter(), variant.model, None, 200
     try:
-        async with asyncio.timeout(state.options.timeout): scores = await state.batcher_for(variant).submit(model, data, len(next(iter(data.values()))))
+        async with asyncio.timeout(state.options.timeout):
+            n = len(next(iter(data.values())))
+            scores = await state.batcher_for(variant).submit(model, data, n)
     except Exception: status = 500
-    log_request(state, request_id, f"shadow:{variant.name}", model, status, time.perf_counter() - start, data, scores)
+    seconds = time.perf_counter() - start
+    log_request(state, request_id, f"shadow:{variant.name}", model, status, seconds, data, scores)
 
 # %% ../nbs/22_serve.ipynb #9d6cd7d4
-def _variant_metadata(v: Variant) -> dict:
-    "What `/metadata` says of one variant: its model, version, URI, signature, columns and fast path."
-    model = v.model
-    return {"model": model.ref.name, "version": model.ref.version, "uri": v.uri, "signature": model.signature,
-            "columns": [c.__dict__ for c in model.columns], "fast_path": {**model.fast_path, "used": model.predictor.name}}
+LIMITS = ("max_batch_size", "max_wait_ms", "max_rows", "max_body_bytes", "timeout")
 
 def metadata(state: ServerState) -> dict:
     "What `/metadata` answers: the variants and their models, and the server's limits."
-    variants = {name: _variant_metadata(v) for name, v in state.store.variants.items()}
+    variants = {name: v.describe() for name, v in list(state.store.variants.items())}
     default = variants.get(state.store.default, {})
-    limits = {k: getattr(state.options, k) for k in ("max_batch_size", "max_wait_ms", "max_rows", "max_body_bytes", "timeout")}
-    return {**{k: default.get(k) for k in ("model", "version", "signature", "fast_path")},
-            "variant": state.store.default, "variants": variants, "limits": limits}
-
-# %% ../nbs/22_serve.ipynb #974b8898
-ERROR_STATUSES = [(400, "malformed"), (401, "no token"), (413, "too large"), (415, "not JSON"),
-                  (422, "does not fit the signature"), (503, "not ready"), (504, "too slow")]
-
-def openapi_document(app, state: ServerState) -> dict:
-    "The app's OpenAPI document with `/predict`'s body described from the default variant's signature."
-    from fastapi.openapi.utils import get_openapi
-    doc = get_openapi(title="mlwb model server", version="1", routes=app.routes,
-                      description="Predictions from an MLflow model.")
-    columns = state.store.get().model.columns if state.store.ready else []
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update({**predict_schemas(columns, state.options.max_rows), "PredictResponse": PREDICT_RESPONSE,
-                    "Error": ERROR_RESPONSE})
-    json_of = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
-    errors = {str(s): {"description": d, "content": json_of("Error")} for s, d in ERROR_STATUSES}
-    body = {"oneOf": [json_of(name)["application/json"]["schema"] for name in ("RecordsRequest", "ColumnsRequest")]}
-    doc["paths"]["/predict"]["post"].update({
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": {"description": "scores", "content": json_of("PredictResponse")}, **errors}})
-    return doc
+    shown = ("model", "version", "changed_at", "signature", "fast_path")
+    return {**{k: default.get(k) for k in shown}, "variant": state.store.default,
+            "variants": variants, "limits": {k: getattr(state.options, k) for k in LIMITS}}
 
 # %% ../nbs/22_serve.ipynb #e587db82
 def _health_routes(app, state: ServerState):
@@ -236,36 +211,44 @@ def _health_routes(app, state: ServerState):
     from starlette.responses import Response
     @app.get("/health/live", summary="The process answers")
     async def live(): return json_response(200, {"status": "live"})
-    @app.get("/health/ready", summary="The model is loaded and warmed up, and the server is not shutting down")
+    @app.get("/health/ready", summary="The model is loaded and warm; the server is not stopping")
     async def ready():
-        if state.ready: return json_response(200, {"status": "ready", "variants": sorted(state.store.variants)})
+        if state.ready:
+            return json_response(200, {"status": "ready", "variants": sorted(state.store.variants)})
         return json_response(503, {"status": "draining" if state.draining else "loading"})
     @app.get("/metadata", summary="The model, version, signature and fast path of each variant")
     async def meta():
-        return json_response(200, metadata(state)) if state.store.ready else json_response(503, {"error": "not ready: the model is loading"})
+        if state.store.ready: return json_response(200, metadata(state))
+        return json_response(503, {"error": "not ready: the model is loading"})
     @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics(): return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
+    async def metrics():
+        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
 
 # %% ../nbs/22_serve.ipynb #a1a027c8
 def create_app(state: ServerState, load=None):
-    "The FastAPI app serving `state`'s store; `load()` (if given) runs on a thread after start-up to fill the store."
+    "The FastAPI app serving `state`'s store; `load()`, if given, fills it on a thread at start-up."
     from contextlib import asynccontextmanager
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     @asynccontextmanager
     async def lifespan(app):
-        if load: asyncio.get_running_loop().run_in_executor(None, _load_in_background, state, load)
+        state.loop = asyncio.get_running_loop()
+        if load: state.loop.run_in_executor(None, _load_in_background, state, load)
         yield
         if state.log: state.log.close()
     app = FastAPI(title="mlwb model server", lifespan=lifespan)
     async def predict(request): return await predict_route(state, request)
-    predict.__annotations__ = {"request": Request}  # a class, not the string `from __future__` would leave
+    predict.__annotations__ = {"request": Request}  # a class, not a string
     app.post("/predict", summary="Score rows given as records or columns")(predict)
     _health_routes(app, state)
-    app.add_exception_handler(RequestValidationError, lambda request, e: json_response(422, {"error": "invalid request parameters"}))
-    app.openapi = lambda: openapi_document(app, state)
-    app.add_middleware(Guard, allowed_hosts=check_binding(state.options), token=state.options.token, max_body_bytes=state.options.max_body_bytes,
-                       on_refusal=state.refused)
+    invalid = json_response(422, {"error": "invalid request parameters"})
+    app.add_exception_handler(RequestValidationError, lambda request, e: invalid)
+    columns = lambda: state.store.get().model.columns if state.store.ready else []
+    app.openapi = lambda: openapi_document(app, columns(), state.options.max_rows)
+    options = state.options
+    app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
+                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused)
+    app.add_middleware(Closing, closing=lambda: state.draining, on_request=state.arrived)
     return app
 
 def _load_in_background(state: ServerState, load):
@@ -276,41 +259,54 @@ def _load_in_background(state: ServerState, load):
         print(f"mlwb serve: the model could not be loaded: {e}", file=sys.stderr)
     else: settle_heap()
 
-# %% ../nbs/22_serve.ipynb #71d94c68
-def settle_heap():
-    "Collect once, then freeze everything alive (libraries, the loaded model) so that later collections skip it."
-    gc.collect()
-    gc.freeze()
-
 # %% ../nbs/22_serve.ipynb #63ce70b7
 def _graceful_server():
-    "A uvicorn `Server` subclass whose SIGTERM drains before stopping (defined here to keep uvicorn's import lazy)."
+    "A uvicorn `Server` whose SIGTERM drains before it stops (made here: uvicorn imports lazily)."
     import uvicorn
     class GracefulServer(uvicorn.Server):
         state: ServerState = None
         def handle_exit(self, sig, frame):
-            if sig != signal.SIGTERM or self.state is None: return super().handle_exit(sig, frame)
-            if self.state.draining: return
-            self.state.draining = True
-            threading.Thread(target=drain, args=(self, self.state), daemon=True).start()
+            state = self.state
+            if sig != signal.SIGTERM or state is None or state.loop is None:
+                return super().handle_exit(sig, frame)
+            if state.draining: return
+            state.draining = True
+            state.stopping.set()  # no more alias moves
+            state.loop.call_soon_threadsafe(state.loop.create_task, drain(self, state))
+            watchdog = threading.Timer(state.options.grace, os._exit, (0,))
+            watchdog.daemon = True
+            watchdog.start()
     return GracefulServer
 
-def drain(server, state: ServerState):
-    "Wait until no request is in flight (at most most of the grace period), then stop the server; exit hard at the end of the grace period."
-    start = time.monotonic()
-    while state.in_flight and time.monotonic() - start < state.options.grace * 0.8: time.sleep(0.01)
-    if state.log: state.log.close(timeout=max(0.5, state.options.grace * 0.9 - (time.monotonic() - start)))  # every answered request on disk
+def drained(server, state: ServerState, quiet: float) -> bool:
+    "Nothing in progress or unread, and no request for `quiet` seconds: the clients have gone."
+    uv = server.server_state  # uvicorn's: its open connections and the requests it is handling
+    unread = any(unread_bytes(c.transport) for c in uv.connections)
+    if state.in_flight or uv.tasks or unread: return False
+    return time.monotonic() - state.last_request > quiet  # none left open, or only idle ones
+
+async def drain(server, state: ServerState):
+    "Answer what was received, refuse the rest with a 503; stop the server when requests stop."
+    loop, grace = asyncio.get_running_loop(), state.options.grace
+    start, quiet = loop.time(), min(1.0, grace / 5)  # no request for a second: what is open is idle
+    while not (done := drained(server, state, quiet)) and loop.time() - start < grace * 0.8:
+        await asyncio.sleep(0.01)
+    if done:  # in the step that found them idle: stop listening, close the connections left
+        for listener in server.servers: listener.close()
+        for connection in list(server.server_state.connections): connection.transport.close()
+    if state.log:  # every answered request on disk
+        wait = max(0.5, grace * 0.9 - (loop.time() - start))
+        await loop.run_in_executor(None, state.log.close, wait)
     server.should_exit = True
-    time.sleep(max(0.0, state.options.grace - (time.monotonic() - start)))
-    os._exit(0)
 
 # %% ../nbs/22_serve.ipynb #09940bf9
 def run_server(state: ServerState, load=None):
     "Serve `state` with uvicorn until stopped; exit with status 1 when the model fails to load."
     import uvicorn
     app = create_app(state, load)
-    config = uvicorn.Config(app, host=state.options.host, port=state.options.port, loop="uvloop", http="httptools", access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=max(1, int(state.options.grace * 0.2)), backlog=2048)
+    config = uvicorn.Config(app, host=state.options.host, port=state.options.port, loop="uvloop",
+                            http="httptools", access_log=False, log_level="warning", backlog=2048,
+                            timeout_graceful_shutdown=max(1, int(state.options.grace * 0.2)))
     server = _graceful_server()(config)
     server.state = state
     threading.Thread(target=_stop_on_load_error, args=(server, state), daemon=True).start()
@@ -319,7 +315,8 @@ def run_server(state: ServerState, load=None):
 
 def _stop_on_load_error(server, state: ServerState):
     "Stop the server if the background load failed."
-    while state.load_error is None and not state.store.ready and not server.should_exit: time.sleep(0.05)
+    while state.load_error is None and not state.store.ready and not server.should_exit:
+        time.sleep(0.05)
     if state.load_error: server.should_exit = True
 
 # %% ../nbs/22_serve.ipynb #21000010
@@ -329,57 +326,60 @@ def serving_state(ref: ModelRef, # the model whose request log the server writes
     log = RequestLog(request_log_folder(settings, ref, options.log_dir)).start()
     return ServerState(ModelStore(settings), options, log)
 
-def serve_model(uri: str, # any MLflow model URI: models:/name@alias, models:/name/3, runs:/..., a path
+def serve_model(uri: str, # an MLflow model URI: models:/name@alias, models:/name/3, a path...
                 options: ServeOptions | None = None, # how to listen, and the limits
-                variant: str | None = None, # the variant name; default: the alias in the URI, else "champion"
+                variant: str | None = None, # default: the URI's alias, else champion
                 settings: Settings | None = None,
                 fast: bool = True, # use a fast path when it passes the parity check
                ):
-    "Serve the model at `uri` until SIGTERM or Ctrl-C."
+    "Serve the model at `uri` until SIGTERM or Ctrl-C, following its alias if it names one."
     settings, options = settings or load_settings(), options or ServeOptions()
     check_binding(options)
     ref = resolve_model(uri, settings)
     name = variant or ref.alias or "champion"
     state = serving_state(ref, options, settings)
-    run_server(state, lambda: state.store.load(name, uri, ref=ref, fast=fast))
+    def load():
+        state.store.load(name, uri, ref=ref, fast=fast)
+        if ref.alias: state.follow(options.follow_every)
+    run_server(state, load)
 
 # %% ../nbs/22_serve.ipynb #35545edc
+def _option(name: str, kind, default, help: str):
+    "A click option of `mlwb serve` that shows its default."
+    return click.option(name, type=kind, default=default, show_default=True, help=help)
+
 SERVER_OPTIONS = [
-    click.option("--host", default=None, help="Address to bind (default: the serve_host setting, 127.0.0.1)."),
+    click.option("--host", default=None, help="Address to bind (default: the serve_host setting)."),
     click.option("--port", type=int, default=None, help="Port (default: the serve_port setting)."),
-    click.option("--allowed-hosts", default="",
-                 help="Comma-separated Host header names to answer; required beyond loopback ('*' for any)."),
-    click.option("--token", envvar="MLWB_SERVE_TOKEN", default=None,
-                 help="Bearer token required on every request but health checks (or MLWB_SERVE_TOKEN)."),
+    click.option("--allowed-hosts", default="", help="Comma-separated Host header names to answer; "
+                 "required beyond loopback ('*' for any)."),
+    click.option("--token", envvar="MLWB_SERVE_TOKEN", default=None, help="Bearer token required "
+                 "on every request but health checks (or MLWB_SERVE_TOKEN)."),
     click.option("--log-dir", type=click.Path(file_okay=False), default=None,
                  help="Request log folder (default: <runs>/requests/<model>/)."),
-    click.option("--max-batch-size", type=click.IntRange(1, 100_000), default=64, show_default=True,
-                 help="Rows per model call."),
-    click.option("--max-wait-ms", type=click.FloatRange(0, 1_000), default=1.0, show_default=True,
-                 help="How long a batch waits for more requests."),
-    click.option("--max-rows", type=click.IntRange(1, 10_000_000), default=1_000, show_default=True,
-                 help="Rows per request."),
-    click.option("--max-body-bytes", type=click.IntRange(1, 2**31), default=1_000_000, show_default=True,
-                 help="Request body size limit."),
-    click.option("--timeout", type=click.FloatRange(0.001, 3_600), default=10.0, show_default=True,
-                 help="Seconds a prediction may take (504 after)."),
-    click.option("--grace", type=click.FloatRange(0.1, 3_600), default=10.0, show_default=True,
-                 help="Seconds from SIGTERM to exit."),
+    _option("--max-batch-size", click.IntRange(1, 100_000), 64, "Rows per model call."),
+    _option("--max-wait-ms", click.FloatRange(0, 1_000), 1.0, "How long a batch waits for more."),
+    _option("--max-rows", click.IntRange(1, 10_000_000), 1_000, "Rows per request."),
+    _option("--max-body-bytes", click.IntRange(1, 2**31), 1_000_000, "Request body size limit."),
+    _option("--timeout", click.FloatRange(0.001, 3_600), 10.0, "Seconds a prediction may take."),
+    _option("--grace", click.FloatRange(0.1, 3_600), 10.0, "Seconds from SIGTERM to exit."),
+    _option("--follow-every", click.FloatRange(0, 86_400), 5.0,
+            "Seconds between looks at the registry for a moved alias (0: never)."),
     click.option("--no-fast-path", is_flag=True,
                  help="Serve the native model even when a fast path passes the parity check."),
 ]
 
 def server_options(command):
-    "Add the listening and limit options of `mlwb serve` to a click command; it receives `options`, `settings`, `fast`."
-    def wrapped(host, port, allowed_hosts, token, log_dir, max_batch_size, max_wait_ms, max_rows, max_body_bytes,
-                timeout, grace, no_fast_path, **rest):
-        os.environ.pop("MLWB_SERVE_TOKEN", None)  # read by click above; not a setting, so load_settings would refuse it
+    "Add `mlwb serve`'s listening and limit options to `command`; it gets options, settings, fast."
+    def wrapped(host, port, allowed_hosts, token, log_dir, max_batch_size, max_wait_ms, max_rows,
+                max_body_bytes, timeout, grace, follow_every, no_fast_path, **rest):
+        os.environ.pop("MLWB_SERVE_TOKEN", None)  # read by click; load_settings would refuse it
         settings = load_settings()
         quiet_mlflow()
         hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip())
-        options = ServeOptions(host or settings.serve_host, port or settings.serve_port, hosts, token or None,
-                               Path(log_dir) if log_dir else None, max_batch_size, max_wait_ms, max_rows,
-                               max_body_bytes, timeout, grace)
+        options = ServeOptions(host or settings.serve_host, port or settings.serve_port, hosts,
+                               token or None, Path(log_dir) if log_dir else None, max_batch_size,
+                               max_wait_ms, max_rows, max_body_bytes, timeout, grace, follow_every)
         return command(options=options, settings=settings, fast=not no_fast_path, **rest)
     wrapped.__name__, wrapped.__doc__ = command.__name__, command.__doc__
     for option in reversed(SERVER_OPTIONS): wrapped = option(wrapped)
@@ -388,9 +388,11 @@ def server_options(command):
 # %% ../nbs/22_serve.ipynb #21000011
 @click.command("serve")
 @click.argument("model")
-@click.option("--variant", default=None, help="Name of the served variant (default: the URI's alias, else champion).")
+@click.option("--variant", default=None,
+              help="Name of the served variant (default: the URI's alias, else champion).")
 @server_options
 def serve_command(model, variant, options, settings, fast):
     "Serve MODEL (models:/name@alias, models:/name/N, runs:/..., or a path) over HTTP."
-    click.echo(f"mlwb serve: {model} on http://{options.host}:{options.port} (docs at /docs)", err=True)
+    where = f"http://{options.host}:{options.port}"
+    click.echo(f"mlwb serve: {model} on {where} (docs at /docs)", err=True)
     serve_model(model, options, variant, settings, fast=fast)

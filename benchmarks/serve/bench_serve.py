@@ -70,6 +70,7 @@ def train_and_register(ws: Path) -> tuple:
         info = mlflow.sklearn.log_model(model, name="model", signature=infer_signature(X, model.predict(X)), input_example=X.head(5),
                                         serialization_format="cloudpickle", pip_requirements=[])
     version = mlflow.register_model(info.model_uri, "bench")
+    mlflow.register_model(info.model_uri, "bench")  # version 2, for the alias-swap measurement
     mlflow.MlflowClient().set_registered_model_alias("bench", "champion", version.version)
     return uri, json.loads(X.head(1).to_json(orient="records"))[0]
 
@@ -142,10 +143,69 @@ def drive(wrk: str, url: str, script: Path, concurrency: int, seconds: float, gr
     return result
 
 
+REFUSING_LUA = LUA + """
+refused = 0
+response = function(status, headers, body)
+  if status == 503 then
+    refused = refused + 1
+    if refused >= 20 then wrk.thread:stop() end  -- a client that was refused 20 times goes elsewhere
+  end
+end
+"""
+
+
+def lost(text: str) -> dict:
+    "Requests wrk sent and got no answer for (read/write errors, timeouts), refusals, and answers."
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    connect, read, write, timeout = map(int, socket.groups()) if socket else (0, 0, 0, 0)
+    refused = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", text))
+    answered = int(re.search(r"(\d+) requests in", text).group(1))
+    return {"lost": read + write + timeout, "connect_errors": connect, "refused": refused, "answered": answered}
+
+
+def metadata_version(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/metadata", timeout=5) as r: return json.load(r)["version"]
+
+
+def lifecycle(wrk: str, make, d: Path, uri: str, seconds: float) -> dict:
+    "Requests lost while `mlwb serve` swaps a moved alias under wrk load, and while it shuts down under load."
+    import mlflow
+    command, env, ready, url = make(free_port())
+    base = url.rsplit("/", 1)[0]
+    process = start("mlwb serve (following)", command + ["--follow-every", "0.5"], env, ready)
+    lua = Path(d) / "refusing.lua"
+    lua.write_text(REFUSING_LUA % json.dumps({"dataframe_records": [ROW[0]]}))
+    load = lambda duration: subprocess.Popen([wrk, "-t", "16", "-c", "16", "-d", f"{duration}s", "--timeout", "10s",
+                                              "-s", str(lua), url], stdout=subprocess.PIPE, text=True)
+    try:
+        running = load(max(20, round(seconds)))  # long enough to cover loading version 2 beside 1
+        client = mlflow.MlflowClient(uri, uri)
+        client.set_registered_model_alias("bench", "champion", "2")
+        deadline = time.monotonic() + 120
+        while metadata_version(base) != "2":
+            if time.monotonic() > deadline: raise RuntimeError("the server did not follow the alias to version 2")
+            time.sleep(0.05)
+        if running.poll() is not None: raise RuntimeError("wrk ended before the swap: no load to measure")
+        swap = lost(running.communicate()[0])
+        client.set_registered_model_alias("bench", "champion", "1")
+        running = load(max(4, round(seconds)))
+        time.sleep(1.0)  # a second of load before the signal
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+        shutdown = lost(running.communicate()[0])
+    finally: stop(process)
+    return {"swap": swap, "shutdown": {**shutdown, "exit_code": process.returncode}}
+
+
+ROW = []
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load per server and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--lifecycle-only", action="store_true",
+                        help="only measure the requests lost during an alias swap and a shutdown")
     args = parser.parse_args()
     wrk = ensure_wrk()
     results = {}
@@ -157,6 +217,7 @@ def main():
         uri, row = train_and_register(ws)
         script = Path(d) / "post.lua"
         script.write_text(LUA % json.dumps({"dataframe_records": [row]}))  # a body both servers accept
+        ROW.append(row)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLWB_")}
         base_env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLWB_WORKSPACE=str(ws), PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # mlflow runs `uvicorn` from PATH
         servers = {
@@ -167,7 +228,7 @@ def main():
             "mlflow tuned": lambda p: ([str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@champion", "-p", str(p), "--env-manager", "local", "-w", "2"],
                                        {**base_env, "OMP_NUM_THREADS": "1"}, f"http://127.0.0.1:{p}/ping", f"http://127.0.0.1:{p}/invocations"),
         }
-        for name, make in servers.items():
+        for name, make in ({} if args.lifecycle_only else servers).items():
             command, env, ready, url = make(free_port())
             process = start(name, command, env, ready)
             try:
@@ -177,7 +238,15 @@ def main():
                     print(f"  {name:<15} c={c:<3} {r['rps']:>9.1f} req/s  p50 {r['p50']:>8.2f} ms  p99 {r['p99']:>8.2f} ms  "
                           f"server CPU {r['cpu_ms']:.3f} ms/req  errors {r['errors']}", flush=True)
             finally: stop(process)
-    report(results, args.concurrency)
+        print("mlwb serve: an alias swap and a SIGTERM under wrk load (16 connections) ...", flush=True)
+        events = lifecycle(wrk, servers["mlwb serve"], Path(d), uri, args.seconds)
+    if results: report(results, args.concurrency)
+    print(f"\n| event under load (wrk, 16 connections) | responses | of them 503 | lost | connect errors |"
+          f"\n|---|---|---|---|---|")
+    for name, e in events.items():
+        print(f"| {name} | {e['answered']} | {e['refused']} | {e['lost']} | {e['connect_errors']} |")
+    print(f"\nrequests lost during the alias swap: {events['swap']['lost']}; during shutdown: "
+          f"{events['shutdown']['lost']} (server exit code {events['shutdown']['exit_code']})")
 
 
 def report(results: dict, concurrencies: list):
