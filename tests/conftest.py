@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
 
 
+COPY_SKIP = shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints", "__pycache__")
+
+
+def new_workspace(root, project: str | None = None) -> Path:
+    "A workspace `root/ws`: the repo's settings.ini and a projects/ folder, with a copy of guided `project` if named."
+    ws = Path(root) / "ws"
+    (ws / "projects").mkdir(parents=True)
+    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    if project: shutil.copytree(REPO / "projects" / project, ws / "projects" / project, ignore=COPY_SKIP)
+    return ws
+
+
 MLFLOW_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")
 
 
@@ -37,9 +49,7 @@ def isolated_mlflow_state():
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     "A fresh workspace: the repo's settings.ini and an empty projects/ folder; MLWB_WORKSPACE points at it."
-    ws = tmp_path / "ws"
-    (ws / "projects").mkdir(parents=True)
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path)
     monkeypatch.setenv("MLWB_WORKSPACE", str(ws))
     for name in [n for n in os.environ if n.startswith("MLWB_") and n != "MLWB_WORKSPACE"] + ["MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"]:
         monkeypatch.delenv(name, raising=False)
@@ -123,10 +133,7 @@ def project_run(request, tmp_path_factory) -> ProjectRun:
     """Each guided project run twice in a workspace of its own, once per test session: the tests of every
     project (tests/test_projects.py) and those of one (tests/test_<project>.py) share the runs."""
     name, spec = request.param, PROJECTS[request.param]
-    ws = tmp_path_factory.mktemp(name) / "ws"
-    shutil.copytree(REPO / "projects" / name, ws / "projects" / name,
-                    ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints", "__pycache__"))
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path_factory.mktemp(name), name)
     if spec.get("smaller"): set_stage_parameters(ws / "projects" / name, copy.deepcopy(spec["smaller"]))
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
     first = run_mlwb("run", name, *spec.get("args", []), cwd=ws, env=env)

@@ -1,6 +1,5 @@
 """Batch scoring (`mlwb predict`) and deployment files (`mlwb deploy`) against a real registered model in a temporary workspace."""
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import MLWB, REPO, run_mlwb
+from conftest import MLWB, REPO, new_workspace, run_mlwb
 from mlwb.cli import main
 from mlwb.config import MlwbError, load_settings
 from mlwb.batch import load_batch_model, predict_file
@@ -48,9 +47,7 @@ def store(tmp_path_factory):
     import mlflow
     import skops.io as sio
     from mlflow.models import infer_signature
-    ws = tmp_path_factory.mktemp("deploy") / "ws"
-    (ws / "projects").mkdir(parents=True)
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path_factory.mktemp("deploy"))
     settings = load_settings(ws, environ={})
     rows = card_rows(3_000)
     pipeline = fit_classifier(rows)

@@ -5,12 +5,11 @@ as `image/png` outputs and the stage's MLflow run holds them as artifacts; and i
 images in its output areas."""
 import base64
 import re
-import shutil
 
 import nbformat
 import pytest
 
-from conftest import REPO, run_mlwb, set_stage_parameters, stage_runs
+from conftest import REPO, new_workspace, run_mlwb, set_stage_parameters, stage_runs
 from mlwb.config import load_settings
 from mlwb.core import free_port
 from mlwb.learn import lab_url
@@ -20,16 +19,12 @@ from test_lab import start, stop, wait_for
 
 PROJECT = "house-prices"
 FIGURES = ["figures/residuals.png", "figures/importance.png"]
-SKIP = shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints", "__pycache__")
 
 
 @pytest.fixture(scope="module")
 def house_prices(tmp_path_factory):
     "A workspace where house-prices (1,500 houses) ran once: the evaluate stage's inputs exist."
-    ws = tmp_path_factory.mktemp("figures") / "ws"
-    (ws / "projects").mkdir(parents=True)
-    (ws / "settings.ini").write_text((REPO / "settings.ini").read_text())
-    shutil.copytree(REPO / "projects" / PROJECT, ws / "projects" / PROJECT, ignore=SKIP)
+    ws = new_workspace(tmp_path_factory.mktemp("figures"), PROJECT)
     set_stage_parameters(ws / "projects" / PROJECT, {"ingest": {"n_houses": 1500}})
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
     ran = run_mlwb("run", PROJECT, cwd=ws, env=env)

@@ -13,7 +13,7 @@ import urllib.request
 import psutil
 import pytest
 
-from conftest import ARTIFACTS, MLWB, REPO, run_mlwb
+from conftest import ARTIFACTS, MLWB, REPO, new_workspace, run_mlwb
 from mlwb.config import load_settings
 from mlwb.core import free_port
 from mlwb.learn import lab_url
@@ -22,9 +22,7 @@ from mlwb.tracking import mlflow_client
 @pytest.fixture(scope="module")
 def project_workspace(tmp_path_factory):
     "A workspace with a project made by `mlwb new` and one pipeline run of it."
-    ws = tmp_path_factory.mktemp("lab") / "ws"
-    (ws / "projects").mkdir(parents=True)
-    (ws / "settings.ini").write_text((REPO / "settings.ini").read_text())
+    ws = new_workspace(tmp_path_factory.mktemp("lab"))
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": ""}
     assert run_mlwb("new", "demo", cwd=ws, env=env).returncode == 0
     ran = run_mlwb("run", "demo", cwd=ws, env=env)

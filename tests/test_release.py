@@ -2,7 +2,6 @@
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import new_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
@@ -76,9 +77,7 @@ def bare_version(ws: Path, name: str, ap: float | None) -> str:
 def ws(tmp_path_factory):
     "A workspace whose registry holds `gate` (v1 0.8, v2 0.7, v3 0.9), `fraud` (v1 champion, v2 challenger) and `canary` (v2 fails)."
     from mlwb.release import move_alias
-    ws = tmp_path_factory.mktemp("release") / "ws"
-    (ws / "projects").mkdir(parents=True)
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path_factory.mktemp("release"))
     for ap in (0.8, 0.7, 0.9): add_version(ws, "gate", ap)
     move_alias("gate", "champion", "1", "first release", settings=settings_of(ws))
     for ap, t in ((0.8, 0.5), (0.9, 0.4)): add_version(ws, "fraud", ap, t)
@@ -323,10 +322,7 @@ def run_house(ws: Path, *parameters: str):
 def house(tmp_path_factory):
     "A workspace where house-prices ran twice: 30 boosting rounds, then a better model with 50."
     from conftest import set_stage_parameters
-    ws = tmp_path_factory.mktemp("house-release") / "ws"
-    shutil.copytree(REPO / "projects" / HOUSE, ws / "projects" / HOUSE,
-                    ignore=shutil.ignore_patterns("data", "artifacts", ".ipynb_checkpoints"))
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path_factory.mktemp("house-release"), HOUSE)
     set_stage_parameters(ws / "projects" / HOUSE, {"ingest": {"n_houses": 1500}})
     first, second = run_house(ws, "max_iter=30"), run_house(ws, "max_iter=50")
     return ws, first[1], second[1]

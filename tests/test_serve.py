@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +15,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import new_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
@@ -35,13 +36,6 @@ def card_rows(n: int, seed: int) -> pd.DataFrame:
                           "distance": rng.exponential(10, n).round(3), "category": rng.choice(["food", "travel", "online"], n)})
     frame.loc[frame.index % 9 == 0, "distance"] = np.nan
     return frame
-
-
-def make_workspace(root: Path) -> Path:
-    ws = root / "ws"
-    (ws / "projects").mkdir(parents=True)
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
-    return ws
 
 
 def register(ws: Path, name: str, log) -> str:
@@ -141,7 +135,7 @@ class Server:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     "One workspace whose registry holds both models: (workspace, fraud model URI, its pipeline, slow model URI)."
-    ws = make_workspace(tmp_path_factory.mktemp("serve"))
+    ws = new_workspace(tmp_path_factory.mktemp("serve"))
     pipeline, X = fraud_model()
     return ws, register(ws, "fraud detection", log_sklearn(pipeline, X)), pipeline, register(ws, "slow", log_slow(ws))
 
@@ -190,7 +184,7 @@ def test_metadata_shows_the_torchscript_fast_path(tmp_path):
     pipeline = make_pipeline(StandardScaler(), mlp).fit(X, (X.amount > 60).astype(int))
     mlflow.sklearn.save_model(pipeline, tmp_path / "mlp", signature=infer_signature(X, pipeline.predict_proba(X)), input_example=X.head(5),
                               serialization_format="cloudpickle", pip_requirements=[])
-    server = Server(make_workspace(tmp_path), tmp_path / "mlp").wait_ready()
+    server = Server(new_workspace(tmp_path), tmp_path / "mlp").wait_ready()
     rows = card_rows(30, seed=8)[["amount", "hour"]]
     try: meta, answer = httpx.get(f"{server.url}/metadata").json(), post(server, {"records": json.loads(rows.to_json(orient="records"))})
     finally: server.stop()
@@ -261,7 +255,7 @@ def test_a_datetime_column_refuses_a_string_that_is_no_date(tmp_path):
     example = pd.DataFrame({"when": pd.to_datetime(["2024-05-01T10:30:00"])})
     mlflow.pyfunc.save_model(tmp_path / "hour", python_model=str(tmp_path / "hour_model.py"), signature=infer_signature(example, np.array([10])),
                              input_example=example, pip_requirements=[])
-    state = ServerState(ModelStore(load_settings(make_workspace(tmp_path), environ={})), ServeOptions())
+    state = ServerState(ModelStore(load_settings(new_workspace(tmp_path), environ={})), ServeOptions())
     with TestClient(create_app(state, lambda: state.store.load("champion", str(tmp_path / "hour"))), base_url="http://127.0.0.1") as client:
         deadline = time.monotonic() + 60
         while client.get("/health/ready").status_code != 200 and time.monotonic() < deadline: time.sleep(0.05)
@@ -422,7 +416,7 @@ def test_sigterm_drains_in_flight_requests(slow):
 def test_binding_beyond_loopback_needs_allowed_hosts(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from mlwb.cli import main
-    monkeypatch.setenv("MLWB_WORKSPACE", str(make_workspace(tmp_path)))
+    monkeypatch.setenv("MLWB_WORKSPACE", str(new_workspace(tmp_path)))
     done = CliRunner().invoke(main, ["serve", "models:/nothing@champion", "--host", "0.0.0.0"])
     assert done.exit_code == 2 and "--allowed-hosts" in done.output
 
@@ -438,7 +432,7 @@ def test_parity_check_refuses_a_model_onnx_cannot_convert(tmp_path):
     X = card_rows(200, seed=2).drop(columns="category")
     pipeline = make_pipeline(FunctionTransformer(lambda f: f.fillna(0) * 2), HistGradientBoostingClassifier(max_iter=5)).fit(X, X.hour > 11)
     mlflow.sklearn.save_model(pipeline, tmp_path / "odd", signature=infer_signature(X), input_example=X.head(5), serialization_format="cloudpickle", pip_requirements=[])
-    loaded = load_model(str(tmp_path / "odd"), load_settings(make_workspace(tmp_path), environ={}))
+    loaded = load_model(str(tmp_path / "odd"), load_settings(new_workspace(tmp_path), environ={}))
     assert loaded.predictor.name == "native" and "could not build" in loaded.fast_path["tried"]["onnx"]
     rows = {c: X[c].head(3).replace({np.nan: None}).tolist() for c in X}
     assert loaded.predictor.predict(rows).predictions == pipeline.predict(X.head(3)).tolist()

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import new_workspace
+
 from mlwb.core import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,9 +58,7 @@ def registry(tmp_path_factory):
     import mlflow
     from mlwb.config import load_settings
     from mlwb.tracking import ensure_experiment, mlflow_client, tracking_to
-    ws = tmp_path_factory.mktemp("lifecycle") / "ws"
-    (ws / "projects").mkdir(parents=True)
-    shutil.copy(REPO / "settings.ini", ws / "settings.ini")
+    ws = new_workspace(tmp_path_factory.mktemp("lifecycle"))
     settings = load_settings(ws, environ={})
     client = mlflow_client(settings)
     with tracking_to(settings):
