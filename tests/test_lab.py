@@ -19,6 +19,12 @@ from mlwb.core import free_port
 from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
 
+def command_of(process) -> str:
+    "A process's command line; empty for one that has just ended (a zombie) or gone."
+    try: return " ".join(process.cmdline())
+    except psutil.Error: return ""
+
+
 @pytest.fixture(scope="module")
 def project_workspace(tmp_path_factory):
     "A workspace with a project made by `mlwb new` and one pipeline run of it."
@@ -136,7 +142,7 @@ def test_mlwb_lab_stopped_by_a_signal_leaves_no_process_behind(tmp_path, signum)
                                          data=json.dumps({"name": "python3"}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response: assert response.status == 201
         deadline = time.monotonic() + 120  # the kernel process, in a session of its own, started by JupyterLab
-        while not [p for p in psutil.Process(lab.pid).children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]:
+        while not [p for p in psutil.Process(lab.pid).children(recursive=True) if "ipykernel" in command_of(p)]:
             assert time.monotonic() < deadline, f"no kernel process within 120 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
         family = [psutil.Process(lab.pid)] + psutil.Process(lab.pid).children(recursive=True)
