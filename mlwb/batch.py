@@ -7,7 +7,6 @@ Docs: https://mlwb.github.io/mlwb/batch.html.md"""
 # %% ../nbs/24_batch.ipynb #23000002
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

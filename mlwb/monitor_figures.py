@@ -11,7 +11,6 @@ import base64
 import io
 
 import numpy as np
-import pandas as pd
 
 from .monitor import LOWER_IS_BETTER, MonitorResult, WindowResult
 from .profiles import ColumnProfile

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
