@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import warnings
 
-import numpy as np
 import pandas as pd
 
 from .generate import DataError

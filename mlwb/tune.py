@@ -8,7 +8,6 @@ Docs: https://mlwb.github.io/mlwb/tune.html.md"""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
