@@ -28,6 +28,16 @@ def new_workspace(root, project: str | None = None) -> Path:
     return ws
 
 
+def wait_for(condition, timeout: float = 30, what: str = "the condition"):
+    "Poll `condition()` until it returns something truthy and return that; fail the test after `timeout` s."
+    import time
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline: pytest.fail(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.05)  # polling a condition
+    return value
+
+
 MLFLOW_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import new_workspace
+from conftest import new_workspace, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
@@ -204,8 +204,11 @@ def test_a_real_server_routes_sticky_by_key(ab_server):
         assert a["variant"] == b["variant"] == choose(key, 0.5), key
         assert a["predictions"] == ([1] if a["variant"] == "challenger" else [0])  # v2 flags 0.45, v1 does not
     assert {a["variant"] for a, _ in answers.values()} == {"champion", "challenger"}
-    time.sleep(0.3)
-    logged = {r["request_id"]: r["variant"] for r in ab_server.records()}
+    wanted = {a["request_id"] for a, _ in answers.values()}
+    def all_logged():
+        logged = {r["request_id"]: r["variant"] for r in ab_server.records()}
+        return logged if wanted <= set(logged) else None
+    logged = wait_for(all_logged, what="every answered request in the log")
     assert all(logged[a["request_id"]] == a["variant"] for a, _ in answers.values())
 
 
@@ -221,11 +224,12 @@ def test_an_alias_move_under_load_fails_no_request(ab_server, ws):
                 except Exception as e: failures.append(f"{type(e).__name__}: {e}")  # a dropped connection or a bad body: a failed request
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads: t.start()
-    time.sleep(0.5)
+    wait_for(lambda: len(results) >= 50, what="50 answers before the move")
     move_alias("fraud", "champion", "2", "challenger won", settings=settings_of(ws))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(v == "champion" and version == "2" for _, v, version in results[-50:]): time.sleep(0.1)
-    time.sleep(0.5)
+    wait_for(lambda: any(v == "champion" and version == "2" for _, v, version in results[-50:]),
+             what="the champion variant answering with version 2")
+    moved_at = len(results)
+    wait_for(lambda: len(results) >= moved_at + 50, what="50 answers after the move")
     stop.set()
     for t in threads: t.join()
     assert not failures, failures[:5]
@@ -254,8 +258,12 @@ def test_shadow_scores_every_request_but_only_the_champion_answers(ws):
     try:
         with httpx.Client() as http:
             answers = [server.predict(x, f"user-{i}", http) for i, x in enumerate([0.7, 5000.0] * 10)]
-        time.sleep(0.5)
-        records = server.records()
+        wanted = {r.json()["request_id"] for r in answers}
+        def all_shadowed():
+            records = server.records()
+            shadowed = {r["request_id"] for r in records if r["variant"] == "shadow:challenger"}
+            return records if wanted <= shadowed else None
+        records = wait_for(all_shadowed, what="every shadow score in the log")
     finally: server.stop()
     assert {r.status_code for r in answers} == {200} and {r.json()["variant"] for r in answers} == {"champion"}
     shadow = {r["request_id"]: r for r in records if r["variant"] == "shadow:challenger"}
