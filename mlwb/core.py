@@ -22,7 +22,7 @@ from .config import MlwbError
 
 # %% auto #0
 __all__ = ['atomic_path', 'write_atomically', 'NotReadyError', 'free_port', 'log_tail', 'answers', 'wait_until_ready',
-           'quiet_mlflow', 'Registry']
+           'quiet_mlflow', 'check_keys', 'Registry']
 
 # %% ../nbs/01_core.ipynb #5af75d21
 def _fsync(path: Path):
@@ -101,6 +101,24 @@ def quiet_mlflow():
     "Keep MLflow's INFO lines off the terminal."
     import mlflow  # noqa: F401 -- MLflow sets its logger's level on import; ours must come after
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+# %% ../nbs/01_core.ipynb #92e3ef3e
+def check_keys(entry, # one entry read from a file: a stage, a milestone, a plan
+               where: str, # names the entry in messages: "pipeline.yml, stage 2 'train'"
+               allowed, # every key the entry may hold
+               required=(), # keys that must hold non-empty text
+               error: type = MlwbError, # the exception raised
+              ) -> dict:
+    "Return `entry` if it is a mapping of `allowed` keys with text in each `required` one; else raise."
+    if not isinstance(entry, dict):
+        raise error(f"{where}: expected a mapping with {', '.join(map(repr, required or allowed))}")
+    unknown = [key for key in entry if key not in allowed]
+    if unknown:
+        raise error(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(allowed)}")
+    for key in required:
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise error(f"{where}: '{key}' is required (text)")
+    return entry
 
 # %% ../nbs/01_core.ipynb #2236609d
 class Registry:

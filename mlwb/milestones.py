@@ -20,7 +20,7 @@ import yaml
 
 from .checks import REGISTRY_CHECKS, CheckContext, get_check
 from .config import SETTINGS_FILE, MlwbError, Settings, load_settings
-from .core import quiet_mlflow, write_atomically
+from .core import check_keys, quiet_mlflow, write_atomically
 from .learn import LearnError
 from .pipeline import find_project, load_pipeline
 
@@ -50,14 +50,7 @@ class Milestone:
 # %% ../nbs/43_milestones.ipynb #03d46844
 def check_entry(entry, where: str):
     "Raise unless `entry` has the keys and types of a milestone; `where` names it in errors."
-    if not isinstance(entry, dict):
-        raise LearnError(f"{where}: expected a mapping with id, title, stage and check")
-    for key in entry:
-        if key not in MILESTONE_KEYS:
-            raise LearnError(f"{where}: unknown key '{key}'; allowed: {', '.join(MILESTONE_KEYS)}")
-    for key in ("title", "stage", "check"):
-        if not isinstance(entry.get(key), str) or not entry[key].strip():
-            raise LearnError(f"{where}: '{key}' is required (text)")
+    check_keys(entry, where, MILESTONE_KEYS, ("title", "stage", "check"), LearnError)
     for key in ("id", "minutes"):
         if not isinstance(entry.get(key, 0), int) or isinstance(entry.get(key), bool):
             raise LearnError(f"{where}: '{key}' must be a whole number")

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .config import MlwbError, Settings
+from .core import check_keys
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'TOP_KEYS', 'STAGE_KEYS', 'PARAMETER_LINE', 'PipelineError', 'Stage', 'Pipeline', 'parse_stage',
@@ -80,14 +81,7 @@ def _string_list(value, where, key) -> tuple:
 # %% ../nbs/35_pipeline.ipynb #5a98899b
 def _check_stage_keys(entry, where):
     "Raise unless `entry` is a mapping with a name, a notebook and only known keys."
-    if not isinstance(entry, dict):
-        raise PipelineError(f"{where}: expected a mapping with 'name' and 'notebook'")
-    for key in entry:
-        if key not in STAGE_KEYS:
-            raise PipelineError(f"{where}: unknown key '{key}'; allowed: {', '.join(STAGE_KEYS)}")
-    for key in ("name", "notebook"):
-        if not isinstance(entry.get(key), str) or not entry[key].strip():
-            raise PipelineError(f"{where}: '{key}' is required")
+    check_keys(entry, where, STAGE_KEYS, ("name", "notebook"), PipelineError)
     if not isinstance(entry.get("parameters", {}) or {}, dict):
         raise PipelineError(f"{where}: 'parameters' must be a mapping")
 
@@ -167,11 +161,7 @@ def read_pipeline_file(path: Path) -> dict:
         raise PipelineError(f"{path}: file not found (a project folder needs a {PIPELINE_FILE})")
     try: spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e: raise PipelineError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise PipelineError(f"{path}: expected a mapping with a 'stages' list")
-    for key in spec:
-        if key not in TOP_KEYS:
-            raise PipelineError(f"{path}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
+    check_keys(spec, str(path), TOP_KEYS, error=PipelineError)
     if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise PipelineError(f"{path}: 'stages' must be a non-empty list")
     return spec
