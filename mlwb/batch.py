@@ -15,7 +15,7 @@ import click
 import numpy as np
 import pandas as pd
 
-from .config import MlwbError, Settings, load_settings
+from .config import MlwbError, Settings
 from .core import atomic_path, quiet_mlflow
 from .tables import coerce_column
 from .model_store import load_native, local_model_folder

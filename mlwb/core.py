@@ -102,7 +102,7 @@ def quiet_mlflow():
     import mlflow  # noqa: F401 -- MLflow sets its logger's level on import; ours must come after
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
-# %% ../nbs/01_core.ipynb #92e3ef3e
+# %% ../nbs/01_core.ipynb #8112bae1
 def check_keys(entry, # one entry read from a file: a stage, a milestone, a plan
                where: str, # names the entry in messages: "pipeline.yml, stage 2 'train'"
                allowed, # every key the entry may hold

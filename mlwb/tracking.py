@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from importlib import metadata
 from pathlib import Path
 
-from .config import MlwbError, Settings, load_settings
+from .config import Settings, load_settings
 
 # %% auto #0
 __all__ = ['EMBEDDED_FOLDER', 'SQLITE_LOCK_TIMEOUT', 'EXPERIMENT_TAGS', 'ML_VIEW', 'URI_VARIABLES', 'embedded_tracking_uri',

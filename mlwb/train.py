@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone, is_classifier
+from sklearn.base import clone
 from sklearn.metrics import (accuracy_score, average_precision_score, mean_absolute_error,
                              mean_squared_error, r2_score, roc_auc_score)
 from sklearn.model_selection import KFold, StratifiedKFold
