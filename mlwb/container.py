@@ -15,6 +15,7 @@ import string
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -24,23 +25,27 @@ from .core import quiet_mlflow
 from .model_store import local_model_folder
 
 # %% auto #0
-__all__ = ['DNS_LABEL', 'IMAGE_REFERENCE', 'HOSTNAME', 'BASE_IMAGE', 'APP_USER_ID', 'WORKSPACE', 'TORCH_CPU_INDEX', 'DOCKERFILE',
-           'SETTINGS_INI', 'DEPLOYMENT', 'SERVICE', 'HPA', 'README', 'DeployError', 'check_name', 'check_number',
-           'check_image', 'default_name', 'model_tag', 'DeployValues', 'cluster_hosts', 'render_files', 'project_root',
-           'copy_project', 'atomic_folder', 'deploy_files', 'deploy_command']
+__all__ = ['DNS_LABEL', 'IMAGE_REFERENCE', 'HOSTNAME', 'BASE_IMAGE', 'APP_USER_ID', 'WORKSPACE', 'TORCH_CPU_INDEX',
+           'DEPLOY_FILES', 'DeployError', 'check_name', 'check_number', 'check_image', 'default_name', 'model_tag',
+           'deploy_template', 'DeployValues', 'cluster_hosts', 'render_files', 'project_root', 'copy_project',
+           'atomic_folder', 'deploy_files', 'deploy_command']
 
 # %% ../nbs/25_container.ipynb #bdfe7dd7
 class DeployError(MlwbError):
     "A deployment request with a bad value: a name, port, replica count, image or output folder."
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-IMAGE_REFERENCE = re.compile(r"[a-z0-9]+([._/-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?")
-HOSTNAME = re.compile(r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
+IMAGE_REFERENCE = re.compile(r"[a-z0-9]+([._/-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+                             r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[0-9a-f]{64})?")
+HOSTNAME = re.compile(r"(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
+                      r"(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*")
 
 def check_name(name: str) -> str:
     "`name` if it is a DNS-1123 label, else `DeployError` naming --name."
     if not isinstance(name, str) or not DNS_LABEL.fullmatch(name):
-        raise DeployError(f"--name {name!r}: expected a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters")
+        raise DeployError(f"--name {name!r}: expected a DNS-1123 label: lowercase letters, "
+                          "digits and '-', starting and ending with a letter or digit, "
+                          "at most 63 characters")
     return name
 
 def check_number(value, option: str, low: int, high: int) -> int:
@@ -50,16 +55,20 @@ def check_number(value, option: str, low: int, high: int) -> int:
     return value
 
 def check_image(image: str) -> str:
-    "`image` if it is a valid image reference with an explicit tag or digest (not `latest`), else `DeployError` naming --image."
-    if not isinstance(image, str) or not IMAGE_REFERENCE.fullmatch(image) or ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
-        raise DeployError(f"--image {image!r}: expected an image reference with a tag, e.g. 'registry.example.com/fraud:v3' (not ':latest')")
+    """`image` if it is a valid image reference with an explicit tag or digest (not `latest`),
+    else `DeployError` naming --image."""
+    if (not isinstance(image, str) or not IMAGE_REFERENCE.fullmatch(image)
+            or ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
+        raise DeployError(f"--image {image!r}: expected an image reference with a tag, "
+                          "e.g. 'registry.example.com/fraud:v3' (not ':latest')")
     return image
 
 # %% ../nbs/25_container.ipynb #5cfdf9e4
 def default_name(model_uri: str) -> str:
     "A DNS-1123 label from the registered model's name, or the model folder's name."
     text = str(model_uri)
-    base = re.split(r"[@/]", text[len("models:/"):])[0] if text.startswith("models:/") else Path(text.rstrip("/")).name
+    if text.startswith("models:/"): base = re.split(r"[@/]", text[len("models:/"):])[0]
+    else: base = Path(text.rstrip("/")).name
     label = re.sub(r"[^a-z0-9-]+", "-", base.lower()).strip("-")[:63].strip("-")
     if not label: raise DeployError(f"model '{model_uri}': cannot make a name from it; pass --name")
     return label
@@ -69,221 +78,21 @@ def model_tag(folder: Path) -> str:
     return "model-" + hashlib.sha256((Path(folder) / "MLmodel").read_bytes()).hexdigest()[:12]
 
 # %% ../nbs/25_container.ipynb #326dcd1c
-BASE_IMAGE = "python:3.11.14-slim-trixie"  # pinned by tag; pin by digest too for byte-exact rebuilds
-APP_USER_ID = 10001  # the unprivileged user the server runs as, by number so Kubernetes can check it
-WORKSPACE = "/srv/mlwb"  # the workspace inside the container: settings.ini, the model, runs/ for request logs
+# pinned by tag; pin by digest too for byte-exact rebuilds
+BASE_IMAGE = "python:3.11.14-slim-trixie"
+# the unprivileged user the server runs as, by number so Kubernetes can check it
+APP_USER_ID = 10001
+# the workspace inside the container: settings.ini, the model, runs/ for request logs
+WORKSPACE = "/srv/mlwb"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# the generated files, each from the template of the same path
+DEPLOY_FILES = ("Dockerfile", "settings.ini", "k8s/deployment.yaml", "k8s/service.yaml",
+                "k8s/hpa.yaml", "README.md")
 
-DOCKERFILE = string.Template("""\
-# syntax=docker/dockerfile:1
-# The model server for $model_uri, generated by `mlwb deploy`.
-# Build: docker build -t $image .    Run: docker run --rm -p $port:$port $image
-FROM $base_image
-
-ENV PYTHONDONTWRITEBYTECODE=1 \\
-    PYTHONUNBUFFERED=1 \\
-    PIP_NO_CACHE_DIR=1 \\
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
-    PIP_EXTRA_INDEX_URL=$torch_index \\
-    MPLCONFIGDIR=/tmp/matplotlib \\
-    XDG_CACHE_HOME=/tmp/.cache \\
-    MLWB_WORKSPACE=$workspace
-
-# An unprivileged user with a fixed numeric id; runs/ is where the server appends its request log
-RUN useradd --no-log-init --create-home --uid $uid --user-group mlwb \\
-    && mkdir -p $workspace/runs \\
-    && chown $uid:$uid $workspace/runs
-
-WORKDIR $workspace
-
-# The project with the exact versions of its constraints file (before the model, so a new model reuses this layer)
-COPY app/ /opt/mlwb-src/
-RUN pip install --no-cache-dir -c /opt/mlwb-src/constraints.txt /opt/mlwb-src
-
-# The model is copied into the image: it serves without access to the tracking server
-COPY settings.ini $workspace/settings.ini
-COPY model/ $workspace/model/
-
-USER $uid
-EXPOSE $port
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \\
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health/live', timeout=4)"]
-CMD ["mlwb", "serve", "$workspace/model", "--host", "0.0.0.0", "--port", "$port", "--allowed-hosts", "$allowed_hosts", "--grace", "$server_grace"]
-""")
-
-SETTINGS_INI = string.Template("""\
-# mlwb settings inside the container (MLWB_* environment variables override them)
-[mlwb]
-runs_dir = runs
-serve_host = 0.0.0.0
-serve_port = $port
-""")
-
-# %% ../nbs/25_container.ipynb #b15d4b61
-DEPLOYMENT = string.Template("""\
-# The pods that run the model server for $model_uri, generated by `mlwb deploy`.
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: $name
-  labels:
-    app.kubernetes.io/name: $name
-    app.kubernetes.io/component: model-server
-    app.kubernetes.io/managed-by: mlwb
-spec:
-  replicas: $replicas
-  revisionHistoryLimit: 5
-  selector:
-    matchLabels:
-      app.kubernetes.io/name: $name
-  strategy:
-    type: RollingUpdate
-    rollingUpdate:
-      maxSurge: 1
-      maxUnavailable: 0
-  template:
-    metadata:
-      labels:
-        app.kubernetes.io/name: $name
-        app.kubernetes.io/component: model-server
-      annotations:
-        prometheus.io/scrape: "true"
-        prometheus.io/port: "$port"
-        prometheus.io/path: /metrics
-    spec:
-      terminationGracePeriodSeconds: $grace_seconds
-      automountServiceAccountToken: false
-      securityContext:
-        runAsNonRoot: true
-        runAsUser: $uid
-        runAsGroup: $uid
-        fsGroup: $uid
-        seccompProfile:
-          type: RuntimeDefault
-      containers:
-        - name: server
-          image: "$image"
-          imagePullPolicy: IfNotPresent
-          args: ["mlwb", "serve", "$workspace/model", "--host", "0.0.0.0", "--port", "$port", "--allowed-hosts", "$cluster_hosts", "--grace", "$server_grace"]
-          env:
-            - name: POD_IP
-              valueFrom:
-                fieldRef:
-                  fieldPath: status.podIP
-            - name: POD_NAMESPACE
-              valueFrom:
-                fieldRef:
-                  fieldPath: metadata.namespace
-          ports:
-            - name: http
-              containerPort: $port
-              protocol: TCP
-          startupProbe:
-            httpGet:
-              path: /health/live
-              port: http
-            periodSeconds: 2
-            failureThreshold: 60
-          livenessProbe:
-            httpGet:
-              path: /health/live
-              port: http
-            periodSeconds: 10
-            timeoutSeconds: 2
-            failureThreshold: 3
-          readinessProbe:
-            httpGet:
-              path: /health/ready
-              port: http
-            periodSeconds: 5
-            timeoutSeconds: 2
-            failureThreshold: 2
-          resources:
-            requests:
-              cpu: "$cpu_request"
-              memory: "$memory_request"
-            limits:
-              cpu: "$cpu_limit"
-              memory: "$memory_limit"
-          securityContext:
-            allowPrivilegeEscalation: false
-            readOnlyRootFilesystem: true
-            capabilities:
-              drop: ["ALL"]
-          volumeMounts:
-            - name: tmp
-              mountPath: /tmp
-            - name: runs
-              mountPath: $workspace/runs
-      volumes:
-        - name: tmp
-          emptyDir: {}
-        - name: runs
-          emptyDir: {}
-""")
-
-SERVICE = string.Template("""\
-# One stable address in front of the model server's ready pods, generated by `mlwb deploy`.
-apiVersion: v1
-kind: Service
-metadata:
-  name: $name
-  labels:
-    app.kubernetes.io/name: $name
-    app.kubernetes.io/managed-by: mlwb
-spec:
-  type: ClusterIP
-  selector:
-    app.kubernetes.io/name: $name
-  ports:
-    - name: http
-      port: 80
-      targetPort: http
-      protocol: TCP
-""")
-
-HPA = string.Template("""\
-# More model-server pods when their CPU is busy, fewer when it is not, generated by `mlwb deploy`.
-apiVersion: autoscaling/v2
-kind: HorizontalPodAutoscaler
-metadata:
-  name: $name
-  labels:
-    app.kubernetes.io/name: $name
-    app.kubernetes.io/managed-by: mlwb
-spec:
-  scaleTargetRef:
-    apiVersion: apps/v1
-    kind: Deployment
-    name: $name
-  minReplicas: $replicas
-  maxReplicas: $max_replicas
-  metrics:
-    - type: Resource
-      resource:
-        name: cpu
-        target:
-          type: Utilization
-          averageUtilization: $cpu_target
-  behavior:
-    scaleDown:
-      stabilizationWindowSeconds: 300
-""")
-
-README = string.Template("""\
-# Deploying $name
-
-Generated by `mlwb deploy` for the model `$model_uri`.
-
-    docker build -t $image .                  # the image: mlwb, its pinned dependencies and the model
-    docker run --rm -p $port:$port $image     # then: curl http://localhost:$port/health/ready
-    docker stop --time $grace_seconds <id>    # SIGTERM: requests in flight finish first
-    docker push $image                        # to the registry your cluster pulls from
-    kubectl apply -f k8s/                     # Deployment, Service, HorizontalPodAutoscaler
-
-Inside the cluster the model answers at http://$name/predict (the Service, port 80).
-The HorizontalPodAutoscaler needs the metrics server installed in the cluster.
-""")
+def deploy_template(path: str) -> string.Template:
+    "The template of the generated file `path`, from the package's `templates/deploy/` folder."
+    template = resources.files("mlwb") / "templates" / "deploy" / path
+    return string.Template(template.read_text(encoding="utf-8"))
 
 # %% ../nbs/25_container.ipynb #f86ddc05
 @dataclass
@@ -296,57 +105,71 @@ class DeployValues:
     replicas: int = 2  # pods to run (the autoscaler's minimum)
     max_replicas: int | None = None  # the autoscaler's maximum; 4 x replicas if None
     extra_hosts: list = field(default_factory=list)  # more host names to answer, e.g. an Ingress's
-    cpu_request: str = "500m"; cpu_limit: str = "2"; memory_request: str = "1Gi"; memory_limit: str = "2Gi"
+    cpu_request: str = "500m"; cpu_limit: str = "2"
+    memory_request: str = "1Gi"; memory_limit: str = "2Gi"
     cpu_target: int = 70  # the autoscaler's target CPU use, % of the request
-    grace_seconds: int = 30  # terminationGracePeriodSeconds (and `docker stop --time`); the server gets 5 s less to drain
+    # terminationGracePeriodSeconds (and `docker stop --time`); the server gets 5 s less to drain
+    grace_seconds: int = 30
 
     def check(self) -> "DeployValues":
-        "Raise `DeployError` naming the option of the first bad value (an empty image is filled in later)."
+        """Raise `DeployError` naming the option of the first bad value
+        (an empty image is filled in later)."""
         check_name(self.name)
         if self.image: check_image(self.image)
-        check_number(self.port, "--port", 1024, 65535); check_number(self.replicas, "--replicas", 1, 1000)
+        check_number(self.port, "--port", 1024, 65535)
+        check_number(self.replicas, "--replicas", 1, 1000)
         self.max_replicas = self.replicas * 4 if self.max_replicas is None else self.max_replicas
         check_number(self.max_replicas, "--max-replicas", self.replicas, 1000)
         for host in self.extra_hosts:
-            if not HOSTNAME.fullmatch(host): raise DeployError(f"--allowed-host {host!r}: expected a host name such as 'fraud.example.com'")
+            if not HOSTNAME.fullmatch(host):
+                raise DeployError(f"--allowed-host {host!r}: expected a host name "
+                                  "such as 'fraud.example.com'")
         return self
 
 def cluster_hosts(values: DeployValues) -> str:
     "The comma-separated host names the server answers inside the cluster."
-    service = [values.name, f"{values.name}.$(POD_NAMESPACE).svc", f"{values.name}.$(POD_NAMESPACE).svc.cluster.local"]
+    service = [values.name, f"{values.name}.$(POD_NAMESPACE).svc",
+               f"{values.name}.$(POD_NAMESPACE).svc.cluster.local"]
     return ",".join(["localhost", "127.0.0.1", "$(POD_IP)", *service, *values.extra_hosts])
 
 def render_files(values: DeployValues) -> dict:
     "`{relative path: text}` of every generated file except the model and the project."
-    fill = {**vars(values), "base_image": BASE_IMAGE, "uid": APP_USER_ID, "workspace": WORKSPACE, "torch_index": TORCH_CPU_INDEX,
-            "allowed_hosts": ",".join(["localhost", "127.0.0.1", *values.extra_hosts]), "cluster_hosts": cluster_hosts(values),
-            "server_grace": max(1, values.grace_seconds - 5)}  # the server finishes in-flight requests 5 s before Kubernetes kills it
-    templates = {"Dockerfile": DOCKERFILE, "settings.ini": SETTINGS_INI, "k8s/deployment.yaml": DEPLOYMENT,
-                 "k8s/service.yaml": SERVICE, "k8s/hpa.yaml": HPA, "README.md": README}
-    return {path: template.substitute(fill) for path, template in templates.items()}
+    fill = {**vars(values), "base_image": BASE_IMAGE, "uid": APP_USER_ID, "workspace": WORKSPACE,
+            "torch_index": TORCH_CPU_INDEX, "cluster_hosts": cluster_hosts(values),
+            "allowed_hosts": ",".join(["localhost", "127.0.0.1", *values.extra_hosts]),
+            # the server finishes in-flight requests 5 s before Kubernetes kills it
+            "server_grace": max(1, values.grace_seconds - 5)}
+    return {path: deploy_template(path).substitute(fill) for path in DEPLOY_FILES}
 
 # %% ../nbs/25_container.ipynb #874f660a
 def project_root() -> Path:
-    "The folder of the mlwb project this package is installed from (it holds pyproject.toml and constraints.txt)."
+    """The folder of the mlwb project this package is installed from
+    (it holds pyproject.toml and constraints.txt)."""
     import mlwb
     root = Path(mlwb.__file__).resolve().parents[1]
     for name in ("pyproject.toml", "constraints.txt"):
-        if not (root / name).is_file(): raise DeployError(f"{root / name}: not found; `mlwb deploy` needs mlwb installed from its source folder (pip install -e)")
+        if not (root / name).is_file():
+            raise DeployError(f"{root / name}: not found; `mlwb deploy` needs mlwb installed from "
+                              "its source folder (pip install -e)")
     return root
 
 def copy_project(root: Path, target: Path):
-    "Copy what `pip install` needs from the project at `root` into `target`: metadata, constraints, the package."
+    """Copy what `pip install` needs from the project at `root` into `target`:
+    metadata, constraints, the package."""
     target.mkdir(parents=True)
     for name in ("pyproject.toml", "constraints.txt", "README.md", "LICENSE"):
         if (root / name).is_file(): shutil.copy2(root / name, target / name)
-    shutil.copytree(root / "mlwb", target / "mlwb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "guided-projects"))
+    shutil.copytree(root / "mlwb", target / "mlwb",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "guided-projects"))
 
 @contextmanager
 def atomic_folder(out: Path, force: bool = False):
-    "Yield a temporary folder beside `out`; it replaces `out` when the block finishes, and is removed if it fails."
+    """Yield a temporary folder beside `out`; it replaces `out` when the block finishes,
+    and is removed if it fails."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise DeployError(f"--out {out}: already exists and is not an empty folder; pass --force to replace it")
+        raise DeployError(f"--out {out}: already exists and is not an empty folder; "
+                          "pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
@@ -361,40 +184,50 @@ def atomic_folder(out: Path, force: bool = False):
 
 def deploy_files(model_uri: str, # any MLflow model URI: a folder, runs:/..., models:/name@alias
                  out, # the folder to write; replaced as a whole
-                 name: str | None = None, # Kubernetes object name (DNS-1123 label); from the model's name if None
+                 name: str | None = None, # Kubernetes object name (DNS-1123 label); model's if None
                  port: int = 8080, # the server's port in the container
                  replicas: int = 2, # pods to run, and the autoscaler's minimum
-                 image: str | None = None, # image reference with a tag; `<name>:model-<hash>` if None
+                 image: str | None = None, # tagged image reference; `<name>:model-<hash>` if None
                  max_replicas: int | None = None, # the autoscaler's maximum; 4 x replicas if None
-                 allowed_hosts: list | None = None, # more host names the server answers, e.g. an Ingress's
+                 allowed_hosts: list | None = None, # more host names the server answers
                  force: bool = False, # replace `out` if it exists and is not empty
-                 settings: Settings | None = None, # whose tracking store models:/ and runs:/ URIs refer to
+                 settings: Settings | None = None, # whose tracking store models:/, runs:/ refer to
                 ) -> dict:
-    "Write a Dockerfile, Kubernetes manifests, the model and the project into `out`; return `{relative path: path}` of the files."
-    values = DeployValues(str(model_uri), name or default_name(model_uri), image or "", port, replicas, max_replicas, list(allowed_hosts or [])).check()
+    """Write a Dockerfile, Kubernetes manifests, the model and the project into `out`;
+    return `{relative path: path}` of the files."""
+    values = DeployValues(str(model_uri), name or default_name(model_uri), image or "", port,
+                          replicas, max_replicas, list(allowed_hosts or [])).check()
     out, root = Path(out), project_root()
     with atomic_folder(out, force) as temporary:
-        folder = local_model_folder(str(model_uri), settings)  # resolved and copied as the server does it
+        # resolved and copied as the server does it
+        folder = local_model_folder(str(model_uri), settings)
         values.image = values.image or f"{values.name}:{model_tag(folder)}"
         for path, text in render_files(values).items():
             (temporary / path).parent.mkdir(parents=True, exist_ok=True)
             (temporary / path).write_text(text)
         shutil.copytree(folder, temporary / "model"); copy_project(root, temporary / "app")
-    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*")) if p.is_file() and not p.relative_to(out).parts[0] in ("app", "model")}
+    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob("*"))
+            if p.is_file() and not p.relative_to(out).parts[0] in ("app", "model")}
 
 @click.command("deploy")
 @click.argument("model")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Folder to write the files into.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write the files into.")
 @click.option("--name", help="Kubernetes name (DNS-1123 label); default: from the model's name.")
-@click.option("--port", type=int, default=8080, show_default=True, help="The server's port in the container.")
-@click.option("--replicas", type=int, default=2, show_default=True, help="Pods to run (the autoscaler's minimum).")
+@click.option("--port", type=int, default=8080, show_default=True,
+              help="The server's port in the container.")
+@click.option("--replicas", type=int, default=2, show_default=True,
+              help="Pods to run (the autoscaler's minimum).")
 @click.option("--max-replicas", type=int, help="The autoscaler's maximum (default: 4 x replicas).")
 @click.option("--image", help="Image reference with a tag (default: NAME:model-<hash>).")
-@click.option("--allowed-host", "allowed_hosts", multiple=True, help="Another host name the server answers (repeatable).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another host name the server answers (repeatable).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def deploy_command(model, out, name, port, replicas, max_replicas, image, allowed_hosts, force):
-    "Write a Dockerfile and Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler) that serve MODEL."
+    """Write a Dockerfile and Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler)
+    that serve MODEL."""
     quiet_mlflow()
-    written = deploy_files(model, out, name, port, replicas, image, max_replicas, list(allowed_hosts), force)
+    written = deploy_files(model, out, name, port, replicas, image, max_replicas,
+                           list(allowed_hosts), force)
     click.echo(f"wrote {out}: " + ", ".join(written) + " (and model/, app/)\n"
                f"next: docker build -t IMAGE {out}   then   kubectl apply -f {Path(out) / 'k8s'}")
