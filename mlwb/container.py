@@ -182,17 +182,19 @@ def atomic_folder(out: Path, force: bool = False):
         if old.is_dir(): shutil.rmtree(old, ignore_errors=True)
         elif old.exists(): old.unlink()
 
-def deploy_files(model_uri: str, # any MLflow model URI: a folder, runs:/..., models:/name@alias
-                 out, # the folder to write; replaced as a whole
-                 name: str | None = None, # Kubernetes object name (DNS-1123 label); model's if None
-                 port: int = 8080, # the server's port in the container
-                 replicas: int = 2, # pods to run, and the autoscaler's minimum
-                 image: str | None = None, # tagged image reference; `<name>:model-<hash>` if None
-                 max_replicas: int | None = None, # the autoscaler's maximum; 4 x replicas if None
-                 allowed_hosts: list | None = None, # more host names the server answers
-                 force: bool = False, # replace `out` if it exists and is not empty
-                 settings: Settings | None = None, # whose tracking store models:/, runs:/ refer to
-                ) -> dict:
+def deploy_files(
+    model_uri: str, # any MLflow model URI: a folder, runs:/..., models:/name@alias
+    out, # the folder to write; replaced as a whole
+    # Kubernetes object name (DNS-1123 label); from the model's name if None
+    name: str | None = None,
+    port: int = 8080, # the server's port in the container
+    replicas: int = 2, # pods to run, and the autoscaler's minimum
+    image: str | None = None, # image reference with a tag; `<name>:model-<hash>` if None
+    max_replicas: int | None = None, # the autoscaler's maximum; 4 x replicas if None
+    allowed_hosts: list | None = None, # more host names the server answers, e.g. an Ingress's
+    force: bool = False, # replace `out` if it exists and is not empty
+    settings: Settings | None = None, # whose tracking store models:/ and runs:/ URIs refer to
+) -> dict:
     """Write a Dockerfile, Kubernetes manifests, the model and the project into `out`;
     return `{relative path: path}` of the files."""
     values = DeployValues(str(model_uri), name or default_name(model_uri), image or "", port,
