@@ -33,48 +33,61 @@ class PredictError(MlwbError):
 
 # %% ../nbs/24_batch.ipynb #228bbac3
 def signature_dtypes(schema) -> dict:
-    "`{column: pandas dtype or None}` for the required input columns of an MLflow schema; empty without names."
+    """`{column: pandas dtype or None}` for the required input columns of an MLflow schema;
+    empty without names."""
     if schema is None or not schema.has_input_names(): return {}
-    return {spec.name: MLFLOW_DTYPES.get(getattr(spec.type, "name", ""), None) for spec in schema.inputs if spec.required}
+    return {spec.name: MLFLOW_DTYPES.get(getattr(spec.type, "name", ""), None)
+            for spec in schema.inputs if spec.required}
 
 # %% ../nbs/24_batch.ipynb #0b3e4996
 @dataclass
 class BatchModel:
     "A model ready for batch scoring."
     model: object  # the native model (predict, maybe predict_proba) or an MLflow pyfunc model
-    columns: dict  # input column -> pandas dtype from the signature (None: keep as read); empty without a signature
+    # input column -> pandas dtype from the signature (None: keep as read);
+    # empty without a signature
+    columns: dict
     flavor: str  # the flavor it was loaded with: "sklearn", ..., or "python_function"
     uri: str  # where it came from
     folder: Path  # the local copy of the model's files
 
 def load_batch_model(model_uri: str, # any MLflow model URI: a folder, runs:/..., models:/name@alias
-                     settings: Settings | None = None, # whose tracking store models:/ and runs:/ URIs refer to
+                     # whose tracking store models:/ and runs:/ URIs refer to
+                     settings: Settings | None = None,
                     ) -> BatchModel:
-    "Load the model at `model_uri` through the model store: its native flavor when one is registered, else pyfunc."
+    """Load the model at `model_uri` through the model store: its native flavor when one is
+    registered, else pyfunc."""
     from mlflow.models import Model
     folder = local_model_folder(str(model_uri), settings)
     model, flavor = load_native(folder)
-    return BatchModel(model, signature_dtypes(Model.load(str(folder)).get_input_schema()), flavor, str(model_uri), folder)
+    columns = signature_dtypes(Model.load(str(folder)).get_input_schema())
+    return BatchModel(model, columns, flavor, str(model_uri), folder)
 
 # %% ../nbs/24_batch.ipynb #32364cf8
 TABLE_SUFFIXES = (".csv", ".parquet")
 PARQUET_MAGIC = b"PAR1"
 
 def table_format(path: Path, role: str = "input") -> str:
-    "`.csv` or `.parquet` from the extension of `path`; `PredictError` naming the file (the input or output) otherwise."
+    """`.csv` or `.parquet` from the extension of `path`; `PredictError` naming the file
+    (the input or output) otherwise."""
     suffix = Path(path).suffix.lower()
-    if suffix not in TABLE_SUFFIXES: raise PredictError(f"{role} file {path}: unknown extension '{suffix}'; expected {' or '.join(TABLE_SUFFIXES)}")
+    if suffix not in TABLE_SUFFIXES:
+        raise PredictError(f"{role} file {path}: unknown extension '{suffix}'; "
+                           f"expected {' or '.join(TABLE_SUFFIXES)}")
     return suffix
 
 def check_contents(path: Path, suffix: str):
-    "Raise `PredictError` naming `path` when it is missing, empty, or its bytes do not match its extension."
+    """Raise `PredictError` naming `path` when it is missing, empty, or its bytes do not match
+    its extension."""
     if not path.is_file(): raise PredictError(f"input file {path}: not found")
     with open(path, "rb") as f: head = f.read(4096)
     if not head: raise PredictError(f"input file {path}: empty; expected a {suffix} table")
     if suffix == ".parquet" and not head.startswith(PARQUET_MAGIC):
-        raise PredictError(f"input file {path}: not a Parquet file (it does not start with 'PAR1'); is it CSV with the wrong extension?")
+        raise PredictError(f"input file {path}: not a Parquet file "
+                           "(it does not start with 'PAR1'); is it CSV with the wrong extension?")
     if suffix == ".csv" and (head.startswith(PARQUET_MAGIC) or b"\x00" in head):
-        raise PredictError(f"input file {path}: binary data, not CSV text{' (it is a Parquet file)' if head.startswith(PARQUET_MAGIC) else ''}")
+        parquet = " (it is a Parquet file)" if head.startswith(PARQUET_MAGIC) else ""
+        raise PredictError(f"input file {path}: binary data, not CSV text{parquet}")
 
 # %% ../nbs/24_batch.ipynb #74769bbf
 def file_columns(path: Path, suffix: str) -> list:
@@ -83,10 +96,13 @@ def file_columns(path: Path, suffix: str) -> list:
         if suffix == ".csv": return list(pd.read_csv(path, nrows=0).columns)
         import pyarrow.parquet as pq
         return pq.read_schema(path).names
-    except (ValueError, OSError) as e: raise PredictError(f"input file {path}: not a readable {suffix} table ({str(e)[:200]})") from None
+    except (ValueError, OSError) as e:
+        raise PredictError(f"input file {path}: not a readable {suffix} table "
+                           f"({str(e)[:200]})") from None
 
 def file_rows(path: Path, suffix: str) -> int | None:
-    "The number of rows of a Parquet file, from its footer; None for CSV (it would take a pass over the file)."
+    """The number of rows of a Parquet file, from its footer; None for CSV
+    (it would take a pass over the file)."""
     if suffix == ".csv": return None
     import pyarrow.parquet as pq
     return pq.ParquetFile(path).metadata.num_rows
@@ -105,48 +121,66 @@ def read_chunks(path: Path, # a .csv or .parquet file
                 chunk_rows: int, # rows per chunk
                 columns: list, # the columns to read, in this order
                ):
-    "The rows of `path`, `chunk_rows` at a time, indexed by their row number in the file; parser errors name the file."
+    """The rows of `path`, `chunk_rows` at a time, indexed by their row number in the file;
+    parser errors name the file."""
     suffix = table_format(path)
     try:
-        chunks = pd.read_csv(path, chunksize=chunk_rows, usecols=columns) if suffix == ".csv" else _parquet_chunks(path, chunk_rows, columns)
+        if suffix == ".csv": chunks = pd.read_csv(path, chunksize=chunk_rows, usecols=columns)
+        else: chunks = _parquet_chunks(path, chunk_rows, columns)
         for chunk in chunks: yield chunk[columns]
-    except (ValueError, OSError) as e: raise PredictError(f"input file {path}: not a readable {suffix} table ({str(e)[:200]})") from None
+    except (ValueError, OSError) as e:
+        raise PredictError(f"input file {path}: not a readable {suffix} table "
+                           f"({str(e)[:200]})") from None
 
 # %% ../nbs/24_batch.ipynb #d3c95133
 def check_columns(path: Path, found: list, model: BatchModel, keep: list):
-    "Raise `PredictError` for a column the model needs, or the caller asked to keep, that the file at `path` lacks."
+    """Raise `PredictError` for a column the model needs, or the caller asked to keep,
+    that the file at `path` lacks."""
     missing = [column for column in model.columns if column not in found]
-    if missing: raise PredictError(f"input file {path}: missing column(s) {', '.join(map(repr, missing))} that model '{model.uri}' needs")
+    if missing:
+        raise PredictError(f"input file {path}: missing column(s) {', '.join(map(repr, missing))} "
+                           f"that model '{model.uri}' needs")
     unknown = [column for column in keep if column not in found]
-    if unknown: raise PredictError(f"input file {path}: no column(s) {', '.join(map(repr, unknown))} to copy to the output; it has {', '.join(found)}")
+    if unknown:
+        raise PredictError(f"input file {path}: no column(s) {', '.join(map(repr, unknown))} "
+                           f"to copy to the output; it has {', '.join(found)}")
 
 def model_inputs(chunk: pd.DataFrame, model: BatchModel, path: Path) -> pd.DataFrame:
-    "The chunk's columns that the model needs, converted to the signature's types (all columns without a signature)."
+    """The chunk's columns that the model needs, converted to the signature's types
+    (all columns without a signature)."""
     if not model.columns: return chunk
-    return pd.DataFrame({column: chunk[column] if dtype is None else coerce_column(chunk[column], dtype, f"input file {path}")
+    where = f"input file {path}"
+    return pd.DataFrame({column: chunk[column] if dtype is None
+                         else coerce_column(chunk[column], dtype, where)
                          for column, dtype in model.columns.items()}, index=chunk.index)
 
 # %% ../nbs/24_batch.ipynb #4d4cdb13
 def probability_columns(proba: np.ndarray, classes, index) -> pd.DataFrame:
-    "`probability` (positive class) for a binary classifier, `probability_<class>` for each class otherwise."
+    """`probability` (positive class) for a binary classifier, `probability_<class>` for each class
+    otherwise."""
     if proba.shape[1] == 2: return pd.DataFrame({"probability": proba[:, 1]}, index=index)
     return pd.DataFrame(proba, columns=[f"probability_{c}" for c in classes], index=index)
 
 def pyfunc_columns(output, index) -> pd.DataFrame:
     "A pyfunc model's output as `prediction` (one column) or `prediction_<name>` columns."
-    frame = output.copy() if isinstance(output, pd.DataFrame) else pd.DataFrame(np.asarray(output).reshape(len(index), -1))
-    if frame.shape[1] == 1: return pd.DataFrame({"prediction": frame.iloc[:, 0].to_numpy()}, index=index)
-    return pd.DataFrame({f"prediction_{c}": frame[c].to_numpy() for c in frame.columns}, index=index)
+    if isinstance(output, pd.DataFrame): frame = output.copy()
+    else: frame = pd.DataFrame(np.asarray(output).reshape(len(index), -1))
+    if frame.shape[1] == 1:
+        return pd.DataFrame({"prediction": frame.iloc[:, 0].to_numpy()}, index=index)
+    return pd.DataFrame({f"prediction_{c}": frame[c].to_numpy() for c in frame.columns},
+                        index=index)
 
 def predict_chunk(model: BatchModel, # the loaded model
                   X: pd.DataFrame, # its input columns, already checked
-                  probabilities: bool = True, # add class probabilities when the model has predict_proba
+                  # add class probabilities when the model has predict_proba
+                  probabilities: bool = True,
                  ) -> pd.DataFrame:
     "The model's outputs for the rows of `X`, indexed like `X`."
     if model.flavor == "python_function": return pyfunc_columns(model.model.predict(X), X.index)
     out = pd.DataFrame({"prediction": model.model.predict(X)}, index=X.index)
     if not (probabilities and hasattr(model.model, "predict_proba")): return out
-    return out.join(probability_columns(model.model.predict_proba(X), getattr(model.model, "classes_", []), X.index))
+    classes = getattr(model.model, "classes_", [])
+    return out.join(probability_columns(model.model.predict_proba(X), classes, X.index))
 
 # %% ../nbs/24_batch.ipynb #7157ffcf
 class ChunkWriter:
@@ -155,12 +189,16 @@ class ChunkWriter:
         self.suffix, self.file, self.parquet = suffix, open(path, "wb"), None
 
     def write(self, chunk: pd.DataFrame):
-        if self.suffix == ".csv": return chunk.to_csv(self.file, header=self.file.tell() == 0, index=False)
+        if self.suffix == ".csv":
+            return chunk.to_csv(self.file, header=self.file.tell() == 0, index=False)
         import pyarrow as pa, pyarrow.parquet as pq
-        try: table = pa.Table.from_pandas(chunk, preserve_index=False, schema=self.parquet.schema if self.parquet else None)
+        schema = self.parquet.schema if self.parquet else None
+        try: table = pa.Table.from_pandas(chunk, preserve_index=False, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise PredictError(f"rows {chunk.index[0]}-{chunk.index[-1]}: a column's type differs from the first chunk's ({str(e)[:200]}); "
-                               "CSV has no types, so use a larger --chunk-rows, Parquet input, or --columns without that column") from None
+            raise PredictError(f"rows {chunk.index[0]}-{chunk.index[-1]}: a column's type differs "
+                               f"from the first chunk's ({str(e)[:200]}); CSV has no types, "
+                               "so use a larger --chunk-rows, Parquet input, or --columns "
+                               "without that column") from None
         self.parquet = self.parquet or pq.ParquetWriter(self.file, table.schema)
         self.parquet.write_table(table)
 
@@ -181,17 +219,21 @@ class PredictSummary:
     columns: list = field(default_factory=list)  # the output's columns
 
     @property
-    def rows_per_second(self) -> float: return self.rows / self.seconds if self.seconds else float("inf")
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else float("inf")
 
 # %% ../nbs/24_batch.ipynb #01def3c1
 OUTPUT_PREFIXES = ("prediction", "probability")  # names of the columns we add
 
 def output_plan(path: Path, found: list, model: BatchModel, keep: list | None) -> tuple:
-    "(columns to read, input columns to copy to the output), after checking them against the file and the model."
+    """(columns to read, input columns to copy to the output), after checking them against the file
+    and the model."""
     keep = list(found if keep is None else keep)
     check_columns(path, found, model, keep)
     clashes = [c for c in keep if str(c).startswith(OUTPUT_PREFIXES)]
-    if clashes: raise PredictError(f"input file {path}: column(s) {', '.join(map(repr, clashes))} would clash with the output's; leave them out with --columns")
+    if clashes:
+        raise PredictError(f"input file {path}: column(s) {', '.join(map(repr, clashes))} "
+                           "would clash with the output's; leave them out with --columns")
     read = [c for c in found if c in keep or c in model.columns or not model.columns]
     return read, keep
 
@@ -200,48 +242,60 @@ def check_request(input_path: Path, output_path: Path, chunk_rows) -> str:
     suffix = table_format(input_path, "input")
     table_format(output_path, "output")
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
-        raise PredictError(f"chunk_rows (--chunk-rows): expected a whole number of at least 1, got {chunk_rows!r}")
-    if output_path.resolve() == input_path.resolve(): raise PredictError(f"output file {output_path}: is the input file; choose another name")
+        raise PredictError("chunk_rows (--chunk-rows): expected a whole number of at least 1, "
+                           f"got {chunk_rows!r}")
+    if output_path.resolve() == input_path.resolve():
+        raise PredictError(f"output file {output_path}: is the input file; choose another name")
     check_contents(input_path, suffix)
     return suffix
 
 # %% ../nbs/24_batch.ipynb #bb95da7b
-def score_chunks(model: BatchModel, path: Path, writer: ChunkWriter, read: list, keep: list, chunk_rows: int, probabilities: bool, bar) -> tuple:
+def score_chunks(model: BatchModel, path: Path, writer: ChunkWriter, read: list, keep: list,
+                 chunk_rows: int, probabilities: bool, bar) -> tuple:
     "Convert, predict and write each chunk of `path`; return (rows, chunks, output columns)."
     rows = chunks = 0
     for chunk in read_chunks(path, chunk_rows, read):
-        scored = pd.concat([chunk[keep], predict_chunk(model, model_inputs(chunk, model, path), probabilities)], axis=1)
+        predicted = predict_chunk(model, model_inputs(chunk, model, path), probabilities)
+        scored = pd.concat([chunk[keep], predicted], axis=1)
         writer.write(scored)
         rows, chunks = rows + len(chunk), chunks + 1
         bar.update(len(chunk))
     if rows == 0: raise PredictError(f"input file {path}: has no rows to score")
     return rows, chunks, list(scored.columns)
 
-def predict_file(model, # an MLflow model URI (folder, runs:/..., models:/name@alias) or a `BatchModel`
-                 input_path, # the .csv or .parquet file to score
-                 output_path, # where to write input columns + predictions (.csv or .parquet); replaced only on success
-                 chunk_rows: int = 100_000, # rows read and scored at a time; memory grows with it, not with the file
-                 columns: list | None = None, # input columns to copy to the output; all if None
-                 probabilities: bool = True, # add class probabilities when the model has predict_proba
-                 progress: bool = True, # show a progress bar (on stderr)
-                 settings: Settings | None = None, # whose tracking store models:/ and runs:/ URIs refer to
-                ) -> PredictSummary:
-    "Score every row of a CSV/Parquet file with a model, chunk by chunk, into a CSV/Parquet file written atomically."
+def predict_file(
+    model, # an MLflow model URI (folder, runs:/..., models:/name@alias) or a `BatchModel`
+    input_path, # the .csv or .parquet file to score
+    # where to write input columns + predictions (.csv or .parquet); replaced only on success
+    output_path,
+    # rows read and scored at a time; memory grows with it, not with the file
+    chunk_rows: int = 100_000,
+    columns: list | None = None, # input columns to copy to the output; all if None
+    probabilities: bool = True, # add class probabilities when the model has predict_proba
+    progress: bool = True, # show a progress bar (on stderr)
+    settings: Settings | None = None, # whose tracking store models:/ and runs:/ URIs refer to
+) -> PredictSummary:
+    """Score every row of a CSV/Parquet file with a model, chunk by chunk, into a CSV/Parquet file
+    written atomically."""
     from tqdm import tqdm
     started, input_path, output_path = time.perf_counter(), Path(input_path), Path(output_path)
     suffix = check_request(input_path, output_path, chunk_rows)
     model = model if isinstance(model, BatchModel) else load_batch_model(str(model), settings)
     read, keep = output_plan(input_path, file_columns(input_path, suffix), model, columns)
-    bar = tqdm(total=file_rows(input_path, suffix), unit="rows", unit_scale=True, disable=not progress)
+    bar = tqdm(total=file_rows(input_path, suffix), unit="rows", unit_scale=True,
+               disable=not progress)
     with atomic_path(output_path, suffix=".partial") as temporary, bar:
         writer = ChunkWriter(temporary, table_format(output_path, "output"))
-        try: rows, chunks, out_columns = score_chunks(model, input_path, writer, read, keep, chunk_rows, probabilities, bar)
+        try: rows, chunks, out_columns = score_chunks(model, input_path, writer, read, keep,
+                                                      chunk_rows, probabilities, bar)
         finally: writer.close()
-    return PredictSummary(model.uri, input_path, output_path, rows, chunks, time.perf_counter() - started, out_columns)
+    seconds = time.perf_counter() - started
+    return PredictSummary(model.uri, input_path, output_path, rows, chunks, seconds, out_columns)
 
 # %% ../nbs/24_batch.ipynb #e223fb7f
 def _split_columns(values) -> list | None:
-    "Column names from repeated and/or comma-separated --columns options; None when none were given."
+    """Column names from repeated and/or comma-separated --columns options;
+    None when none were given."""
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     return names or None
 
@@ -249,14 +303,18 @@ def _split_columns(values) -> list | None:
 @click.argument("model")
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
-@click.option("--chunk-rows", type=int, default=100_000, show_default=True, help="Rows read and scored at a time.")
-@click.option("--columns", multiple=True, help="Input columns to copy to OUTPUT, comma-separated (default: all).")
+@click.option("--chunk-rows", type=int, default=100_000, show_default=True,
+              help="Rows read and scored at a time.")
+@click.option("--columns", multiple=True,
+              help="Input columns to copy to OUTPUT, comma-separated (default: all).")
 @click.option("--no-probability", is_flag=True, help="Leave out class probabilities.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def predict_command(model, input_path, output_path, chunk_rows, columns, no_probability, quiet):
-    "Score every row of INPUT (CSV or Parquet) with MODEL into OUTPUT (CSV or Parquet), written only if all rows were scored."
+    """Score every row of INPUT (CSV or Parquet) with MODEL into OUTPUT (CSV or Parquet),
+    written only if all rows were scored."""
     quiet_mlflow()
-    summary = predict_file(model, input_path, output_path, chunk_rows=chunk_rows, columns=_split_columns(columns),
-                           probabilities=not no_probability, progress=not quiet)
+    summary = predict_file(model, input_path, output_path, chunk_rows=chunk_rows,
+                           columns=_split_columns(columns), probabilities=not no_probability,
+                           progress=not quiet)
     click.echo(f"scored {summary.rows:,} rows in {summary.seconds:.1f} s "
                f"({summary.rows_per_second:,.0f} rows/s) -> {summary.output}")
