@@ -53,10 +53,12 @@ def request_key(request, header: str = KEY_HEADER) -> str | None:
 # %% ../nbs/32_rollout.ipynb #c7e6c3cc
 @dataclass
 class Canary:
-    "A challenger share that steps up every `step_seconds` and drops to 0 for good when errors or latency pass their limits."
+    """A challenger share that steps up every `step_seconds` and drops to 0 for good when errors
+    or latency pass their limits."""
     steps: tuple = (0.05, 0.25, 0.5, 1.0)  # the challenger's share at each step
     step_seconds: float = 60.0  # how long each step lasts
-    max_error_rate: float = 0.05  # the largest error rate (5xx share) of the challenger's recent requests
+    # the largest error rate (5xx share) of the challenger's recent requests
+    max_error_rate: float = 0.05
     max_latency_ms: float = 250.0  # the largest mean latency of its recent requests
     window: int = 50  # how many recent challenger requests are judged
     min_requests: int = 10  # judge only once this many are in the window
@@ -69,7 +71,8 @@ class Canary:
     def share(self) -> float:
         "The challenger's share now."
         if self.rolled_back: return 0.0
-        return self.steps[min(int((time.monotonic() - self.started) / self.step_seconds), len(self.steps) - 1)]
+        step = int((time.monotonic() - self.started) / self.step_seconds)
+        return self.steps[min(step, len(self.steps) - 1)]
 
 # %% ../nbs/32_rollout.ipynb #25992763
 @patch
@@ -78,9 +81,14 @@ def observe(self: Canary, variant: str, status: int, seconds: float):
     if variant != "challenger" or self.rolled_back: return
     self.recent = (self.recent + [(status >= 500, seconds * 1000)])[-self.window:]
     if len(self.recent) < self.min_requests: return
-    errors, latency = sum(e for e, _ in self.recent) / len(self.recent), sum(ms for _, ms in self.recent) / len(self.recent)
-    if errors > self.max_error_rate: self.rolled_back = f"canary rolled back: challenger error rate {errors:.1%} > {self.max_error_rate:.1%}"
-    elif latency > self.max_latency_ms: self.rolled_back = f"canary rolled back: challenger mean latency {latency:.0f} ms > {self.max_latency_ms:.0f} ms"
+    errors = sum(e for e, _ in self.recent) / len(self.recent)
+    latency = sum(ms for _, ms in self.recent) / len(self.recent)
+    if errors > self.max_error_rate:
+        self.rolled_back = (f"canary rolled back: challenger error rate {errors:.1%} "
+                            f"> {self.max_error_rate:.1%}")
+    elif latency > self.max_latency_ms:
+        self.rolled_back = (f"canary rolled back: challenger mean latency {latency:.0f} ms "
+                            f"> {self.max_latency_ms:.0f} ms")
     if self.rolled_back and self.on_rollback: self.on_rollback(self.rolled_back)
 
 # %% ../nbs/32_rollout.ipynb #d7b6e17c
@@ -102,17 +110,20 @@ def read_plan(path) -> dict:
 
 def _canary(plan: dict, record=None) -> Canary:
     "The plan's canary, with the limits it sets."
-    limits = {k: plan[k] for k in ("step_seconds", "max_error_rate", "max_latency_ms", "window", "min_requests") if k in plan}
+    limits = {k: plan[k] for k in ("step_seconds", "max_error_rate", "max_latency_ms", "window",
+                                   "min_requests") if k in plan}
     return Canary(steps=tuple(plan.get("steps", Canary.steps)), on_rollback=record, **limits)
 
 def plan_route(state, # a `mlwb.serve.ServerState`
                plan: dict, record=None, # callback(reason) when a canary rolls back
               ):
-    "Install `plan`'s route (and shadow or canary) on `state` with `use_policy`; returns the canary, if any."
+    """Install `plan`'s route (and shadow or canary) on `state` with `use_policy`;
+    returns the canary, if any."""
     if plan["mode"] == "shadow":
         state.use_policy(lambda request: "champion", shadow="challenger")
         return None
-    key, canary = plan.get("key", KEY_HEADER), _canary(plan, record) if plan["mode"] == "canary" else None
+    key = plan.get("key", KEY_HEADER)
+    canary = _canary(plan, record) if plan["mode"] == "canary" else None
     share = (lambda: canary.share) if canary else (lambda: plan.get("share", 0.1))
     state.use_policy(lambda request: choose(request_key(request, key), share()),
                      observers=[canary.observe] if canary else [])
@@ -131,7 +142,8 @@ def serve_release(model: str, # models:/NAME (or models:/NAME@alias): whose alia
                   fast: bool = True):
     "Serve NAME's champion and challenger by the plan until stopped, following alias moves."
     name = _registered_name(model)
-    settings, options, plan = settings or load_settings(), options or ServeOptions(), read_plan(plan_path)
+    settings, options = settings or load_settings(), options or ServeOptions()
+    plan = read_plan(plan_path)
     state = serving_state(resolve_model(f"models:/{name}@champion", settings), options, settings)
     record = lambda reason: threading.Thread(target=_record_rollback, args=(name, reason, settings),
                                              daemon=True).start()
@@ -159,42 +171,51 @@ def read_outcomes(path) -> "pd.DataFrame":
     elif path.suffix in (".jsonl", ".json"): frame = pd.read_json(path, lines=True)
     else: frame = pd.read_csv(path)
     missing = [c for c in ("request_id", "outcome") if c not in frame.columns]
-    if missing: raise ReleaseError(f"{path}: missing column '{missing[0]}'; expected request_id, row (optional) and outcome")
+    if missing: raise ReleaseError(f"{path}: missing column '{missing[0]}'; "
+                                   "expected request_id, row (optional) and outcome")
     return frame
 
 # %% ../nbs/32_rollout.ipynb #ded0e037
 def srm_check(counts: dict, shares: dict, alpha: float = 0.001) -> dict:
-    "A chi-square test of the observed `counts` per variant against the planned `shares`; `mismatch` when p < alpha."
+    """A chi-square test of the observed `counts` per variant against the planned `shares`;
+    `mismatch` when p < alpha."""
     from scipy.stats import chisquare
     names = sorted(shares)
     observed = np.array([counts.get(n, 0) for n in names], dtype=float)
     expected = np.array([shares[n] for n in names]) / sum(shares.values()) * observed.sum()
     p = float(chisquare(observed, expected).pvalue)
-    return {"counts": {n: int(c) for n, c in zip(names, observed)}, "expected": dict(zip(names, expected.round(1).tolist())), "p_value": p, "mismatch": p < alpha}
+    return {"counts": {n: int(c) for n, c in zip(names, observed)},
+            "expected": dict(zip(names, expected.round(1).tolist())),
+            "p_value": p, "mismatch": p < alpha}
 
 # %% ../nbs/32_rollout.ipynb #24c2616d
 def proportion_ci(successes: int, n: int, z: float = 1.96) -> tuple:
     "The Wilson confidence interval of a rate."
     if n == 0: return (0.0, 1.0)
     p, d = successes / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (centre - half, centre + half)
 
 def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict:
-    "The difference of rate 2 minus rate 1, its 95% CI and the two-sided p-value of a pooled z test."
+    """The difference of rate 2 minus rate 1, its 95% CI and the two-sided p-value
+    of a pooled z test."""
     from scipy.stats import norm
     p1, p2, pooled = x1 / n1, x2 / n2, (x1 + x2) / (n1 + n2)
     se0 = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)) or 1e-12
     se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
     z = (p2 - p1) / se0
-    return {"difference": p2 - p1, "ci": (p2 - p1 - 1.96 * se, p2 - p1 + 1.96 * se), "p_value": float(2 * norm.sf(abs(z)))}
+    return {"difference": p2 - p1, "ci": (p2 - p1 - 1.96 * se, p2 - p1 + 1.96 * se),
+            "p_value": float(2 * norm.sf(abs(z)))}
 
 def bootstrap_difference(a, b, n: int = 2000, seed: int = 0) -> dict:
-    "The difference of mean(b) minus mean(a), with a percentile bootstrap 95% CI and a two-sided bootstrap p-value."
+    """The difference of mean(b) minus mean(a), with a percentile bootstrap 95% CI
+    and a two-sided bootstrap p-value."""
     rng, a, b = np.random.default_rng(seed), np.asarray(a, float), np.asarray(b, float)
     diffs = rng.choice(b, (n, len(b))).mean(1) - rng.choice(a, (n, len(a))).mean(1)
     p = min(1.0, max(1 / n, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))  # no finer than 1/n
-    return {"difference": float(b.mean() - a.mean()), "ci": tuple(np.percentile(diffs, [2.5, 97.5]).tolist()), "p_value": float(p)}
+    return {"difference": float(b.mean() - a.mean()),
+            "ci": tuple(np.percentile(diffs, [2.5, 97.5]).tolist()), "p_value": float(p)}
 
 # %% ../nbs/32_rollout.ipynb #74927bb9
 def join_outcomes(log, outcomes):
@@ -206,27 +227,37 @@ def join_outcomes(log, outcomes):
 
 def variant_values(joined, metric: str):
     "Per row: 1/0 correct (metric `accuracy`), or the outcome itself (metric `outcome`)."
-    if metric == "accuracy": return (joined["prediction"].astype(float) == joined["outcome"].astype(float)).astype(float)
+    if metric == "accuracy":
+        return (joined["prediction"].astype(float) == joined["outcome"].astype(float)).astype(float)
     if metric == "outcome": return joined["outcome"].astype(float)
     raise ReleaseError(f"--metric {metric}: expected accuracy or outcome")
 
 # %% ../nbs/32_rollout.ipynb #1ab286a1
-def verdict(srm: dict, test: dict, error_rates: dict, alpha: float = 0.05, higher_is_better: bool = True) -> tuple:
+def verdict(srm: dict, test: dict, error_rates: dict, alpha: float = 0.05,
+            higher_is_better: bool = True) -> tuple:
     "`(verdict, reason)`: ship, keep testing or roll back, in plain words."
-    if srm["mismatch"]: return "keep testing", f"the split did not happen as planned (sample-ratio mismatch, p={srm['p_value']:.2g}); fix the routing before trusting any result"
+    if srm["mismatch"]:
+        return "keep testing", ("the split did not happen as planned (sample-ratio mismatch, "
+                                f"p={srm['p_value']:.2g}); fix the routing before trusting "
+                                "any result")
     if error_rates.get("challenger", 0) > error_rates.get("champion", 0) + 0.01:
-        return "roll back", f"the challenger fails more requests ({error_rates['challenger']:.1%} against {error_rates.get('champion', 0):.1%})"
-    gain = test["difference"] if higher_is_better else -test["difference"]
-    if test["p_value"] < alpha and gain < 0: return "roll back", f"the challenger is worse by {-gain:.4g} (p={test['p_value']:.2g})"
-    if test["p_value"] < alpha and gain > 0: return "ship", f"the challenger is better by {gain:.4g} (p={test['p_value']:.2g})"
-    return "keep testing", f"no significant difference yet (p={test['p_value']:.2g}); collect more data"
+        return "roll back", (f"the challenger fails more requests ({error_rates['challenger']:.1%} "
+                             f"against {error_rates.get('champion', 0):.1%})")
+    gain, p = (test["difference"] if higher_is_better else -test["difference"]), test["p_value"]
+    if p < alpha and gain < 0:
+        return "roll back", f"the challenger is worse by {-gain:.4g} (p={p:.2g})"
+    if p < alpha and gain > 0: return "ship", f"the challenger is better by {gain:.4g} (p={p:.2g})"
+    return "keep testing", f"no significant difference yet (p={p:.2g}); collect more data"
 
 # %% ../nbs/32_rollout.ipynb #8676f5aa
 def _request_counts(log) -> tuple:
-    "`(requests per variant, error rate per variant)`: first rows only, no shadow records, no door refusals."
-    first = log[(log["row"].isna() | (log["row"] == 0)) & log["variant"].notna()]  # no variant: refused at the door
+    """`(requests per variant, error rate per variant)`: first rows only, no shadow records,
+    no door refusals."""
+    # no variant: refused at the door
+    first = log[(log["row"].isna() | (log["row"] == 0)) & log["variant"].notna()]
     first = first[~first["variant"].astype(str).str.startswith("shadow:")]
-    counts, errors = first["variant"].value_counts().to_dict(), first[first["status"] >= 500]["variant"].value_counts().to_dict()
+    counts = first["variant"].value_counts().to_dict()
+    errors = first[first["status"] >= 500]["variant"].value_counts().to_dict()
     return counts, {v: errors.get(v, 0) / n for v, n in counts.items()}
 
 def _interval(x, rate: bool, bootstraps: int) -> tuple:
@@ -250,10 +281,13 @@ def analyze_ab(log, # the request log (a frame, or its folder)
     counts, error_rates = _request_counts(log)
     srm = srm_check(counts, {"champion": 1 - share, "challenger": share})
     joined = join_outcomes(log, outcomes)
-    values = {v: variant_values(joined[joined["variant"] == v], metric) for v in ("champion", "challenger")}
+    values = {v: variant_values(joined[joined["variant"] == v], metric)
+              for v in ("champion", "challenger")}
     if min(len(x) for x in values.values()) == 0:
-        raise ReleaseError("the log and the outcomes share no answered rows of both variants; check the request ids")
-    rate = metric == "accuracy" or set(np.unique(np.concatenate([x.values for x in values.values()]))) <= {0.0, 1.0}
+        raise ReleaseError("the log and the outcomes share no answered rows of both variants; "
+                           "check the request ids")
+    everything = np.concatenate([x.values for x in values.values()])
+    rate = metric == "accuracy" or set(np.unique(everything)) <= {0.0, 1.0}
     per = {v: {"n": len(x), "value": float(x.mean()), "ci": _interval(x, rate, bootstraps),
                "error_rate": error_rates.get(v, 0.0)} for v, x in values.items()}
     a, b = values["champion"], values["challenger"]
@@ -322,11 +356,14 @@ def status_command(name, as_json):
 @release_command.command("serve")
 @click.argument("model")
 @click.option("--plan", "plan_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A release plan (JSON or YAML): an A/B split, shadow or canary between champion and challenger.")
+              help="A release plan (JSON or YAML): an A/B split, shadow or canary between "
+                   "champion and challenger.")
 @server_options
 def release_serve_command(model, plan_path, options, settings, fast):
-    "Serve the champion and challenger of MODEL (models:/NAME) by a release plan, following alias moves."
-    click.echo(f"mlwb release serve: {model} by {plan_path} on http://{options.host}:{options.port}", err=True)
+    """Serve the champion and challenger of MODEL (models:/NAME) by a release plan,
+    following alias moves."""
+    click.echo(f"mlwb release serve: {model} by {plan_path} "
+               f"on http://{options.host}:{options.port}", err=True)
     serve_release(model, plan_path, options, settings, fast=fast)
 
 # %% ../nbs/32_rollout.ipynb #340c7ea5
@@ -337,15 +374,21 @@ def ab_command():
 @ab_command.command("analyze")
 @click.argument("log_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("outcomes", type=click.Path(exists=True, dir_okay=False))
-@click.option("--share", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="The challenger's planned share of traffic.")
-@click.option("--metric", type=click.Choice(["accuracy", "outcome"]), default="accuracy", show_default=True, help="What to compare.")
+@click.option("--share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="The challenger's planned share of traffic.")
+@click.option("--metric", type=click.Choice(["accuracy", "outcome"]), default="accuracy",
+              show_default=True, help="What to compare.")
 @click.option("--lower-is-better", is_flag=True, help="The outcome is a cost: a lower mean wins.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def analyze_command(log_dir, outcomes, share, metric, lower_is_better, as_json):
-    "Compare champion and challenger from LOG_DIR and the OUTCOMES file; say ship, keep testing or roll back."
+    """Compare champion and challenger from LOG_DIR and the OUTCOMES file;
+    say ship, keep testing or roll back."""
     report = analyze_ab(log_dir, outcomes, share, metric, higher_is_better=not lower_is_better)
     if as_json: return click.echo(json.dumps(report, indent=2, default=float))
     for v, r in report["variants"].items():
-        click.echo(f"{v}: n={r['n']} {metric}={r['value']:.4f} 95% CI [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] errors={r['error_rate']:.1%}")
-    click.echo(f"sample-ratio check: p={report['srm']['p_value']:.3g}" + (" MISMATCH" if report["srm"]["mismatch"] else " ok"))
+        click.echo(f"{v}: n={r['n']} {metric}={r['value']:.4f} "
+                   f"95% CI [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] errors={r['error_rate']:.1%}")
+    srm = report["srm"]
+    click.echo(f"sample-ratio check: p={srm['p_value']:.3g}"
+               + (" MISMATCH" if srm["mismatch"] else " ok"))
     click.echo(f"verdict: {report['verdict']} ({report['reason']})")
