@@ -27,8 +27,9 @@ __all__ = ['LOG_FIELDS', 'LATENCY_BUCKETS', 'ROW_BUCKETS', 'RequestLogError', 'L
            'ServerMetrics']
 
 # %% ../nbs/21_request_log.ipynb #20000005
+# every record's fields, besides `inputs` (the row's {column: value})
 LOG_FIELDS = ("ts", "request_id", "row", "model", "version", "variant", "status", "latency_ms",
-              "prediction", "probability")  # every record's fields, besides `inputs` (the row's {column: value})
+              "prediction", "probability")
 
 class RequestLogError(MlwbError):
     "A request log that cannot be read: no log files in a folder, or a line that is not a record."
@@ -48,18 +49,22 @@ class LogItem:
     predictions: list | None = None
     probabilities: list | None = None
 
-def _record(item: LogItem, row: int | None = None, inputs=None, prediction=None, probability=None) -> bytes:
+def _record(item: LogItem, row: int | None = None, inputs=None, prediction=None,
+            probability=None) -> bytes:
     "One JSON line with the fields of `LOG_FIELDS` and `inputs`."
     ts = datetime.fromtimestamp(item.ts, timezone.utc).isoformat(timespec="microseconds")
-    record = dict(zip(LOG_FIELDS, (ts, item.request_id, row, item.model, item.version, item.variant, item.status,
-                                   round(item.latency_ms, 3), prediction, probability)))
+    values = (ts, item.request_id, row, item.model, item.version, item.variant, item.status,
+              round(item.latency_ms, 3), prediction, probability)
+    record = dict(zip(LOG_FIELDS, values))
     return orjson.dumps({**record, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 def log_lines(item: LogItem) -> list:
     "The JSON lines (bytes) of one request: one per scored row, or one for a failed request."
     if item.predictions is None: return [_record(item)]
-    probabilities = item.probabilities if item.probabilities is not None else [None] * len(item.predictions)
-    return [_record(item, i, {name: values[i] for name, values in item.inputs.items()}, prediction, p)
+    probabilities = item.probabilities
+    if probabilities is None: probabilities = [None] * len(item.predictions)
+    return [_record(item, i, {name: values[i] for name, values in item.inputs.items()},
+                    prediction, p)
             for i, (prediction, p) in enumerate(zip(item.predictions, probabilities))]
 
 # %% ../nbs/21_request_log.ipynb #f1e886fc
@@ -94,18 +99,21 @@ def _file_for(self: RequestLog, ts: float):
     if day != self._day:
         if self._file: self._file.close()
         path = self.folder / f"requests-{day}-{self.shard}.jsonl"
-        self._file, self._day = open(path, "ab", buffering=0), day  # unbuffered: one write per request
+        # unbuffered: one write per request
+        self._file, self._day = open(path, "ab", buffering=0), day
     return self._file
 
 @patch
 def _run(self: RequestLog):
-    "The writer thread: append each item's lines in a single write, so a reader never sees half a record."
+    """The writer thread: append each item's lines in a single write,
+    so a reader never sees half a record."""
     stop = False
     while not stop:
         item = self._queue.get()
         while item is not None:
             try: self._file_for(item.ts).write(b"\n".join(log_lines(item)) + b"\n")
-            except Exception as e: print(f"mlwb serve: request log: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e:
+                print(f"mlwb serve: request log: {type(e).__name__}: {e}", file=sys.stderr)
             try: item = self._queue.get_nowait()
             except queue.Empty: break
         stop = item is None
@@ -113,7 +121,8 @@ def _run(self: RequestLog):
 
 # %% ../nbs/21_request_log.ipynb #2979b31a
 def read_log_file(path: Path | str) -> list:
-    "The records of one request-log file, split at newlines only; a last line cut short by a killed server is skipped."
+    """The records of one request-log file, split at newlines only;
+    a last line cut short by a killed server is skipped."""
     path = Path(path)
     lines = path.read_bytes().split(b"\n")
     records = []
@@ -138,7 +147,8 @@ def read_log_records(folder: Path | str) -> list:
     return [record for path in log_files(folder) for record in read_log_file(path)]
 
 # %% ../nbs/21_request_log.ipynb #2e223477
-def request_log_folder(settings: Settings, ref: "ModelRef", log_dir: Path | str | None = None) -> Path:
+def request_log_folder(settings: Settings, ref: "ModelRef",
+                       log_dir: Path | str | None = None) -> Path:
     "Where the request log of model `ref` goes: `log_dir`, else `<runs>/requests/<model-slug>/`."
     return Path(log_dir) if log_dir else settings.runs_path / "requests" / ref.slug
 
