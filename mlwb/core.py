@@ -40,9 +40,11 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_path(path: Path | str, # the file the block produces; its folder is created if needed
-                suffix: str = ".tmp", # the temporary file's ending; keep the real one for tools that read it
+                # the temporary file's ending; keep the real one for tools that read it
+                suffix: str = ".tmp",
                ):
-    "Yield a temporary path beside `path`; rename it onto `path` when the block ends, remove it if it fails."
+    """Yield a temporary path beside `path`; rename it onto `path` when the block ends,
+    remove it if it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -87,11 +89,13 @@ def wait_until_ready(url: str, # a URL that answers 200 once the server is ready
                      process=None, # the server's `subprocess.Popen`, watched for an early exit
                      log: Path | str | None = None, # the server's log file, quoted when it fails
                     ) -> str:
-    "Return `url` once it answers 200; raise `NotReadyError` if the process exits or `timeout` passes."
+    """Return `url` once it answers 200; raise `NotReadyError` if the process exits
+    or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise NotReadyError(f"the server for {url} exited with status {process.returncode}: {log_tail(log)}")
+            raise NotReadyError(f"the server for {url} exited with status {process.returncode}: "
+                                f"{log_tail(log)}")
         if answers(url): return url
         time.sleep(0.1)  # polling a condition, not waiting for it to become true by itself
     raise NotReadyError(f"{url} did not answer within {timeout:.0f} s: {log_tail(log)}")
@@ -109,7 +113,8 @@ def check_keys(entry, # one entry read from a file: a stage, a milestone, a plan
                required=(), # keys that must hold non-empty text
                error: type = MlwbError, # the exception raised
               ) -> dict:
-    "Return `entry` if it is a mapping of `allowed` keys with text in each `required` one; else raise."
+    """Return `entry` if it is a mapping of `allowed` keys with text in each `required` one;
+    else raise."""
     if not isinstance(entry, dict):
         raise error(f"{where}: expected a mapping with {', '.join(map(repr, required or allowed))}")
     unknown = [key for key in entry if key not in allowed]
@@ -122,12 +127,15 @@ def check_keys(entry, # one entry read from a file: a stage, a milestone, a plan
 
 # %% ../nbs/01_core.ipynb #2236609d
 class Registry:
-    "Objects users extend the workbench with, by name: `register(name, obj)`, `registry[name]`, `names()`."
+    """Objects users extend the workbench with, by name: `register(name, obj)`, `registry[name]`,
+    `names()`."""
     def __init__(self, kind: str, # what is registered, for messages: "model", "drift test"
                  error: type = MlwbError, # the exception raised for an unknown name
-                 entry_points: str | None = None, # an entry-point group other packages register under
+                 # an entry-point group other packages register under
+                 entry_points: str | None = None,
                 ):
-        self.kind, self.error, self.group, self._items, self._loaded = kind, error, entry_points, {}, False
+        self.kind, self.error, self.group = kind, error, entry_points
+        self._items, self._loaded = {}, False
 
     def register(self, name: str, obj):
         "Register `obj` as `name` (registering again replaces it); returns `obj`."
@@ -153,15 +161,18 @@ def names(self: Registry) -> list:
 
 @patch
 def __getitem__(self: Registry, name: str):
-    "The object registered as `name`; an unknown name raises the registry's error listing the known ones."
+    """The object registered as `name`; an unknown name raises the registry's error
+    listing the known ones."""
     self._load_entry_points()
     if name not in self._items:
-        raise self.error(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items)) or '(none)'}")
+        raise self.error(f"unknown {self.kind} {name!r}; "
+                         f"known: {', '.join(sorted(self._items)) or '(none)'}")
     return self._items[name]
 
 @patch
 def unregister(self: Registry, name: str):
-    "Remove `name` (a demo or a test's temporary entry); an unknown name raises the registry's error."
+    """Remove `name` (a demo or a test's temporary entry);
+    an unknown name raises the registry's error."""
     self[name]
     del self._items[name]
 
