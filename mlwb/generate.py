@@ -219,7 +219,8 @@ def _rated_pairs(rng, n_users: int, n_items: int, density: float) -> tuple:
 # %% ../nbs/03_generate.ipynb #2a0075ed
 def _taste_scores(rng, users, items, progress, n_users: int, n_items: int, n_factors: int,
                   drift: float) -> np.ndarray:
-    "Each rating's noiseless score: 3.5 + biases + taste · traits; tastes turn by drift x progress."
+    """Each rating's noiseless score: 3.5 + biases + taste · traits;
+    tastes turn by drift x progress."""
     old, new = rng.normal(0, 1, (2, n_users, n_factors))
     traits = rng.normal(0, 1, (n_items, n_factors))
     user_bias, item_bias = rng.normal(0, 0.35, n_users), rng.normal(0, 0.5, n_items)

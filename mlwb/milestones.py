@@ -251,7 +251,8 @@ def next_step(milestones: list, done: list) -> str:
             f"then `mlwb check --milestone {following.id}`")
 
 def progress_lines(project: str, milestones: list, entries: dict) -> list:
-    "The progress report of `project` by roadmap step: ✓ done, ✗ last check failed, · not checked."
+    """The progress report of `project` by roadmap step:
+    ✓ done, ✗ last check failed, · not checked."""
     done = [m for m in milestones if entries.get(str(m.id), {}).get("passed")]
     left = sum(m.minutes for m in milestones if m not in done)
     lines = [f"{project}: {len(done)} of {len(milestones)} milestones done, "
