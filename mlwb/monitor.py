@@ -158,8 +158,8 @@ def fit_reference(reference: pd.DataFrame, # the data the model was trained or v
     names = [c for c in reference.columns if c not in ignore and c != target]
     kinds = {c: column_kind(reference[c], thresholds["max_categories"]) for c in names}
     monitored = [c for c in names if kinds[c]]
-    profiles = map_columns(lambda c: profile_column(reference[c], kinds[c], bins=thresholds["bins"]),
-                           monitored)
+    profile = lambda c: profile_column(reference[c], kinds[c], bins=thresholds["bins"])
+    profiles = map_columns(profile, monitored)
     labelled = target and prediction
     metrics = performance_metrics(reference[target], reference[prediction]) if labelled else {}
     return ReferenceProfile({c: kinds[c] for c in monitored}, dict(zip(monitored, profiles)),

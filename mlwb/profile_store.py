@@ -85,11 +85,11 @@ def read_reference(path: Path | str) -> ReferenceProfile:
     return reference_from_dict(values, str(path))
 
 # %% ../nbs/27_profile_store.ipynb #22f6a19b
-def log_reference_profile(model_uri: str, # the logged model, e.g. TrainResult.model_uri (models:/m-...)
+def log_reference_profile(model_uri: str, # the logged model (models:/m-...): TrainResult.model_uri
                           data: pd.DataFrame, # its reference rows: training or scored held-out data
                           target: str | None = None, # the label column, if `data` has it
                           prediction: str | None = None, # the model's score column, if any
-                          thresholds: dict | None = None, # bins and category limit; defaults if None
+                          thresholds: dict | None = None, # bins, category limit; None: defaults
                           ignore=(), # columns not to monitor (ids, timestamps)
                          ) -> ReferenceProfile:
     "Profile `data` and store the profile in the artifacts of the logged model at `model_uri`."
@@ -122,8 +122,8 @@ def _download_profile(ref: ModelRef, settings: Settings) -> Path:
                 f"{PROFILE_FILE} stored with it ({type(e).__name__}); log one when training, "
                 "with mlwb.profile_store.log_reference_profile") from None
 
-def model_reference_profile(uri: str, # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-... or a folder
-                            settings: Settings | None = None, # whose tracking store the URI refers to
+def model_reference_profile(uri: str, # models:/NAME@ALIAS or /VERSION, models:/m-..., or a folder
+                            settings: Settings | None = None, # the workspace whose store it names
                            ) -> tuple:
     "`(profile, ref)`: the reference profile stored with the model at `uri`, and which model it is."
     settings = settings or load_settings()

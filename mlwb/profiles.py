@@ -176,7 +176,7 @@ def ks_test(reference: ColumnProfile, current: ColumnProfile) -> tuple:
     return d, float(kolmogorov((math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d)) if n > 0 else 1.0
 
 def ks_error(reference: ColumnProfile, current: ColumnProfile) -> float:
-    "How much binned KS can understate the exact one: the largest bin's share (tails too) in either."
+    "How far binned KS may understate the exact one: the largest bin share (tails too) of either."
     return float(max(reference.shares.max(), current.shares.max()))
 
 # %% ../nbs/26_profiles.ipynb #a862856e
@@ -299,7 +299,7 @@ def share_finding(check: str, column: str | None, share: float, limit: float, me
     return [finding(check, column, share, limit, share > limit, message)] if share > 0 else []
 
 def schema_findings(reference_kinds: dict, columns, ignore=()) -> list:
-    "Reference columns missing from `columns` (failed) and columns only the current data has (noted)."
+    "Reference columns that `columns` lacks (failed), and columns only the current data has."
     columns = list(columns)  # the current data's column names (a frame gives its own)
     missing = [c for c in reference_kinds if c not in columns]
     extra = [c for c in columns if c not in reference_kinds and c not in ignore]

@@ -134,7 +134,8 @@ def _file_pieces(path: Path) -> list:
     if path.suffix.lower() != ".parquet": return [Piece(str(path))]
     import pyarrow.parquet as pq
     try: meta = pq.ParquetFile(path).metadata
-    except Exception as e: raise MonitorError(f"{path}: not a readable Parquet file ({e})") from None
+    except Exception as e:
+        raise MonitorError(f"{path}: not a readable Parquet file ({e})") from None
     return [Piece(str(path), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
 
 def data_pieces(source) -> list:
@@ -188,7 +189,6 @@ def read_piece(piece: Piece, plan: ReadPlan):
 # %% ../nbs/27_stream.ipynb #7b57d1f4
 def _as_reference(chunk: pd.DataFrame, reference: ReferenceProfile, plan: ReadPlan) -> pd.DataFrame:
     "A request log's rows with its fields dropped and its score named as the reference names it."
-    if "request_id" not in chunk.columns: return chunk
     score = reference.prediction
     if score and score not in chunk and "probability" in chunk:
         chunk = chunk.rename(columns={"probability": score})
@@ -203,7 +203,7 @@ def profile_piece(reference: ReferenceProfile, piece: Piece, plan: ReadPlan) -> 
     "`{window: WindowProfile}` of one piece, chunk by chunk."
     windows = {}
     for chunk, log in read_piece(piece, plan):
-        chunk = _as_reference(chunk, reference, plan)
+        if piece.path.endswith(".jsonl"): chunk = _as_reference(chunk, reference, plan)
         for name, rows in _windows(chunk, plan) if len(chunk) else []:
             part = profile_window(reference, rows)
             windows[name] = merge_windows(windows[name], part) if name in windows else part
@@ -245,7 +245,7 @@ def profile_local(reference: ReferenceProfile, pieces: list, plan: ReadPlan,
 # %% ../nbs/27_stream.ipynb #35689202
 def profile_on_dask(reference: ReferenceProfile, pieces: list, plan: ReadPlan, client,
                     progress: bool = True) -> dict:
-    "`{window: WindowProfile}` of all `pieces`, profiled on the cluster of `client`, folded in order."
+    "`{window: WindowProfile}` of all `pieces`, profiled on `client`'s cluster, folded in order."
     from distributed import as_completed
     shared = client.scatter(reference, broadcast=True)
     futures = [client.submit(profile_piece, shared, piece, plan, pure=False) for piece in pieces]
@@ -261,7 +261,7 @@ def profile_on_dask(reference: ReferenceProfile, pieces: list, plan: ReadPlan, c
     return windows
 
 def dask_client(scheduler: str | None = None, workers: int = 2):
-    "A Dask client of the scheduler at `scheduler`, or of a new local cluster of `workers` processes."
+    "A Dask client of the scheduler at `scheduler`, or of a new local cluster of `workers`."
     from distributed import Client, LocalCluster
     if scheduler: return Client(scheduler)
     return Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
