@@ -98,6 +98,8 @@ def _bin_index(values: np.ndarray, lo: float, width: float, bins: int) -> np.nda
 def _as_numbers(values: pd.Series, column: str) -> np.ndarray:
     "`values` as float64, or an error naming `column` when they are not numbers."
     if values.dtype == "float64": return values.to_numpy()
+    if values.dtype.kind in "fiu" and isinstance(values.dtype, np.dtype):  # float32, ints: quick
+        return values.to_numpy().astype(np.float64)
     if pd.api.types.is_bool_dtype(values.dtype) or not pd.api.types.is_numeric_dtype(values.dtype):
         converted = pd.to_numeric(values, errors="coerce")
         if converted.notna().sum() < values.notna().sum():
@@ -355,6 +357,8 @@ def _column_bits(values: pd.Series) -> np.ndarray:
     "One uint64 per value that equal values share, from the values alone (alike in every chunk)."
     dtype, types = values.dtype, pd.api.types
     if dtype == "float64": return values.to_numpy().view(np.uint64)
+    if dtype.kind in "fiu" and isinstance(dtype, np.dtype):
+        return values.to_numpy().astype(np.float64).view(np.uint64)
     if types.is_numeric_dtype(dtype) and not types.is_bool_dtype(dtype):
         return values.to_numpy(dtype="float64", na_value=np.nan).view(np.uint64)
     if isinstance(dtype, pd.CategoricalDtype):  # hash the few categories, then look up by code

@@ -178,10 +178,11 @@ def read_piece(piece: Piece, plan: ReadPlan):
             for chunk in pd.read_csv(piece.path, chunksize=plan.chunk_rows): yield chunk, None
             return
         import pyarrow.parquet as pq
-        names = pq.read_schema(piece.path).names
+        file = pq.ParquetFile(piece.path)
+        names = file.schema_arrow.names
         columns = None if plan.columns is None else [c for c in names if c in plan.columns]
-        for batch in pq.ParquetFile(piece.path).iter_batches(
-                plan.chunk_rows, row_groups=[piece.row_group], columns=columns):
+        for batch in file.iter_batches(plan.chunk_rows, row_groups=[piece.row_group],
+                                       columns=columns):
             yield batch.to_pandas(), None
     except (ValueError, OSError) as e:
         raise MonitorError(f"{piece.path}: cannot read it ({str(e)[:200]})") from None
