@@ -23,7 +23,7 @@ from .request_log import LOG_FIELDS, read_log_file, records_table, request_rows
 __all__ = ['MAX_HASHES', 'SUFFIXES', 'merge_profiles', 'HashSample', 'sample_hashes', 'merge_samples', 'sampled_duplicate_share',
            'WindowProfile', 'merge_windows', 'profile_window', 'judge_window', 'Piece', 'data_pieces', 'ReadPlan',
            'read_piece', 'profile_piece', 'merge_window_sets', 'profile_local', 'profile_on_dask', 'dask_client',
-           'first_time', 'monitor_stream']
+           'first_time', 'monitor_stream', 'identical_profiles']
 
 # %% ../nbs/27_stream.ipynb #a97ed997
 def merge_profiles(a: ColumnProfile, b: ColumnProfile) -> ColumnProfile:
@@ -317,3 +317,10 @@ def monitor_stream(reference: ReferenceProfile, # the reference profile, e.g. th
     results = [judge_window(reference, w, thresholds, name, ignore)
                for name, w in windows.items() if w.rows]
     return MonitorResult(reference, thresholds, results)
+
+# %% ../nbs/27_stream.ipynb #9d2c4e01
+def identical_profiles(a: MonitorResult, b: MonitorResult) -> bool:
+    "Whether two results hold the same profiles in every window, floats compared exactly."
+    from mlwb.profile_store import column_to_dict
+    as_dicts = lambda r: [{c: column_to_dict(p) for c, p in w.profiles.items()} for w in r.windows]
+    return repr(as_dicts(a)) == repr(as_dicts(b))

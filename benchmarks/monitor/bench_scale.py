@@ -171,21 +171,14 @@ def print_evidently_row(row: dict):
           flush=True)
 
 
-def same_profiles(a, b) -> bool:
-    "Whether two monitor results hold identical profiles in every window, floats compared exactly."
-    from mlwb.profile_store import column_to_dict
-    as_dicts = lambda r: [{c: column_to_dict(p) for c, p in w.profiles.items()} for w in r.windows]
-    return repr(as_dicts(a)) == repr(as_dicts(b))
-
-
 def dask_path(profile, path: Path, workers: int) -> dict:
     "The local and the Dask path on the same file: time, flags, identical profiles."
-    from mlwb.stream import dask_client
+    from mlwb.stream import dask_client, identical_profiles
     local = run_mlwb_stream(profile, path)
     with dask_client(workers=workers) as client:
         try: remote = run_mlwb_stream(profile, path, client)
         finally: client.cluster.close()
-    return {"local": local, "dask": remote, "identical": same_profiles(local["result"], remote["result"])}
+    return {"local": local, "dask": remote, "identical": identical_profiles(local["result"], remote["result"])}
 
 
 def report(label: str, run: dict):
