@@ -190,7 +190,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3_000_000, help="current rows for the main measurement")
     parser.add_argument("--reference-rows", type=int, default=500_000, help="rows of the reference (profiled once)")
-    parser.add_argument("--row-group", type=int, default=50_000, help="rows per Parquet row group")
+    parser.add_argument("--row-group", type=int, default=20_000, help="rows per Parquet row group (memory grows with it)")
     parser.add_argument("--evidently-rows", type=int, nargs="*", default=[10_000, 30_000, 100_000, 300_000, 1_000_000])
     parser.add_argument("--dask-rows", type=int, default=10_000_000, help="current rows through the Dask path (0: skip)")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes")
