@@ -16,14 +16,14 @@ import pandas as pd
 from .monitor import (MonitorResult, ReferenceProfile, WindowResult, check_thresholds,
                           current_profile, failed_requests_finding, map_columns, request_counts,
                           split_windows, window_offset, window_result)
-from .profiles import ColumnProfile, MonitorError, check_names, row_hashes
+from .profiles import ColumnProfile, MonitorError, check_names, finding, row_hashes
 from .request_log import LOG_FIELDS, read_log_file, records_table, request_rows
 
 # %% auto #0
 __all__ = ['MAX_HASHES', 'SUFFIXES', 'merge_profiles', 'HashSample', 'sample_hashes', 'merge_samples', 'sampled_duplicate_share',
-           'WindowProfile', 'merge_windows', 'profile_window', 'judge_window', 'Piece', 'data_pieces', 'ReadPlan',
-           'read_piece', 'profile_piece', 'merge_window_sets', 'profile_local', 'profile_on_dask', 'dask_client',
-           'first_time', 'monitor_stream', 'identical_profiles']
+           'WindowProfile', 'merge_windows', 'profile_window', 'without_scores', 'judge_window', 'Piece', 'data_pieces',
+           'ReadPlan', 'read_piece', 'profile_piece', 'merge_window_sets', 'profile_local', 'profile_on_dask',
+           'dask_client', 'first_time', 'monitor_stream', 'identical_profiles']
 
 # %% ../nbs/27_stream.ipynb #a97ed997
 def merge_profiles(a: ColumnProfile, b: ColumnProfile) -> ColumnProfile:
@@ -108,13 +108,25 @@ def profile_window(reference: ReferenceProfile, chunk: pd.DataFrame) -> WindowPr
     return WindowProfile(len(chunk), list(chunk.columns), profiled,
                          sample_hashes(row_hashes(chunk[compared])), labelled)
 
+def without_scores(reference: ReferenceProfile) -> ReferenceProfile:
+    "The reference without its prediction column, for current data that carries no scores."
+    kinds = {c: k for c, k in reference.kinds.items() if c != reference.prediction}
+    return replace(reference, kinds=kinds, prediction=None)
+
+def _unscored(score: str) -> dict:
+    return finding("no_scores", score, None, None, False,
+                   f"no '{score}' column: the model's scores and performance are not checked")
+
 def judge_window(reference: ReferenceProfile, window: WindowProfile, thresholds: dict,
                  name: str = "current", ignore=()) -> WindowResult:
     "The verdict on a window from its merged profile, as `compare` gives it for a frame."
     labelled = pd.concat(window.labelled, ignore_index=True) if window.labelled else None
     columns = [c for c in window.columns if c not in ignore]
+    score = reference.prediction if reference.prediction not in window.columns else None
+    if score: reference = without_scores(reference)  # features only: the model did not score them
     result = window_result(reference, name, window.rows, columns, window.profiled,
                            sampled_duplicate_share(window.hashes), labelled, thresholds)
+    if score: result.findings.append(_unscored(score))
     if window.requests:
         result.findings += failed_requests_finding(window.failed_requests, window.requests,
                                                    thresholds)
