@@ -21,8 +21,9 @@ from .profiles import (DRIFT_TESTS, ColumnProfile, MonitorError, adjust_p_values
 # %% auto #0
 __all__ = ['EXIT_HEALTHY', 'EXIT_DRIFT', 'EXIT_DATA_QUALITY', 'EXIT_PERFORMANCE', 'EXIT_MEANINGS', 'SEVERITY',
            'DEFAULT_THRESHOLDS', 'NEW_TEST_THRESHOLD', 'LOWER_IS_BETTER', 'worst_exit_code', 'check_thresholds',
-           'performance_metrics', 'choose_metric', 'metric_drop', 'ReferenceProfile', 'fit_reference', 'WindowResult',
-           'drift_table', 'compare', 'join_late_labels', 'split_windows', 'MonitorResult', 'monitor',
+           'performance_metrics', 'choose_metric', 'metric_drop', 'ReferenceProfile', 'map_columns', 'fit_reference',
+           'WindowResult', 'current_profile', 'drift_table', 'window_result', 'compare', 'join_late_labels',
+           'window_offset', 'split_windows', 'MonitorResult', 'monitor', 'request_counts', 'failed_requests_finding',
            'error_rate_finding']
 
 # %% ../nbs/27_monitor.ipynb #bcf85934
@@ -137,7 +138,7 @@ class ReferenceProfile:
 
 def _workers() -> int: return max(1, min(4, os.cpu_count() or 1))
 
-def _map(function, items: list) -> list:
+def map_columns(function, items: list) -> list:
     "`function` over `items`, in a few threads (numpy releases the GIL)."
     if len(items) < 2: return [function(i) for i in items]
     with ThreadPoolExecutor(_workers()) as pool: return list(pool.map(function, items))
@@ -157,8 +158,8 @@ def fit_reference(reference: pd.DataFrame, # the data the model was trained or v
     names = [c for c in reference.columns if c not in ignore and c != target]
     kinds = {c: column_kind(reference[c], thresholds["max_categories"]) for c in names}
     monitored = [c for c in names if kinds[c]]
-    profiles = _map(lambda c: profile_column(reference[c], kinds[c], bins=thresholds["bins"]),
-                    monitored)
+    profile = lambda c: profile_column(reference[c], kinds[c], bins=thresholds["bins"])
+    profiles = map_columns(profile, monitored)
     labelled = target and prediction
     metrics = performance_metrics(reference[target], reference[prediction]) if labelled else {}
     return ReferenceProfile({c: kinds[c] for c in monitored}, dict(zip(monitored, profiles)),
@@ -198,7 +199,7 @@ class WindowResult:
                                + [EXIT_DRIFT] * self.drift)
 
 # %% ../nbs/27_monitor.ipynb #0d86800c
-def _current_profile(current: pd.DataFrame, reference: ReferenceProfile, column: str):
+def current_profile(current: pd.DataFrame, reference: ReferenceProfile, column: str):
     "The profile of `column` in `current`, or a schema finding when its values changed type."
     kind = reference.kinds[column]
     try: return profile_column(current[column], kind, reference.columns[column])
@@ -231,21 +232,38 @@ def _performance(reference: ReferenceProfile, current: pd.DataFrame, thresholds:
     return metrics, {"metric": metric, "reference": before, "current": now, "drop": drop,
                      "limit": limit, "failed": drop > limit}
 
-def _quality(reference: ReferenceProfile, current: pd.DataFrame, profiles: dict,
-             thresholds: dict) -> list:
+def _quality(reference: ReferenceProfile, columns: list, rows: int, profiles: dict,
+             duplicates: float, thresholds: dict) -> list:
     "Every data-quality finding of the window, and a note when it is too small to test for drift."
-    found = schema_findings(reference.kinds, current, ignore={reference.target, *reference.skipped})
+    found = schema_findings(reference.kinds, columns, ignore={reference.target, *reference.skipped})
     for column, p in profiles.items():
         found += column_findings(column, reference.columns[column], p, thresholds)
-    compared = [c for c in reference.kinds if c in current.columns and c != reference.prediction]
-    share = duplicate_share(current[compared])
-    found += share_finding("duplicates", None, share, thresholds["max_duplicate_rows"],
-                           f"{share:.1%} of rows repeat an earlier row exactly")
-    if len(current) >= thresholds["min_rows"]: return found
-    return found + [finding("too_few_rows", None, len(current), thresholds["min_rows"], False,
-                            f"only {len(current)} rows: drift not tested")]
+    found += share_finding("duplicates", None, duplicates, thresholds["max_duplicate_rows"],
+                           f"{duplicates:.1%} of rows repeat an earlier row exactly")
+    if rows >= thresholds["min_rows"]: return found
+    return found + [finding("too_few_rows", None, rows, thresholds["min_rows"], False,
+                            f"only {rows} rows: drift not tested")]
 
 # %% ../nbs/27_monitor.ipynb #487d1a39
+def window_result(reference: ReferenceProfile, # from `fit_reference`
+                  window: str, # the window's name in reports
+                  rows: int, # its number of rows
+                  columns: list, # its column names
+                  profiled: dict, # column -> its ColumnProfile, or the finding of a changed type
+                  duplicates: float, # the share of its rows that repeat an earlier row
+                  labelled: pd.DataFrame | None, # rows with target and prediction; None: no labels
+                  thresholds: dict, # as from `check_thresholds`
+                 ) -> WindowResult:
+    "The verdict on a window from its profiles and counts: drift, data quality and performance."
+    profiles = {c: p for c, p in profiled.items() if isinstance(p, ColumnProfile)}
+    findings = ([p for p in profiled.values() if isinstance(p, dict)]
+                + _quality(reference, columns, rows, profiles, duplicates, thresholds))
+    tested = profiles if rows >= thresholds["min_rows"] else {}
+    metrics, performance = ({}, {}) if labelled is None else \
+        _performance(reference, labelled, thresholds)
+    table = drift_table(reference, tested, thresholds)
+    return WindowResult(window, rows, table, findings, metrics, performance, profiles)
+
 def compare(reference: ReferenceProfile, # from `fit_reference`
             current: pd.DataFrame, # the window to check
             thresholds: dict | None = None, # as from `check_thresholds`; defaults if None
@@ -257,14 +275,11 @@ def compare(reference: ReferenceProfile, # from `fit_reference`
     check_names(current, f"window '{window}'")
     require_column(current, reference.prediction, "prediction", f"window '{window}'")
     columns = [c for c in reference.kinds if c in current.columns]
-    profiled = dict(zip(columns, _map(lambda c: _current_profile(current, reference, c), columns)))
-    profiles = {c: p for c, p in profiled.items() if isinstance(p, ColumnProfile)}
-    findings = ([p for p in profiled.values() if isinstance(p, dict)]
-                + _quality(reference, current, profiles, thresholds))
-    tested = profiles if len(current) >= thresholds["min_rows"] else {}
-    metrics, performance = _performance(reference, current, thresholds)
-    table = drift_table(reference, tested, thresholds)
-    return WindowResult(window, len(current), table, findings, metrics, performance, profiles)
+    profile = lambda c: current_profile(current, reference, c)
+    profiled = dict(zip(columns, map_columns(profile, columns)))
+    compared = [c for c in columns if c != reference.prediction]
+    return window_result(reference, window, len(current), list(current.columns), profiled,
+                         duplicate_share(current[compared]), current, thresholds)
 
 # %% ../nbs/27_monitor.ipynb #843541d7
 def _check_keys(current: pd.DataFrame, labels: pd.DataFrame, key: list, columns: list):
@@ -294,22 +309,24 @@ def join_late_labels(current: pd.DataFrame, # the scored rows, e.g. from `reques
         raise MonitorError(f"labels: cannot join on {', '.join(key)}: {e}") from None
 
 # %% ../nbs/27_monitor.ipynb #4f5162c5
-def _offset(every: str):
+def window_offset(every: str):
     "The pandas offset of a span such as 1d, 12h or 7d."
     try: return pd.tseries.frequencies.to_offset(every.upper() if every[-1:] in "dD" else every)
     except (ValueError, TypeError):
         raise MonitorError(f"--every: '{every}' is not a time span such as 1d, 12h or 7d") from None
 
-def split_windows(frame: pd.DataFrame, time_column: str, every: str) -> list:
-    "`[(name, rows)]`: `frame` cut into consecutive windows of length `every` by `time_column`."
+def split_windows(frame: pd.DataFrame, time_column: str, every: str, origin=None) -> list:
+    ("`[(name, rows)]`: `frame` cut into consecutive windows of length `every` by `time_column`; "
+     "spans of several days start on `origin`'s day (None: the frame's first).")
     require_column(frame, time_column, "time", "current data")
-    offset = _offset(every)
+    offset = window_offset(every)
     times = pd.to_datetime(frame[time_column], utc=True, errors="coerce")
     if times.isna().all(): raise MonitorError(f"column '{time_column}': no readable timestamps")
     days = isinstance(offset, pd.offsets.Day)
     starts = times.dt.floor(offset) if not days or offset.n == 1 else times.dt.floor("D")
     if days and offset.n > 1:
-        first, span = starts.min(), pd.Timedelta(days=offset.n)
+        first = starts.min() if origin is None else pd.to_datetime(origin, utc=True).floor("D")
+        span = pd.Timedelta(days=offset.n)
         starts = first + ((starts - first) // span) * span
     fmt = "%Y-%m-%d" if days else "%Y-%m-%dT%H:%M"
     return [(s.strftime(fmt), rows) for s, rows in frame.groupby(starts, sort=True) if len(rows)]
@@ -346,10 +363,18 @@ def monitor(reference: pd.DataFrame | ReferenceProfile, # reference data, or its
     return MonitorResult(profile, thresholds, results)
 
 # %% ../nbs/27_monitor.ipynb #7cb807f1
-def error_rate_finding(log: pd.DataFrame, thresholds: dict) -> list:
-    "A finding for the share of failed requests (status 400 or more) in a request log window."
-    if "status" not in log or log.status.isna().all(): return []
+def request_counts(log: pd.DataFrame) -> tuple:
+    "`(failed, requests)` of a request log window: failed means status 400 or more."
+    if "status" not in log or log.status.isna().all(): return 0, 0
     requests = log.drop_duplicates("request_id") if "request_id" in log else log
-    share = float((pd.to_numeric(requests.status, errors="coerce") >= 400).mean())
+    return int((pd.to_numeric(requests.status, errors="coerce") >= 400).sum()), len(requests)
+
+def failed_requests_finding(failed: int, requests: int, thresholds: dict) -> list:
+    "A finding for the share of failed requests, failed above `max_error_rate`."
+    share = failed / requests if requests else 0.0
     return share_finding("failed_requests", None, share, thresholds["max_error_rate"],
                          f"{share:.1%} of requests failed")
+
+def error_rate_finding(log: pd.DataFrame, thresholds: dict) -> list:
+    "A finding for the share of failed requests (status 400 or more) in a request log window."
+    return failed_requests_finding(*request_counts(log), thresholds)

@@ -19,18 +19,21 @@ import pandas as pd
 
 from .core import quiet_mlflow, write_atomically
 from .monitor import (EXIT_MEANINGS, MonitorResult, ReferenceProfile, WindowResult,
-                          check_thresholds, join_late_labels, monitor, split_windows)
+                          check_thresholds, fit_reference, join_late_labels, monitor,
+                          split_windows)
 from .request_log import LOG_FIELDS, read_request_log, request_rows
 from .monitor import error_rate_finding
 from .profiles import ColumnProfile, MonitorError, require_column
 from .monitor_figures import (distribution_figure, drift_scores_figure, figure_png,
                                   performance_figure, trend_figure)
 from .verdict import in_words, status_line
+from .profile_store import model_reference_profile
+from .stream import dask_client, monitor_stream
 
 # %% auto #0
 __all__ = ['PAGE_STYLE', 'BOX_COLOURS', 'FEATURE_COLUMNS', 'verdict_box', 'window_section', 'report_html', 'window_summary',
            'summary', 'write_report', 'log_monitoring', 'load_reference', 'load_thresholds', 'load_current',
-           'add_error_rates', 'monitor_command']
+           'add_error_rates', 'reference_profile', 'monitor_command']
 
 # %% ../nbs/30_report.ipynb #cada6650
 PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222} "
@@ -281,11 +284,37 @@ def _window_line(w: WindowResult) -> str:
     head = f"{w.window}: {w.rows:,} rows, {EXIT_MEANINGS[w.exit_code]} ({w.exit_code})"
     return head + "".join(f"\n  {d}" for d in details)
 
+# %% ../nbs/30_report.ipynb #3a1f0c02
+def reference_profile(reference: str | None, model_uri: str | None, target, prediction,
+                      thresholds: dict, ignore=()) -> ReferenceProfile:
+    "The profile stored with the model at `model_uri`, or that of the `reference` data."
+    if bool(reference) == bool(model_uri):
+        raise MonitorError("give exactly one of --reference DATA or --model MODEL_URI")
+    if reference:
+        return fit_reference(load_reference(reference), target, prediction, thresholds, ignore)
+    profile, ref = model_reference_profile(model_uri)
+    version = f" version {ref.version}" if ref.version else ""
+    click.echo(f"reference: the profile stored with {ref.uri}{version} ({profile.rows:,} rows)")
+    return profile
+
+def _stream(profile: ReferenceProfile, source: str, thresholds: dict, every, time_column,
+            chunk_rows, dask: str | None, since, until) -> MonitorResult:
+    "`monitor_stream` here, or on the Dask cluster `dask` ('local': a new local one)."
+    if not dask: return monitor_stream(profile, source, thresholds, every, time_column,
+                                       chunk_rows, None, since, until)
+    with dask_client(None if dask == "local" else dask) as client:
+        try: return monitor_stream(profile, source, thresholds, every, time_column, chunk_rows,
+                                   client, since, until)
+        finally:
+            if dask == "local": client.cluster.close()
+
 # %% ../nbs/30_report.ipynb #bdd05236
 @click.command("monitor")
-@click.option("--reference", required=True,
+@click.option("--reference",
               help="Reference data: a .parquet/.csv file or an MLflow artifact URI (runs:/...).")
-@click.option("--current", help="Current data: a .parquet/.csv file.")
+@click.option("--model", "model_uri", help="Instead of --reference: the profile stored with this "
+                                           "model (models:/NAME@ALIAS).")
+@click.option("--current", help="Current data: a .parquet/.csv file or a folder of them.")
 @click.option("--request-log", help="Current data: a serving request log folder.")
 @click.option("--since",
               help="With --request-log: first time to include (UTC unless a zone is given).")
@@ -310,24 +339,36 @@ def _window_line(w: WindowResult) -> str:
               help="Folder for report.html and summary.json.")
 @click.option("--mlflow", "to_mlflow", is_flag=True,
               help="Also log the report and summary to MLflow.")
-def monitor_command(reference, current, request_log, since, until, every, time_column,
-                    thresholds_file, target, prediction, labels, label_key, ignore, out, to_mlflow):
+@click.option("--chunk-rows", type=click.IntRange(1), help="Rows read at a time (default: about "
+                                                           "16 million values).")
+@click.option("--dask", help="Profile the pieces on a Dask cluster: its scheduler address, or "
+                             "'local' for a local one.")
+def monitor_command(reference, model_uri, current, request_log, since, until, every, time_column,
+                    thresholds_file, target, prediction, labels, label_key, ignore, out, to_mlflow,
+                    chunk_rows, dask):
     ("Check current data against a reference: drift, data quality, performance. "
      "Exit 0 healthy, 3 drift, 4 data quality, 5 performance.")
     if thresholds_file is None and Path("monitoring.yml").is_file():
         thresholds_file = "monitoring.yml"
     thresholds = load_thresholds(thresholds_file)
-    rows, log_time, log = _current_data(current, request_log, since, until)
-    if labels: rows = _join_labels_file(rows, labels, label_key, target)
-    if every and not (time_column or log_time):
+    if bool(current) == bool(request_log):
+        raise MonitorError("give exactly one of --current FILE or --request-log DIR")
+    if every and not (time_column or request_log):
         raise MonitorError("--every needs --time-column with --current")
-    reference = load_reference(reference)
-    if prediction is None and request_log and "probability" in rows and "probability" in reference:
-        prediction = "probability"
+    time_column = time_column or ("ts" if request_log else None)
+    if prediction is None and request_log and reference and \
+            "probability" in load_reference(reference): prediction = "probability"
     ignore = list(ignore) + ([c for c in LOG_FIELDS if c != prediction] if request_log else [])
-    time_column = time_column or log_time
-    result = monitor(reference, rows, target, prediction, thresholds, every, time_column, ignore)
-    if log is not None: add_error_rates(result, log, every)
+    profile = reference_profile(reference, model_uri, target, prediction, thresholds,
+                                ignore + ([time_column] if time_column else []))
+    if labels:  # late labels are joined to the rows: the current data is loaded whole
+        rows, _, log = _current_data(current, request_log, since, until)
+        rows = _join_labels_file(rows, labels, label_key, target)
+        result = monitor(profile, rows, thresholds=thresholds, every=every,
+                         time_column=time_column)
+        if log is not None: add_error_rates(result, log, every)
+    else: result = _stream(profile, current or request_log, thresholds, every, time_column,
+                           chunk_rows, dask, since, until)
     paths = write_report(result, out)
     for w in result.windows: click.echo(_window_line(w))
     click.echo(status_line(result))

@@ -23,8 +23,8 @@ from .config import MlwbError, Settings
 
 # %% auto #0
 __all__ = ['LOG_FIELDS', 'LATENCY_BUCKETS', 'ROW_BUCKETS', 'RequestLogError', 'LogItem', 'log_lines', 'RequestLog',
-           'read_log_file', 'log_files', 'read_log_records', 'request_log_folder', 'read_request_log', 'request_rows',
-           'ServerMetrics']
+           'read_log_file', 'log_files', 'read_log_records', 'request_log_folder', 'read_request_log', 'records_table',
+           'request_rows', 'ServerMetrics']
 
 # %% ../nbs/21_request_log.ipynb #20000005
 # every record's fields, besides `inputs` (the row's {column: value})
@@ -167,6 +167,10 @@ def read_request_log(folder: Path | str, # a serving log folder, e.g. runs/reque
     "The request log under `folder` as a table: one row per record, `inputs` expanded into columns."
     records = read_log_records(folder)
     if not records: raise RequestLogError(f"{folder}: the request log is empty")
+    return records_table(records, since, until)
+
+def records_table(records: list, since=None, until=None) -> pd.DataFrame:
+    "Request-log records as a table, `inputs` expanded, kept since <= ts < until, in time order."
     meta = pd.DataFrame([{k: r.get(k) for k in LOG_FIELDS} for r in records])
     inputs = pd.DataFrame.from_records([r.get("inputs") or {} for r in records])
     inputs = inputs.drop(columns=[c for c in inputs.columns if c in LOG_FIELDS])

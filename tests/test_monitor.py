@@ -277,3 +277,69 @@ def test_late_labels_on_the_command_line_give_performance_per_window(tmp_path, w
     no_target = run_mlwb("monitor", "--reference", tmp_path / "reference.parquet", "--request-log", log, "--labels", tmp_path / "labels.parquet",
                          "--out", tmp_path / "out", cwd=tmp_path)
     assert no_target.returncode == 2 and "--labels needs --target" in no_target.stderr
+
+
+def test_binned_ks_is_within_its_stated_bound_and_flags_what_exact_scipy_flags():
+    "200 seeded columns (normal, log-normal, Poisson; shifts from none to large) in windows of 25, against scipy's ks_2samp."
+    from scipy.stats import ks_2samp
+    from mlwb.profiles import adjust_p_values, ks_error, ks_test, numeric_profile
+    rng = np.random.default_rng(18)
+    draws = [lambda n, s: rng.normal(s, 1, n), lambda n, s: rng.lognormal(s, 0.7, n),
+             lambda n, s: rng.poisson(4 * (1 + s), n).astype(float)]
+    flags = []
+    for window in range(8):
+        binned, exact = [], []
+        for column in range(25):
+            draw, (n, m) = draws[column % 3], rng.integers(2_000, 20_000, 2)
+            x, y = pd.Series(draw(n, 0.0)), pd.Series(draw(m, rng.choice([0, 0, 0, 0.02, 0.04, 0.06, 0.1, 0.3])))
+            reference = numeric_profile(x)
+            current = numeric_profile(y, reference)
+            (d, p), scipy = ks_test(reference, current), ks_2samp(x, y)
+            assert d <= scipy.statistic + 1e-12 <= d + ks_error(reference, current) + 2e-12, (d, scipy.statistic)  # the bound
+            binned.append(p); exact.append(scipy.pvalue)
+        flags += list(zip(adjust_p_values(binned), adjust_p_values(exact)))
+    flagged = [(b < 0.01, e < 0.01) for b, e in flags]
+    assert 40 < sum(e for _, e in flagged) < 160  # both quiet and drifted columns were tested
+    assert sum(b == e for b, e in flagged) >= 0.98 * len(flags)
+    assert all(0.005 < b < 0.02 and 0.005 < e < 0.02 for (b, e), (fb, fe) in zip(flags, flagged) if fb != fe)  # only at the margin
+
+
+def test_the_command_streams_a_folder_here_and_on_dask_with_identical_results(files, tmp_path, workspace):
+    folder = tmp_path / "current"
+    folder.mkdir()
+    drifted = pd.read_parquet(files["drifted"])
+    for i in range(4): drifted.iloc[i * 1_000:(i + 1) * 1_000].to_parquet(folder / f"part-{i}.parquet", row_group_size=300)
+    summaries = []
+    for extra in ([], ["--dask", "local"]):
+        out = run_mlwb("monitor", "--reference", files["reference"], "--current", folder, "--chunk-rows", "200",
+                       "--out", tmp_path / "out", *extra, cwd=tmp_path)
+        assert out.returncode == 3 and "drifted: x0" in out.stdout, out.stdout + out.stderr
+        summaries.append(json.loads((tmp_path / "out" / "summary.json").read_text())["windows"])
+    assert summaries[0] == summaries[1] and summaries[0][0]["rows"] == 4_000
+
+
+def test_the_command_monitors_against_the_profile_stored_with_the_served_model(tmp_path, workspace):
+    import mlflow
+    from mlwb.profile_store import PROFILE_FILE, log_reference_profile
+    from mlwb.tracking import tracking_to
+    from mlwb.train import train
+    settings = load_settings(workspace, environ={})
+    rows = frame(0).assign(y=lambda f: (f.x0 > 0).astype(int))
+    with tracking_to(settings), mlflow.start_run():
+        trained = train(rows[["x0", "x1", "x2", "y"]], target="y", model="logistic")
+        log_reference_profile(trained.model_uri, rows, target="y")
+        version = mlflow.register_model(trained.model_uri, "toy").version
+    client = mlflow_client(settings)
+    client.set_registered_model_alias("toy", "champion", version)
+    assert PROFILE_FILE in {a.path for a in client.list_logged_model_artifacts(trained.model_uri.split("/")[-1])}
+    log = tmp_path / "requests" / "toy"
+    write_log(log, frame(1, n=800), "2026-11-20")
+    write_log(log, frame(2, n=800, mix=(0.2, 0.2, 0.6)), "2026-11-21")
+    out = run_mlwb("monitor", "--model", "models:/toy@champion", "--request-log", log, "--every", "1d",
+                   "--out", tmp_path / "out", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""})
+    assert out.returncode == 3 and f"version {version}" in out.stdout, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(w["window"], w["drifted_features"]) for w in summary["windows"]] == [("2026-11-20", []), ("2026-11-21", ["c0"])]
+    both = run_mlwb("monitor", "--model", "models:/toy@champion", "--reference", tmp_path, "--current", tmp_path,
+                    "--out", tmp_path / "out", cwd=tmp_path)
+    assert both.returncode == 2 and "exactly one of --reference DATA or --model" in both.stderr
