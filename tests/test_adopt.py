@@ -164,7 +164,7 @@ def test_a_stage_that_fails_under_mlwb_run_is_taken_back_out(place):
     assert adoption.reproduction.verdict == "nothing to compare"
     assert "the adopted stage failed under mlwb run" in adoption.error and "run me from my own folder" in adoption.error
     assert snapshot(place["project"]) == before
-    assert (adoption.report.parent / "03_folder_bound.ipynb").is_file() or any(adoption.report.parent.glob("*_folder_bound.ipynb"))
+    assert list(adoption.report.parent.glob("*_folder_bound.ipynb"))  # kept for a look, beside the report
 
 
 @pytest.mark.parametrize("name, message", [
