@@ -1,7 +1,9 @@
-"""Write the messy notebooks that tests/test_adopt.py adopts, with outputs recorded by a real run.
+"""Write the messy notebooks that tests/test_adopt.py adopts, and the house-prices exercise, with outputs recorded
+by a real run.
 
 Run from the repository root: `python tests/notebooks/adopt/make_notebooks.py`. `__HERE__` in a notebook
 stands for this folder's absolute path; the tests copy the folder and fill it in."""
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +14,7 @@ import pandas as pd
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
 
 NOTEBOOKS = {  # name: ([cell sources], execution counts as the author left them (None: never run))
     # magics, an absolute path read, a home-folder path written, a figure; seeded: it reproduces
@@ -77,29 +80,68 @@ def recorded(name: str, sources: list) -> list:
         nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s.replace("__HERE__", str(copy)))
                                              for s in sources])
         NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(copy)}},
-                       env={"HOME": scratch}).execute()
+                       env={**os.environ, "HOME": scratch}).execute()
     for cell, ran in zip(cells, nb.cells): cell.outputs = ran.outputs
     return cells
+
+
+EXERCISE = REPO / "projects" / "house-prices" / "_exercise"
+COLLEAGUE = ([  # the exercise: Priya's notebook, as she left it (cell 4 re-run last, cell 9 never run)
+    "%matplotlib inline\n%load_ext autoreload\n%autoreload 2\nimport os\nimport pandas as pd\nimport matplotlib.pyplot as plt\n"
+    "from sklearn.ensemble import RandomForestRegressor\nfrom sklearn.model_selection import train_test_split\n"
+    "from sklearn.metrics import mean_squared_error, r2_score",
+    "!head -3 houses.csv",
+    "df = pd.read_csv('houses.csv')\nAPI_KEY = 'sk-live-0123456789abcdefghijklmnop'  # the pricing service, for later\n"
+    "df.shape",
+    "features = ['living_area_m2', 'lot_area_m2', 'bedrooms', 'bathrooms', 'year_built', 'garage_spaces',\n"
+    "            'distance_to_center_km']\nX, y = df[features], df.price",
+    "X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2)\n"
+    "model = RandomForestRegressor(n_estimators=50, max_depth=12)\nmodel.fit(X_train, y_train)",
+    "pred = model.predict(X_test)\nrmse = mean_squared_error(y_test, pred) ** 0.5\nr2 = r2_score(y_test, pred)\n"
+    "print(f'rmse {rmse:,.0f}  r2 {r2:.3f}')",
+    "plt.scatter(y_test, pred, s=5)\nplt.xlabel('price')\nplt.ylabel('predicted')\nplt.show()",
+    "pd.DataFrame({'price': y_test, 'predicted': pred}).to_csv(os.path.expanduser('~/predictions.csv'))",
+    "import pickle\npickle.dump(model, open('model.pkl', 'wb'))",
+], [1, 2, 3, 9, 4, 5, 6, 7, None])
+
+
+def write_exercise():
+    "The colleague's notebook in projects/house-prices/_exercise, its data, outputs from a real run."
+    from mlwb.generate_messy import make_house_sales
+    houses = make_house_sales(n_houses=500, seed=11, missing_rate=0.0, messiness=0.0)
+    houses.drop(columns=["sale_date"]).to_csv(EXERCISE / "houses.csv", index=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "exercise"
+        shutil.copytree(EXERCISE, copy)
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in COLLEAGUE[0]])
+        NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(copy)}},
+                       env={**os.environ, "HOME": scratch}).execute()
+    write_notebook(nb.cells, COLLEAGUE[1], EXERCISE / "colleague_notebook.ipynb")
+
+
+def write_notebook(cells: list, counts: list, path: Path):
+    "Write `cells` with the execution counts `counts` (None: never run, no outputs)."
+    for cell, count in zip(cells, counts):
+        cell.execution_count = count
+        if count is None: cell.outputs = []
+        for out in cell.outputs:
+            if "execution_count" in out: out["execution_count"] = count
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
 
 
 def main():
     write_data()
     for name, (sources, counts) in NOTEBOOKS.items():
-        cells = recorded(name, sources)
-        for cell, count in zip(cells, counts):
-            cell.execution_count = count
-            if count is None: cell.outputs = []
-            for out in cell.outputs:
-                if "execution_count" in out: out["execution_count"] = count
-        nb = nbformat.v4.new_notebook(cells=cells)
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, HERE / f"{name}.ipynb")
+        write_notebook(recorded(name, sources), counts, HERE / f"{name}.ipynb")
     (HERE / "bad").mkdir(exist_ok=True)
     (HERE / "bad" / "not_json.ipynb").write_text("this is not JSON\n")
     (HERE / "bad" / "not_notebook.ipynb").write_text('{"name": "a table", "rows": [1, 2]}\n')
     (HERE / "bad" / "old_format.ipynb").write_text(
         '{"nbformat": 3, "nbformat_minor": 0, "metadata": {}, "worksheets": [{"cells": []}]}\n')
     nbformat.write(nbformat.v4.new_notebook(), HERE / "bad" / "empty.ipynb")
+    write_exercise()
 
 
 if __name__ == "__main__":
