@@ -196,3 +196,23 @@ def test_the_command_prints_a_summary_and_fails_with_the_cell(place):
     slow = run_mlwb("adopt", place["notebooks"] / "never_ends.ipynb", "--project", "demo", "--timeout", "2", env=env)
     assert slow.returncode == 2 and "cell 2 (In [2]) did not finish within 2 s" in slow.stderr
     assert "findings: 0 high, 0 medium, 0 low" in slow.stdout and "report: " in slow.stdout
+
+
+def test_the_house_prices_exercise_is_adopted_and_passes_its_milestones(tmp_path):
+    from mlwb.milestones import check_project
+    ws = new_workspace(tmp_path, "house-prices")
+    settings, project = load_settings(ws), ws / "projects" / "house-prices"
+    adoption = adopt(project / "_exercise" / "colleague_notebook.ipynb", "house-prices", stage="colleague",
+                     settings=settings)
+    assert adoption.error is None, adoption.error
+    assert adoption.reproduction.verdict == "differs"  # she never seeded it: no run gives her RMSE again
+    assert {"secret", "order", "randomness", "path", "magic"} <= {f.kind for f in adoption.diagnosis.findings}
+    entry = yaml.safe_load((project / "pipeline.yml").read_text())["stages"][-1]
+    assert entry["inputs"] == ["_exercise/houses.csv"]
+    assert entry["outputs"] == ["artifacts/colleague/model.pkl", "artifacts/colleague/predictions.csv"]
+    exercise = yaml.safe_load((project / "_exercise" / "milestones.yml").read_text())["milestones"]
+    milestones = yaml.safe_load((project / "milestones.yml").read_text())
+    (project / "milestones.yml").write_text(yaml.safe_dump({"milestones": milestones["milestones"] + exercise}))
+    for milestone in (8, 9, 10):
+        [result] = check_project("house-prices", milestone, settings)
+        assert result.passed, result
