@@ -86,7 +86,7 @@ def test_a_seeded_notebook_reproduces_and_its_stage_gives_the_same_results(place
     adoption = adopted(place, "tidy")
     assert adoption.error is None, adoption.error
     rep = adoption.reproduction
-    assert (rep.verdict, rep.compared) == ("reproduces", 6)  # text, numbers, a table shape, a figure by size
+    assert (rep.verdict, rep.compared) == ("reproduces", 7)  # text, numbers, a figure by size, a table
     assert [p.name for p in rep.observed.reads] == ["sales.csv"] and rep.observed.numbers == pytest.approx(
         {"accuracy": 0.95})
     assert [str(p.relative_to(rep.home)) for p in rep.observed.writes] == ["results/preds.csv"]
