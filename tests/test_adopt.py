@@ -147,7 +147,7 @@ def test_out_of_order_cells_reproduce_and_secrets_leave_the_code(place):
 @pytest.mark.parametrize("name, timeout, message", [
     ("hidden_state", 60, "hidden_state.ipynb: cell 1 (In [3]) raised NameError: name 'price' is not defined"),
     ("dies", 60, "dies.ipynb: cell 2 (In [2]): the kernel died"),
-    ("never_ends", 3, "never_ends.ipynb: cell 2 (In [2]) did not finish within 3 s"),
+    ("never_ends", 3, "never_ends.ipynb: cell 1 (In [1]) did not finish within 3 s"),
     ("needs_network", 60, "needs_network.ipynb: cell 2 (In [2]) needs the network (example.com)"),
 ])
 def test_a_notebook_that_fails_afresh_is_reported_by_cell_and_nothing_is_written(place, name, timeout, message):
@@ -194,7 +194,7 @@ def test_the_command_prints_a_summary_and_fails_with_the_cell(place):
     bad = run_mlwb("adopt", NOTEBOOKS / "bad" / "not_json.ipynb", "--project", "demo", env=env)
     assert bad.returncode == 2 and "error:" in bad.stderr and "not JSON" in bad.stderr
     slow = run_mlwb("adopt", place["notebooks"] / "never_ends.ipynb", "--project", "demo", "--timeout", "2", env=env)
-    assert slow.returncode == 2 and "cell 2 (In [2]) did not finish within 2 s" in slow.stderr
+    assert slow.returncode == 2 and "cell 1 (In [1]) did not finish within 2 s" in slow.stderr
     assert "findings: 0 high, 0 medium, 0 low" in slow.stdout and "report: " in slow.stdout
 
 

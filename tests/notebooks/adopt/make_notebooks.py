@@ -58,7 +58,7 @@ NOTEBOOKS = {  # name: ([cell sources], execution counts as the author left them
     "folder_bound": (["import os", "assert os.path.basename(os.getcwd()) == 'work', 'run me from my own folder'"],
                      [1, 2]),
     "dies": (["import os", "os._exit(1)"], [1, 2]),
-    "never_ends": (["import time", "while True:\n    time.sleep(0.05)"], [1, 2]),
+    "never_ends": (["import time\nwhile True:\n    time.sleep(0.05)"], [1]),
     "needs_network": (["import urllib.request",
                        "data = urllib.request.urlopen('http://example.com/data.csv').read()"], [1, 2]),
 }
