@@ -14,11 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import Registry
-from .payload import INTEGER_KINDS, MLFLOW_DTYPES, NUMBER_KINDS, ServeError, frame_of, numpy_dtype
+from .online_features import LateEventError, namespace_of, online_features
+from .payload import (INTEGER_KINDS, MLFLOW_DTYPES, NUMBER_KINDS, RequestError, ServeError, frame_of,
+                          numpy_dtype)
 
 # %% auto #0
 __all__ = ['FAST_PATHS', 'ONNX_DTYPES', 'PARITY_TOLERANCE', 'Scores', 'NativePredictor', 'register_fast_path', 'onnx_types',
-           'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor', 'parity_rows', 'parity', 'choose_predictor']
+           'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor', 'OnlineFeaturePredictor', 'parity_rows', 'parity',
+           'choose_predictor']
 
 # %% ../nbs/18_predictors.ipynb #314a032b
 @dataclass
@@ -26,6 +29,13 @@ class Scores:
     "What a predictor returns for a batch: one prediction per row and, for classifiers, class probabilities."
     predictions: list
     probabilities: np.ndarray | None = None  # rows x classes, or None
+    features: dict | None = None  # feature -> one value per row, when computed online
+
+    def rows(self, start: int, stop: int) -> Scores:
+        "The scores of rows `start` to `stop` (one request's share of a batch)."
+        p, f = self.probabilities, self.features
+        return Scores(self.predictions[start:stop], p[start:stop] if p is not None else None,
+                      {k: v[start:stop] for k, v in f.items()} if f is not None else None)
 
     def positive(self) -> list | None:
         "The positive-class probability of each row for a binary classifier, else None."
@@ -151,6 +161,28 @@ class TorchScriptPredictor:
         return Scores(self.classes[probabilities.argmax(axis=1)].tolist(), probabilities)
 
 register_fast_path("torchscript", TorchScriptPredictor)
+
+# %% ../nbs/18_predictors.ipynb #aa180002
+def _nullable(values: np.ndarray) -> list:
+    "Numbers as a JSON-ready list: NaN becomes None."
+    return [None if v != v else v for v in values.tolist()]
+
+class OnlineFeaturePredictor:
+    "Raw events: their features from the online store, then `inner`; the store learns each event."
+    def __init__(self, inner, definitions, store):
+        self.inner, self.definitions, self.store = inner, definitions, store
+        self.name, self.columns = inner.name, getattr(inner, "columns", None)
+
+    def predict(self, data: dict) -> Scores:
+        d = self.definitions
+        if d.entity not in data: return self.inner.predict(data)  # a feature vector: no state
+        try:
+            with self.store.states(namespace_of(d), data[d.entity]) as states:
+                features = online_features(d, data, states)
+                scores = self.inner.predict({**data, **{k: v.tolist() for k, v in features.items()}})
+        except LateEventError as e: raise RequestError(422, f"column '{d.time}': {e}") from None
+        scores.features = {name: _nullable(values) for name, values in features.items()}
+        return scores
 
 # %% ../nbs/18_predictors.ipynb #e0b264b5
 PARITY_TOLERANCE = 1e-5  # the largest absolute difference in probability (or regression output) we accept
