@@ -287,10 +287,11 @@ STORES.register("postgresql", PostgresStore)
 def open_store(url: str):
     "The store at `url`: `sqlite:///path/to/file.sqlite` or `postgresql://user@host:port/db`."
     scheme, sep, rest = str(url).partition("://")
-    if not sep or scheme not in STORES:
+    kind = scheme.split("+")[0]  # postgresql+psycopg:// is SQLAlchemy's name for the same thing
+    if not sep or kind not in STORES:
         raise FeatureError(f"online store {url!r}: expected sqlite:///PATH or "
                            f"postgresql://USER@HOST:PORT/DB")
-    return STORES[scheme](rest[1:] if scheme == "sqlite" else url)
+    return STORES[kind](rest[1:] if kind == "sqlite" else f"{kind}://{rest}")
 
 def namespace_of(d: FeatureDefinitions) -> str:
     "Where `d`'s states live in a store: models declaring the same entity and value share them."
@@ -312,6 +313,7 @@ def materialize(store, d, # the store, the definitions
     built = {}
     for key, when, value in zip(ordered[d.entity], ordered[d.time], ordered[d.value]):
         add_event(d, built.setdefault(str(key), new_state()), event_micros(when), value)
+    if not built: return 0
     with store.states(namespace_of(d), list(built)) as states: states.update(built)
     return len(built)
 
