@@ -306,11 +306,12 @@ def score_events(store, d: FeatureDefinitions, rows: dict, write: bool = True) -
 # %% ../nbs/10_online_features.ipynb #9b4d9f09
 def materialize(store, d, # the store, the definitions
                 events: pd.DataFrame, # the history, in any order
+                entities=(), # more entities to reset: those without history get an empty state
                ) -> int:
     "Write each entity's state built from `events` into `store`; the number of entities."
     d = definitions_from(d)
     ordered = events.sort_values(d.time, kind="stable")
-    built = {}
+    built = {str(key): new_state() for key in entities}
     for key, when, value in zip(ordered[d.entity], ordered[d.time], ordered[d.value]):
         add_event(d, built.setdefault(str(key), new_state()), event_micros(when), value)
     if not built: return 0

@@ -56,7 +56,8 @@ def replay(client: Client, rows: pd.DataFrame, # the events to send, in time ord
            columns: list) -> pd.DataFrame:
     "Send each row to the server, one request each, in order; its features and scores, one row each."
     answers = []
-    for record in tqdm(_records(rows[columns]), desc="replaying events", unit="event", leave=False):
+    for record in tqdm(_records(rows[columns]), desc="replaying events", unit="event", leave=False,
+                       disable=None):  # no bar where the output is no terminal
         answer = client.predict([record])
         answers.append({**{k: v[0] for k, v in answer.get("features", {}).items()},
                         "prediction": answer["predictions"][0],
@@ -145,7 +146,7 @@ def check_skew(url: str, # the running server, e.g. http://127.0.0.1:5005
         served_d = definitions_from(variant["online_features"])
         d = definitions_from(definitions) if definitions is not None else served_d
         period, history = _period(events, d, start, end)
-        if store: materialize(open_store(store), served_d, history)
+        if store: materialize(open_store(store), served_d, history, period[served_d.entity].unique())
         served = replay(client, period, [c["name"] for c in variant["columns"]])
     largest = _compare(period, served, d, atol)
     batch = batch_scores(variant, period, settings or load_settings())

@@ -57,9 +57,10 @@ def models(tmp_path_factory):
     return ws, uris, events, offline
 
 
-def serve(ws, uri, store: str, **env) -> Server:
-    "`mlwb serve uri` with its online states in `store`, ready."
-    return Server(ws, uri, env={"MLWB_ONLINE_STORE": store, **env}).wait_ready()
+def serve(ws, uri, store: str, ready: bool = True) -> Server:
+    "`mlwb serve uri` with its online states in `store`, ready (or starting, unless `ready`)."
+    server = Server(ws, uri, env={"MLWB_ONLINE_STORE": store})
+    return server.wait_ready(timeout=300) if ready else server  # a generous limit on a busy machine
 
 
 def event(card="Z", when="2026-03-01T10:00:00", amount=20.0) -> dict:
@@ -164,8 +165,9 @@ def test_skew_check_catches_a_skewed_definition_naming_feature_and_row(models, t
 def test_two_replicas_share_one_postgres_store(models, postgres):  # noqa: F811
     ws, uris, _, _ = models
     dsn, _ = postgres
-    replicas = [serve(ws, uris["card-fraud"], dsn) for _ in range(2)]
+    replicas = [serve(ws, uris["card-fraud"], dsn, ready=False) for _ in range(2)]
     try:
+        for replica in replicas: replica.wait_ready(timeout=300)
         when = lambda m: f"2026-04-01T09:{m:02d}:00"
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda m: predict(replicas[m % 2], event("P", when(m))), range(24)))
