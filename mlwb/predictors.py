@@ -63,6 +63,18 @@ def register_fast_path(name: str, builder):
     return FAST_PATHS.register(name, builder)
 
 # %% ../nbs/18_predictors.ipynb #ba3b3b30
+def _register_online_features():
+    "Teach skl2onnx `OnlineFeatures`: its columns pass through, an ONNX `Identity`."
+    from skl2onnx import update_registered_converter
+    from mlwb.feature_spec import OnlineFeatures
+    def shape(operator):
+        first, n = operator.inputs[0], len(operator.raw_operator.feature_names_in_)
+        operator.outputs[0].type = first.type.__class__([first.get_first_dimension(), n])
+    def convert(scope, operator, container):
+        container.add_node("Identity", operator.inputs[0].full_name, operator.outputs[0].full_name,
+                           name=scope.get_unique_operator_name("OnlineFeatures"))
+    update_registered_converter(OnlineFeatures, "MlwbOnlineFeatures", shape, convert)
+
 def _patch_skl2onnx():
     "Teach skl2onnx our `FeatureTransformer`, and work around its bool attribute in tree ensembles."
     import skl2onnx.common.tree_ensemble as trees
@@ -72,6 +84,7 @@ def _patch_skl2onnx():
     from mlwb.feature_spec import FeatureTransformer
     sklearn_parsers_map.setdefault(FeatureTransformer, sklearn_parsers_map[ColumnTransformer])
     sklearn_operator_name_map.setdefault(FeatureTransformer, sklearn_operator_name_map[ColumnTransformer])
+    _register_online_features()
     if getattr(trees.add_node, "_mlwb", False): return
     original = trees.add_node
     def add_node(*args, **kwargs):
