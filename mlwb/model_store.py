@@ -24,8 +24,8 @@ from .config import Settings, load_settings
 from .core import Registry
 from .online_features import definitions_dict, feature_names, find_definitions, open_store
 from .payload import INTEGER_KINDS, NUMBER_KINDS, Column, ServeError, input_columns
-from .predictors import (PARITY_TOLERANCE, NativePredictor, OnlineFeaturePredictor, choose_predictor,
-                             parity_rows)
+from .predictors import (PARITY_TOLERANCE, NativePredictor, OnlineFeaturePredictor,
+                             choose_predictor, parity_rows)
 from .tracking import tracking_to
 
 # %% auto #0
@@ -144,7 +144,7 @@ class LoadedModel:
     online: dict | None = None  # with online features: their definitions
 
     def columns_for(self, names) -> list:
-        "The columns a request with columns `names` is checked against: a raw event's or the model's."
+        "The columns to check a request with columns `names` against: a raw event's, or the model's."
         if self.online and self.online["entity"] not in names: return self.feature_columns
         return self.columns
 
@@ -187,7 +187,7 @@ def warm_up(predictor, example: dict, times: int = 5) -> float:
 
 # %% ../nbs/19_model_store.ipynb #bb190002
 def online_store_url(settings: Settings, ref: ModelRef) -> str:
-    "Where the online states of `ref` live: `MLWB_ONLINE_STORE`, else a SQLite file in the workspace."
+    "Where `ref`'s online states are: `MLWB_ONLINE_STORE`, else a SQLite file in the workspace."
     path = settings.workspace / ".mlwb" / "online" / f"{ref.slug}.sqlite"
     return os.environ.get("MLWB_ONLINE_STORE") or f"sqlite:///{path}"
 

@@ -166,8 +166,9 @@ def check_lateness(d: FeatureDefinitions, state: dict, t: int, key) -> None:
     "Raise `LateEventError` if `t` is more than the lateness behind the entity's newest event."
     if state["t"] and t < state["t"][-1] - d.lateness_us:
         raise LateEventError(
-            f"{d.entity} {key!r}: event at {_iso(t)} is more than {d.lateness or 'the longest window'}"
-            f" older than the newest one ({_iso(state['t'][-1])}); its features cannot be exact")
+            f"{d.entity} {key!r}: event at {_iso(t)} is more than "
+            f"{d.lateness or 'the longest window'} older than the newest one "
+            f"({_iso(state['t'][-1])}); its features cannot be exact")
 
 # %% ../nbs/10_online_features.ipynb #bdf78651
 def event_features(d: FeatureDefinitions, state: dict, t: int) -> dict:
@@ -234,7 +235,7 @@ class SqliteStore:
 
     @contextmanager
     def states(self, namespace: str, keys, write: bool = True):
-        "The states of `keys` (new ones empty), locked for the block; written back unless it raises."
+        "The states of `keys` (new ones empty), locked for the block; saved unless it raises."
         keys = sorted(set(map(str, keys)))
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -265,7 +266,7 @@ class PostgresStore:
 
     @contextmanager
     def states(self, namespace: str, keys, write: bool = True):
-        "The states of `keys` (new ones empty), locked for the block; written back unless it raises."
+        "The states of `keys` (new ones empty), locked for the block; saved unless it raises."
         keys = sorted(set(map(str, keys)))
         from psycopg import Rollback
         with self.lock, self.db.transaction() as tx:
@@ -320,7 +321,7 @@ def materialize(store, d, # the store, the definitions
 
 # %% ../nbs/10_online_features.ipynb #dbb3fceb
 def online_features_spec(columns, definitions: dict):
-    "The `online` kind of a feature spec: the computed columns, passed through with their definitions."
+    "The `online` kind of spec entry: computed columns, passed through with their definitions."
     d = definitions_from(definitions)
     if list(columns) != feature_names(d):
         raise FeatureError(f"feature spec 'online': columns must be {feature_names(d)}, the "

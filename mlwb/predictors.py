@@ -192,7 +192,8 @@ class OnlineFeaturePredictor:
         try:
             with self.store.states(namespace_of(d), data[d.entity]) as states:
                 features = online_features(d, data, states)
-                scores = self.inner.predict({**data, **{k: v.tolist() for k, v in features.items()}})
+                columns = {**data, **{k: v.tolist() for k, v in features.items()}}
+                scores = self.inner.predict(columns)
         except LateEventError as e: raise RequestError(422, f"column '{d.time}': {e}") from None
         scores.features = {name: _nullable(values) for name, values in features.items()}
         return scores

@@ -54,7 +54,7 @@ def _records(rows: pd.DataFrame) -> list:
 
 def replay(client: Client, rows: pd.DataFrame, # the events to send, in time order
            columns: list) -> pd.DataFrame:
-    "Send each row to the server, one request each, in order; its features and scores, one row each."
+    "Send each row to the server, one request each, in order; its features and scores per row."
     answers = []
     for record in tqdm(_records(rows[columns]), desc="replaying events", unit="event", leave=False,
                        disable=None):  # no bar where the output is no terminal
@@ -146,7 +146,8 @@ def check_skew(url: str, # the running server, e.g. http://127.0.0.1:5005
         served_d = definitions_from(variant["online_features"])
         d = definitions_from(definitions) if definitions is not None else served_d
         period, history = _period(events, d, start, end)
-        if store: materialize(open_store(store), served_d, history, period[served_d.entity].unique())
+        if store:
+            materialize(open_store(store), served_d, history, period[served_d.entity].unique())
         served = replay(client, period, [c["name"] for c in variant["columns"]])
     largest = _compare(period, served, d, atol)
     batch = batch_scores(variant, period, settings or load_settings())
@@ -180,7 +181,8 @@ def check_skew_command(events, url, definitions, start, end, store, token):
 @features_command.command("materialize")
 @click.argument("events", type=click.Path(exists=True, dir_okay=False))
 @click.option("--definitions", required=True, help="The feature definitions (features.yml).")
-@click.option("--store", required=True, help="The online store URL (sqlite:///... or postgresql://...).")
+@click.option("--store", required=True,
+              help="The online store URL (sqlite:///... or postgresql://...).")
 def materialize_command(events, definitions, store):
     "Load each entity's state from the history in EVENTS into the online store."
     n = materialize(open_store(store), definitions_from(definitions), _events(events))
