@@ -171,7 +171,8 @@ def features_command():
               "(default: the served model's own definitions).")
 @click.option("--start", default=None, help="First event time replayed (ISO); earlier is history.")
 @click.option("--end", default=None, help="Events at or after this time are left out (ISO).")
-@click.option("--store", default=None, help="The server's online store, to load the history into.")
+@click.option("--store", default=None, help="The server's online store, to load the history into "
+              "(its states of the period's entities are replaced: use a staging server).")
 @click.option("--token", envvar="MLWB_SERVE_TOKEN", default=None, help="The server's token.")
 def check_skew_command(events, url, definitions, start, end, store, token):
     "Replay EVENTS in time order through the server; every feature and score must match offline."
