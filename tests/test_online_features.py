@@ -72,6 +72,20 @@ def predict(server, *records) -> httpx.Response:
     return httpx.post(f"{server.url}/predict", json={"records": list(records)}, timeout=30)
 
 
+def test_the_online_path_equals_the_offline_one_on_a_month_of_events():
+    "Every event of a month, one at a time in time order (simultaneous ones included): counts exact, sums to 1e-9."
+    from mlwb.generate import make_card_transactions
+    from mlwb.online_features import online_features
+    events = make_card_transactions(n_cards=300, n_days=30, seed=4)
+    events = pd.concat([events, events.iloc[::50].assign(amount=1.0)])  # a second event at the same moment
+    events = events.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    d, states = definitions_from(CARD), {}
+    online = [online_features(d, {c: [v] for c, v in row.items()}, states)
+              for row in events[["card_id", "timestamp", "amount"]].to_dict("records")]
+    online = pd.DataFrame({k: [r[k][0] for r in online] for k in feature_names(d)})
+    assert first_skew(offline_features(d, events), online, feature_names(d)) is None
+
+
 def test_a_raw_transaction_is_scored_and_openapi_shows_the_raw_schema(models, tmp_path):
     ws, uris, _, offline = models
     server = serve(ws, uris["card-fraud"], f"sqlite:///{tmp_path}/state.sqlite")
