@@ -57,6 +57,16 @@ def models(tmp_path_factory):
     return ws, uris, events, offline
 
 
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    "One server of `card-fraud` for the tests that need no fresh one: (server, its store URL)."
+    ws, uris, _, _ = models
+    store = f"sqlite:///{tmp_path_factory.mktemp('served')}/state.sqlite"
+    server = serve(ws, uris["card-fraud"], store)
+    yield server, store
+    server.stop()
+
+
 def serve(ws, uri, store: str, ready: bool = True) -> Server:
     "`mlwb serve uri` with its online states in `store`, ready (or starting, unless `ready`)."
     server = Server(ws, uri, env={"MLWB_ONLINE_STORE": store})
@@ -86,48 +96,42 @@ def test_the_online_path_equals_the_offline_one_on_a_month_of_events():
     assert first_skew(offline_features(d, events), online, feature_names(d)) is None
 
 
-def test_a_raw_transaction_is_scored_and_openapi_shows_the_raw_schema(models, tmp_path):
-    ws, uris, _, offline = models
-    server = serve(ws, uris["card-fraud"], f"sqlite:///{tmp_path}/state.sqlite")
-    try:
-        answer = predict(server, event()).json()  # a card never seen: no past
-        assert answer["features"]["count_7d"] == [0.0] and answer["features"]["seconds_since_previous"] == [None]
-        assert 0 <= answer["probabilities"][0] <= 1
-        body = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
-        shown = str(body)
-        assert "card_id" in shown and "timestamp" in shown and "count_1h" not in shown
-        vector = offline[INPUTS + feature_names(definitions_from(CARD))].head(3)
-        records = httpx.post(f"{server.url}/predict", json={"records": json.loads(vector.to_json(orient="records"))},
-                             timeout=30)  # NaN as null
-        assert records.status_code == 200 and "features" not in records.json()  # the vector path stays
-        later = predict(server, event(when="2026-03-01T10:30:00")).json()
-        assert later["features"]["count_1h"] == [1.0]  # the vector request left the state alone
-        meta = httpx.get(f"{server.url}/metadata").json()
-        assert meta["variants"]["champion"]["online_features"]["entity"] == "card_id"
-    finally: server.stop()
+def test_a_raw_transaction_is_scored_and_openapi_shows_the_raw_schema(models, served):
+    offline, (server, _) = models[3], served
+    answer = predict(server, event()).json()  # a card never seen: no past
+    features = answer["features"]
+    assert features["count_7d"] == [0.0] and features["seconds_since_previous"] == [None]
+    assert 0 <= answer["probabilities"][0] <= 1
+    shown = str(httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"])
+    assert "card_id" in shown and "timestamp" in shown and "count_1h" not in shown
+    vector = offline[INPUTS + feature_names(definitions_from(CARD))].head(3)
+    body = {"records": json.loads(vector.to_json(orient="records"))}  # NaN as null
+    records = httpx.post(f"{server.url}/predict", json=body, timeout=30)
+    assert records.status_code == 200 and "features" not in records.json()  # the vector path stays
+    later = predict(server, event(when="2026-03-01T10:30:00")).json()
+    assert later["features"]["count_1h"] == [1.0]  # the vector request left the state alone
+    meta = httpx.get(f"{server.url}/metadata").json()
+    assert meta["variants"]["champion"]["online_features"]["entity"] == "card_id"
 
 
-def test_edge_cases_have_their_defined_answers(models, tmp_path):
-    ws, uris, _, _ = models
-    server = serve(ws, uris["card-fraud"], f"sqlite:///{tmp_path}/state.sqlite")
-    try:
-        predict(server, event(when="2026-03-01T10:00:00"))
-        predict(server, event(when="2026-03-01T12:00:00"))
-        out_of_order = predict(server, event(when="2026-03-01T10:40:00")).json()["features"]
-        assert out_of_order["count_1h"] == [1.0] and out_of_order["seconds_since_previous"] == [2400.0]
-        late = predict(server, event(when="2026-02-20T10:00:00"))  # older than the week's lateness
-        assert late.status_code == 422 and "timestamp" in late.json()["error"]
-        after = predict(server, event(when="2026-03-01T12:30:00")).json()["features"]
-        assert after["count_24h"] == [3.0]  # the refused event left no trace
-        with ThreadPoolExecutor(16) as pool:  # 32 requests for one card at once
-            answers = list(pool.map(lambda m: predict(server, event("Y", f"2026-03-02T10:{m:02d}:00")),
-                                    range(32)))
-        assert all(a.status_code == 200 for a in answers)
-        counts = sorted(a.json()["features"]["count_1h"][0] for a in answers)
-        assert counts[-1] <= 31 and counts[0] == 0  # each saw only events that came before it
-        next_one = predict(server, event("Y", "2026-03-02T10:59:00")).json()["features"]
-        assert next_one["count_1h"] == [32.0]  # none was lost
-    finally: server.stop()
+def test_edge_cases_have_their_defined_answers(served):
+    server, _ = served
+    predict(server, event("X", when="2026-03-01T10:00:00"))
+    predict(server, event("X", when="2026-03-01T12:00:00"))
+    out_of_order = predict(server, event("X", when="2026-03-01T10:40:00")).json()["features"]
+    assert out_of_order["count_1h"] == [1.0] and out_of_order["seconds_since_previous"] == [2400.0]
+    late = predict(server, event("X", when="2026-02-20T10:00:00"))  # older than the week's lateness
+    assert late.status_code == 422 and "timestamp" in late.json()["error"]
+    after = predict(server, event("X", when="2026-03-01T12:30:00")).json()["features"]
+    assert after["count_24h"] == [3.0]  # the refused event left no trace
+    with ThreadPoolExecutor(16) as pool:  # 32 requests for one card at once
+        answers = list(pool.map(lambda m: predict(server, event("Y", f"2026-03-02T10:{m:02d}:00")),
+                                range(32)))
+    assert all(a.status_code == 200 for a in answers)
+    counts = sorted(a.json()["features"]["count_1h"][0] for a in answers)
+    assert counts[-1] <= 31 and counts[0] == 0  # each saw only events that came before it
+    next_one = predict(server, event("Y", "2026-03-02T10:59:00")).json()["features"]
+    assert next_one["count_1h"] == [32.0]  # none was lost
 
 
 def test_state_survives_a_restart(models, tmp_path):
@@ -143,16 +147,12 @@ def test_state_survives_a_restart(models, tmp_path):
     finally: second.stop()
 
 
-def test_skew_check_replays_a_period_and_matches_offline_and_batch(models, tmp_path):
-    ws, uris, events, _ = models
-    store = f"sqlite:///{tmp_path}/state.sqlite"
+def test_skew_check_replays_a_period_and_matches_offline_and_batch(models, served):
+    from mlwb.config import load_settings
+    (ws, _, events, _), (server, store) = models, served
     start = events.timestamp.quantile(0.7)
-    server = serve(ws, uris["card-fraud"], store)
-    try:
-        from mlwb.config import load_settings
-        report = check_skew(server.url, events, ws / "card.yml", start=start, store=store,
-                            settings=load_settings(ws, environ={}))
-    finally: server.stop()
+    report = check_skew(server.url, events, ws / "card.yml", start=start, store=store,
+                        settings=load_settings(ws, environ={}))
     assert report.rows == (events.timestamp >= start).sum() > 100
     assert report.largest["count_7d"] == 0 and report.largest["amount_sum_7d"] <= 1e-9
     assert report.largest["score"] <= 1e-5
