@@ -142,7 +142,7 @@ async def score_request(state: ServerState, request, variant: Variant) -> tuple:
     try:
         body = await read_body(request, options.max_body_bytes)
         model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
-        payload = payload_columns(read_json(body))  # a raw event or the feature vector (issue 16):
+        payload = payload_columns(read_json(body))  # a raw event or the feature vector (issue 16)
         data, n = check_columns(payload, model.columns_for(payload), options.max_rows)
     finally: batcher.arriving -= 1
     return model, data, await batcher.submit(model, data, n)
