@@ -19,6 +19,7 @@ from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, build_features,
                                skops_trusted_types)
 from mlwb.features import (DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf,
                            WindowAggregates, check_point_in_time, expected_failed_checks)
+from mlwb.online_features import offline_features, online_spec
 
 SPEC = {"numeric": {"columns": ["amount", "distance_from_home_km"], "scaling": "standard", "imputation": "median"},
         "categorical": ["merchant_category"],
@@ -165,11 +166,16 @@ def test_point_in_time_check_catches_a_leaky_feature(cards):
 
 # --- round trips inside a Pipeline ---------------------------------------------------------------------------------
 
+ONLINE = {"entity": "card_id", "time": "timestamp", "value": "amount", "windows": {"1h": "1h"}, "since_previous": None}
+
+
 @pytest.fixture(scope="module")
 def fitted(cards):
-    "A Pipeline of every kind of feature and a logistic regression, fitted on the cards."
+    "A Pipeline of every kind of feature (online ones too) and a logistic regression, fitted on the cards."
+    cards = offline_features(ONLINE, cards)
     X, y = cards.drop(columns=["is_fraud", "transaction_id"]), cards.is_fraud
-    return Pipeline([("features", build_features(SPEC)), ("model", LogisticRegression(max_iter=1_000))]).fit(X, y), X
+    spec = {**SPEC, "online": online_spec(ONLINE)}
+    return Pipeline([("features", build_features(spec)), ("model", LogisticRegression(max_iter=1_000))]).fit(X, y), X
 
 
 @pytest.mark.parametrize("pickler", [pickle, cloudpickle], ids=["pickle", "cloudpickle"])
