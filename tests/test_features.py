@@ -15,8 +15,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from mlwb.config import MlwbError
 from mlwb.generate import make_card_transactions
-from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, build_features, register_transformer,
-                               skops_trusted_types)
+from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, OnlineFeatures, build_features,
+                               register_transformer, skops_trusted_types)
 from mlwb.features import (DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf,
                            WindowAggregates, check_point_in_time, expected_failed_checks)
 from mlwb.online_features import offline_features, online_spec
@@ -52,7 +52,7 @@ def noise_ids(n, seed, customers=None):
 # WindowAggregates is checked on column positions with counts only: many checks use two-column numeric arrays.
 # TextTfidf takes one column of text, which check_estimator cannot generate; it is checked by hand below.
 @parametrize_with_checks([FrequencyEncoder(), OutOfFoldTargetEncoder(), DateTimeFeatures(cyclical=True),
-                          WindowAggregates(key=0, time=1, value=None)],
+                          WindowAggregates(key=0, time=1, value=None), OnlineFeatures({"entity": "card_id"})],
                          expected_failed_checks=expected_failed_checks, xfail_strict=True)
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
