@@ -18,7 +18,7 @@ from test_serve import Server, log_sklearn, register
 from test_server import installed_postgres, postgres  # noqa: F401 (fixtures)
 
 from mlwb.online_features import feature_names, definitions_from, offline_features, online_spec
-from mlwb.skew import SkewError, check_skew, first_skew
+from mlwb.skew import check_skew, first_skew
 
 MLWB = os.path.join(os.path.dirname(sys.executable), "mlwb")
 CARD = dict(entity="card_id", time="timestamp", value="amount",
