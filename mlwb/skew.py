@@ -7,7 +7,6 @@ Docs: https://mlwb.github.io/mlwb/skew.html.md"""
 # %% ../nbs/23_skew.ipynb #0c58ea62
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import click
