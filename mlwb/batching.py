@@ -96,8 +96,6 @@ def score_batch(group: list) -> list:
     except Exception as e:
         if len(group) == 1: return [e]
         return [score_batch([p])[0] for p in group]
-    results, start, probabilities = [], 0, scores.probabilities
-    for p in group:
-        mine = probabilities[start:start + p.n] if probabilities is not None else None
-        results.append(Scores(scores.predictions[start:start + p.n], mine)); start += p.n
+    results, start = [], 0
+    for p in group: results.append(scores.rows(start, start + p.n)); start += p.n
     return results

@@ -27,7 +27,7 @@ __all__ = ['CHECKS', 'REGISTRY_CHECKS', 'CheckFailed', 'CheckContext', 'register
            'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least', 'check_metric_at_most',
            'read_windows', 'check_drift_alarm', 'load_served_model', 'check_model_registered', 'example_rows',
            'mlwb_executable', 'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows',
-           'check_api_answers']
+           'check_api_answers', 'check_raw_event_answers']
 
 # %% ../nbs/42_checks.ipynb #edfee144
 class CheckFailed(MlwbError):
@@ -256,3 +256,24 @@ def check_api_answers(ctx: CheckContext, model: str, rows: str, n: int = 20) -> 
     return f"`mlwb serve {model}` answered {len(served)} rows with the model's own predictions"
 
 register_check("api_answers", check_api_answers, registry=True);
+
+# %% ../nbs/42_checks.ipynb #cc420002
+def check_raw_event_answers(ctx: CheckContext, model: str, events: str, features: str,
+                            n: int = 50) -> str:
+    "`mlwb serve` of `model` answers the last `n` raw `events` with the batch features and scores."
+    from mlwb.client import ClientError
+    from mlwb.model_store import online_store_url, resolve_model
+    from mlwb.online_features import definitions_from
+    from mlwb.skew import SkewError, check_skew
+    from mlwb.tables import load_table
+    check_file_exists(ctx, events)
+    table, d = load_table(ctx.folder / events), definitions_from(ctx.folder / features)
+    start = table[d.time].sort_values().iloc[-min(n, len(table))]
+    store = online_store_url(ctx.settings, resolve_model(model, ctx.settings))
+    with serving(ctx.settings, model) as url:
+        try: report = check_skew(url, table, d, start=start, store=store, settings=ctx.settings)
+        except (SkewError, ClientError) as e: raise CheckFailed(f"{model}: {e}") from None
+    return (f"`mlwb serve {model}` answered {report.rows} raw transactions with the batch "
+            f"pipeline's features and scores")
+
+register_check("raw_event_answers", check_raw_event_answers, registry=True);

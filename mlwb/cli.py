@@ -33,6 +33,7 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "progress": ("mlwb.milestones", "progress_command"),
     "stop-kernels": ("mlwb.runs", "stop_kernels_command"),
     "adopt": ("mlwb.adopt", "adopt_command"),
+    "features": ("mlwb.skew", "features_command"),
 }
 
 def command_elsewhere(name: str) -> click.Command | None:

@@ -58,7 +58,7 @@ SETTINGS_FILE = "settings.ini"
 SECTION = "mlwb"
 ENV_PREFIX = "MLWB_"
 # environment variables of ours that are not settings
-NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN", "MLWB_SWEEP", "MLWB_USER"}
+NON_SETTING_ENV = {"MLWB_WORKSPACE", "MLWB_SERVE_TOKEN", "MLWB_SWEEP", "MLWB_USER", "MLWB_ONLINE_STORE"}
 
 DEFAULTS = {  # key: (default text, parser)
     "tracking_uri": ("", _optional),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import inspect
 
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, OneHotEncoder, RobustScaler, StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .core import Registry
 from .features import (
@@ -22,8 +24,8 @@ from .features import (
 # %% auto #0
 __all__ = ['TRANSFORMERS', 'SCALERS', 'IMPUTATIONS', 'BUILT_IN', 'register_transformer', 'transformer_factory',
            'numeric_features', 'categorical_features', 'datetime_features', 'text_features', 'frequency_features',
-           'target_encoded_features', 'window_features', 'passthrough_features', 'FeatureTransformer', 'build_features',
-           'skops_trusted_types']
+           'target_encoded_features', 'window_features', 'passthrough_features', 'FeatureTransformer', 'OnlineFeatures',
+           'build_features', 'skops_trusted_types']
 
 # %% ../nbs/10_feature_spec.ipynb #d2aa0f06
 # kind of feature -> factory(columns, **options) returning a transformer
@@ -142,6 +144,26 @@ class FeatureTransformer(ColumnTransformer):
         _check_columns(self.transformers, X)
         return super().transform(X, **params)
 
+# %% ../nbs/10_feature_spec.ipynb #1a2b3c4d
+class OnlineFeatures(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    "Columns an online feature store computes, passed through; carries their definitions."
+
+    def __init__(self, definitions=None): # the definitions, as plain data
+        self.definitions = definitions
+
+    def fit(self, X, y=None):
+        validate_data(self, X, reset=True, ensure_all_finite="allow-nan")
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, ensure_all_finite="allow-nan")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # a card's first event has no previous one
+        return tags
+
 # %% ../nbs/10_feature_spec.ipynb #91980688
 def _entry(name: str, entry) -> tuple:
     "The `(name, transformer, columns)` of a spec entry: columns, or `columns` and options."
@@ -171,5 +193,5 @@ def build_features(spec: dict, # {kind: columns, or {"columns": ..., option: val
 def skops_trusted_types() -> list:
     "The type names MLflow's `skops_trusted_types` needs for a model built here."
     ours = (FeatureTransformer, DateTimeFeatures, FrequencyEncoder, OutOfFoldTargetEncoder,
-            TextTfidf, WindowAggregates)
+            TextTfidf, WindowAggregates, OnlineFeatures)
     return [f"{c.__module__}.{c.__qualname__}" for c in ours] + ["numpy.dtype"]

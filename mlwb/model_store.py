@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,14 +22,17 @@ import orjson
 
 from .config import Settings, load_settings
 from .core import Registry
-from .payload import INTEGER_KINDS, NUMBER_KINDS, ServeError, input_columns
-from .predictors import PARITY_TOLERANCE, NativePredictor, choose_predictor, parity_rows
+from .online_features import definitions_dict, feature_names, find_definitions, open_store
+from .payload import INTEGER_KINDS, NUMBER_KINDS, Column, ServeError, input_columns
+from .predictors import (PARITY_TOLERANCE, NativePredictor, OnlineFeaturePredictor,
+                             choose_predictor, parity_rows)
 from .tracking import tracking_to
 
 # %% auto #0
 __all__ = ['NATIVE_LOADERS', 'INLINE_BELOW_S', 'ModelLoadError', 'ModelRef', 'resolve_model', 'local_model_folder',
-           'register_loader', 'load_native', 'LoadedModel', 'pd_frame', 'warm_up', 'load_model', 'Variant',
-           'ModelStore', 'follow_variant', 'watch_aliases', 'settle_heap']
+           'register_loader', 'load_native', 'LoadedModel', 'pd_frame', 'warm_up', 'online_store_url', 'raw_columns',
+           'with_online_features', 'load_model', 'Variant', 'ModelStore', 'follow_variant', 'watch_aliases',
+           'settle_heap']
 
 # %% ../nbs/19_model_store.ipynb #18000005
 class ModelLoadError(ServeError):
@@ -136,6 +140,13 @@ class LoadedModel:
     example: dict
     inline: bool = False  # score on the event loop: the predictor is so fast that a thread hop would cost more
     loaded_at: float = field(default_factory=time.time)
+    feature_columns: list | None = None  # with online features: the feature vector the model takes
+    online: dict | None = None  # with online features: their definitions
+
+    def columns_for(self, names) -> list:
+        "The columns to check a request with columns `names` against: a raw event's, or the model's."
+        if self.online and self.online["entity"] not in names: return self.feature_columns
+        return self.columns
 
 # %% ../nbs/19_model_store.ipynb #11e01a30
 def _native(path: Path, columns: list) -> NativePredictor:
@@ -174,6 +185,28 @@ def warm_up(predictor, example: dict, times: int = 5) -> float:
         start = time.perf_counter(); predictor.predict(one_row); best = min(best, time.perf_counter() - start)
     return best
 
+# %% ../nbs/19_model_store.ipynb #bb190002
+def online_store_url(settings: Settings, ref: ModelRef) -> str:
+    "Where `ref`'s online states are: `MLWB_ONLINE_STORE`, else a SQLite file in the workspace."
+    path = settings.workspace / ".mlwb" / "online" / f"{ref.slug}.sqlite"
+    return os.environ.get("MLWB_ONLINE_STORE") or f"sqlite:///{path}"
+
+def raw_columns(d, columns: list) -> list:
+    "A raw event's columns: the entity, the time, the value, then the model's inputs not computed."
+    computed = set(feature_names(d)) | {d.entity, d.time}
+    inputs = [c for c in columns if c.name not in computed]
+    value = [] if any(c.name == d.value for c in inputs) else [Column(d.value, "double")]
+    return [Column(d.entity, "string"), Column(d.time, "datetime"), *value, *inputs]
+
+def with_online_features(model: LoadedModel, settings: Settings) -> LoadedModel:
+    "`model` taking raw events when it carries online feature definitions; else `model` itself."
+    d = find_definitions(model.native.model) if model.native.sklearn else None
+    if d is None: return model
+    store = open_store(online_store_url(settings, model.ref))
+    return replace(model, columns=raw_columns(d, model.columns), feature_columns=model.columns,
+                   predictor=OnlineFeaturePredictor(model.predictor, d, store), inline=False,
+                   online=definitions_dict(d))
+
 # %% ../nbs/19_model_store.ipynb #3432d2cb
 def _parity_rows(native: NativePredictor, example: dict, columns: list) -> dict:
     "The rows the parity check scores: the example and synthetic rows, or the example alone if the model refuses those."
@@ -199,7 +232,8 @@ def load_model(uri: str, # any MLflow model URI
     predictor, report = choose_predictor(native, rows, tolerance, None if fast else [])
     signature = {k: orjson.loads(v) if isinstance(v, str) else v for k, v in info.signature.to_dict().items()}
     inline = warm_up(predictor, example) < INLINE_BELOW_S
-    return LoadedModel(ref, columns, predictor, native, report, signature, example, inline=inline)
+    loaded = LoadedModel(ref, columns, predictor, native, report, signature, example, inline=inline)
+    return with_online_features(loaded, settings)
 
 # %% ../nbs/19_model_store.ipynb #385f2198
 def _iso(ts: float | None) -> str | None:
@@ -228,7 +262,7 @@ class Variant:
                 "signature": model.signature, "columns": [c.__dict__ for c in model.columns],
                 "fast_path": {**model.fast_path, "used": model.predictor.name},
                 "loaded_at": _iso(model.loaded_at), "changed_at": _iso(self.changed_at),
-                "previous_version": self.previous}
+                "previous_version": self.previous, "online_features": model.online}
 
 # %% ../nbs/19_model_store.ipynb #e82a7af8
 class ModelStore:

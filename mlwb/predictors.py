@@ -14,11 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .core import Registry
-from .payload import INTEGER_KINDS, MLFLOW_DTYPES, NUMBER_KINDS, ServeError, frame_of, numpy_dtype
+from .online_features import LateEventError, namespace_of, online_features
+from .payload import (INTEGER_KINDS, MLFLOW_DTYPES, NUMBER_KINDS, RequestError, ServeError, frame_of,
+                          numpy_dtype)
 
 # %% auto #0
 __all__ = ['FAST_PATHS', 'ONNX_DTYPES', 'PARITY_TOLERANCE', 'Scores', 'NativePredictor', 'register_fast_path', 'onnx_types',
-           'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor', 'parity_rows', 'parity', 'choose_predictor']
+           'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor', 'OnlineFeaturePredictor', 'parity_rows', 'parity',
+           'choose_predictor']
 
 # %% ../nbs/18_predictors.ipynb #314a032b
 @dataclass
@@ -26,6 +29,13 @@ class Scores:
     "What a predictor returns for a batch: one prediction per row and, for classifiers, class probabilities."
     predictions: list
     probabilities: np.ndarray | None = None  # rows x classes, or None
+    features: dict | None = None  # feature -> one value per row, when computed online
+
+    def rows(self, start: int, stop: int) -> Scores:
+        "The scores of rows `start` to `stop` (one request's share of a batch)."
+        p, f = self.probabilities, self.features
+        return Scores(self.predictions[start:stop], p[start:stop] if p is not None else None,
+                      {k: v[start:stop] for k, v in f.items()} if f is not None else None)
 
     def positive(self) -> list | None:
         "The positive-class probability of each row for a binary classifier, else None."
@@ -53,6 +63,18 @@ def register_fast_path(name: str, builder):
     return FAST_PATHS.register(name, builder)
 
 # %% ../nbs/18_predictors.ipynb #ba3b3b30
+def _register_online_features():
+    "Teach skl2onnx `OnlineFeatures`: its columns pass through, an ONNX `Identity`."
+    from skl2onnx import update_registered_converter
+    from mlwb.feature_spec import OnlineFeatures
+    def shape(operator):
+        first, n = operator.inputs[0], len(operator.raw_operator.feature_names_in_)
+        operator.outputs[0].type = first.type.__class__([first.get_first_dimension(), n])
+    def convert(scope, operator, container):
+        container.add_node("Identity", operator.inputs[0].full_name, operator.outputs[0].full_name,
+                           name=scope.get_unique_operator_name("OnlineFeatures"))
+    update_registered_converter(OnlineFeatures, "MlwbOnlineFeatures", shape, convert)
+
 def _patch_skl2onnx():
     "Teach skl2onnx our `FeatureTransformer`, and work around its bool attribute in tree ensembles."
     import skl2onnx.common.tree_ensemble as trees
@@ -62,6 +84,7 @@ def _patch_skl2onnx():
     from mlwb.feature_spec import FeatureTransformer
     sklearn_parsers_map.setdefault(FeatureTransformer, sklearn_parsers_map[ColumnTransformer])
     sklearn_operator_name_map.setdefault(FeatureTransformer, sklearn_operator_name_map[ColumnTransformer])
+    _register_online_features()
     if getattr(trees.add_node, "_mlwb", False): return
     original = trees.add_node
     def add_node(*args, **kwargs):
@@ -151,6 +174,29 @@ class TorchScriptPredictor:
         return Scores(self.classes[probabilities.argmax(axis=1)].tolist(), probabilities)
 
 register_fast_path("torchscript", TorchScriptPredictor)
+
+# %% ../nbs/18_predictors.ipynb #aa180002
+def _nullable(values: np.ndarray) -> list:
+    "Numbers as a JSON-ready list: NaN becomes None."
+    return [None if v != v else v for v in values.tolist()]
+
+class OnlineFeaturePredictor:
+    "Raw events: their features from the online store, then `inner`; the store learns each event."
+    def __init__(self, inner, definitions, store):
+        self.inner, self.definitions, self.store = inner, definitions, store
+        self.name, self.columns = inner.name, getattr(inner, "columns", None)
+
+    def predict(self, data: dict) -> Scores:
+        d = self.definitions
+        if d.entity not in data: return self.inner.predict(data)  # a feature vector: no state
+        try:
+            with self.store.states(namespace_of(d), data[d.entity]) as states:
+                features = online_features(d, data, states)
+                columns = {**data, **{k: v.tolist() for k, v in features.items()}}
+                scores = self.inner.predict(columns)
+        except LateEventError as e: raise RequestError(422, f"column '{d.time}': {e}") from None
+        scores.features = {name: _nullable(values) for name, values in features.items()}
+        return scores
 
 # %% ../nbs/18_predictors.ipynb #e0b264b5
 PARITY_TOLERANCE = 1e-5  # the largest absolute difference in probability (or regression output) we accept

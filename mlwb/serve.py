@@ -131,6 +131,7 @@ def response_body(request_id: str, variant: Variant, model: LoadedModel, scores:
     if scores.probabilities is not None:
         two = scores.probabilities.shape[1] == 2
         body["probabilities"] = scores.positive() if two else scores.probabilities.tolist()
+    if scores.features is not None: body["features"] = scores.features  # online features (issue 16)
     return body
 
 async def score_request(state: ServerState, request, variant: Variant) -> tuple:
@@ -141,7 +142,8 @@ async def score_request(state: ServerState, request, variant: Variant) -> tuple:
     try:
         body = await read_body(request, options.max_body_bytes)
         model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
-        data, n = check_columns(payload_columns(read_json(body)), model.columns, options.max_rows)
+        payload = payload_columns(read_json(body))  # a raw event or the feature vector (issue 16)
+        data, n = check_columns(payload, model.columns_for(payload), options.max_rows)
     finally: batcher.arriving -= 1
     return model, data, await batcher.submit(model, data, n)
 

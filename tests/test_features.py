@@ -15,10 +15,11 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from mlwb.config import MlwbError
 from mlwb.generate import make_card_transactions
-from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, build_features, register_transformer,
-                               skops_trusted_types)
+from mlwb.feature_spec import (TRANSFORMERS, FeatureTransformer, OnlineFeatures, build_features,
+                               register_transformer, skops_trusted_types)
 from mlwb.features import (DateTimeFeatures, FeatureError, FrequencyEncoder, OutOfFoldTargetEncoder, TextTfidf,
                            WindowAggregates, check_point_in_time, expected_failed_checks)
+from mlwb.online_features import offline_features, online_spec
 
 SPEC = {"numeric": {"columns": ["amount", "distance_from_home_km"], "scaling": "standard", "imputation": "median"},
         "categorical": ["merchant_category"],
@@ -51,7 +52,7 @@ def noise_ids(n, seed, customers=None):
 # WindowAggregates is checked on column positions with counts only: many checks use two-column numeric arrays.
 # TextTfidf takes one column of text, which check_estimator cannot generate; it is checked by hand below.
 @parametrize_with_checks([FrequencyEncoder(), OutOfFoldTargetEncoder(), DateTimeFeatures(cyclical=True),
-                          WindowAggregates(key=0, time=1, value=None)],
+                          WindowAggregates(key=0, time=1, value=None), OnlineFeatures({"entity": "card_id"})],
                          expected_failed_checks=expected_failed_checks, xfail_strict=True)
 def test_sklearn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
@@ -165,11 +166,16 @@ def test_point_in_time_check_catches_a_leaky_feature(cards):
 
 # --- round trips inside a Pipeline ---------------------------------------------------------------------------------
 
+ONLINE = {"entity": "card_id", "time": "timestamp", "value": "amount", "windows": {"1h": "1h"}, "since_previous": None}
+
+
 @pytest.fixture(scope="module")
 def fitted(cards):
-    "A Pipeline of every kind of feature and a logistic regression, fitted on the cards."
+    "A Pipeline of every kind of feature (online ones too) and a logistic regression, fitted on the cards."
+    cards = offline_features(ONLINE, cards)
     X, y = cards.drop(columns=["is_fraud", "transaction_id"]), cards.is_fraud
-    return Pipeline([("features", build_features(SPEC)), ("model", LogisticRegression(max_iter=1_000))]).fit(X, y), X
+    spec = {**SPEC, "online": online_spec(ONLINE)}
+    return Pipeline([("features", build_features(spec)), ("model", LogisticRegression(max_iter=1_000))]).fit(X, y), X
 
 
 @pytest.mark.parametrize("pickler", [pickle, cloudpickle], ids=["pickle", "cloudpickle"])

@@ -1,5 +1,6 @@
 """The first guided project, beyond what every project does (tests/test_projects.py): its stages log the
-metrics a fraud model is judged by, the registered champion loads in a fresh process, and the monitoring
+metrics a fraud model is judged by, the registered champion loads in a fresh process and, served, answers a raw
+transaction with the batch score (its velocity features from the online store), and the monitoring
 stage alarms on the drifted week only."""
 import json
 import subprocess
@@ -45,3 +46,13 @@ def test_monitoring_alarms_on_the_drifted_week_only(project_run):
     assert [w["window"] for w in weekly if w["exit_code"] != 0] == ["week-3"] and weekly[2]["drift"]
     assert all(set(w) == {"window", "drift", "data_quality_failed", "drifted_features", "exit_code"} for w in weekly)
     assert (folder / "report.html").is_file()
+
+
+def test_served_champion_answers_a_raw_transaction_with_the_batch_score(project_run):
+    "Milestone 9's check: `mlwb serve` of the champion takes raw transactions; features and scores match batch."
+    from mlwb.checks import CheckContext, get_check
+    from mlwb.config import load_settings
+    ctx = CheckContext(load_settings(project_run.ws, environ={}), project_run.folder)
+    found = get_check("raw_event_answers")(ctx, model="models:/fraud-detection@champion",
+                                           events="data/clean.parquet", features="features.yml", n=30)
+    assert "answered 30 raw transactions with the batch pipeline's features and scores" in found
