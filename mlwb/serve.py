@@ -26,16 +26,17 @@ from .core import quiet_mlflow
 from .batching import MicroBatcher, scoring_executor
 from .model_store import (LoadedModel, ModelRef, ModelStore, Variant, resolve_model,
                               settle_heap, watch_aliases)
-from .payload import (LOOPBACK, Closing, Guard, ServeError, check_columns, check_content_type,
-                          failure, json_response, openapi_document, payload_columns, read_body,
-                          read_json, unread_bytes)
-from .predictors import Scores
+from .oip import oip_routes
+from .payload import (LOOPBACK, Closing, Guard, Protocol, ServeError, check_columns,
+                          check_content_type, failure, json_response, openapi_document, read_body,
+                          served_columns, unread_bytes)
+from .protocols import MLWB, document_protocols, error_for_path, mlflow_routes, mlwb_routes, respond
 from .request_log import LogItem, RequestLog, ServerMetrics, request_log_folder
 
 # %% auto #0
-__all__ = ['NOT_READY', 'LIMITS', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'response_body',
-           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata', 'create_app',
-           'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
+__all__ = ['NOT_READY', 'OVERLOADED', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'score_request',
+           'routed_variant', 'log_request', 'refusal', 'scoring_route', 'shadow_score', 'create_app', 'drained',
+           'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
 
 # %% ../nbs/22_serve.ipynb #dea8b94b
 @dataclass
@@ -53,6 +54,7 @@ class ServeOptions:
     timeout: float = 10.0  # seconds a prediction may take before a 504
     grace: float = 10.0  # seconds from SIGTERM to exit
     follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
+    max_queue_ms: float = 50.0  # refuse (503) what those in flight would keep waiting longer; 0: never
 
 def check_binding(options: ServeOptions) -> tuple:
     "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."
@@ -68,6 +70,7 @@ class ServerState:
     def __init__(self, store: ModelStore, options: ServeOptions, log: RequestLog | None = None):
         self.store, self.options, self.log, self.metrics = store, options, log, ServerMetrics()
         self.in_flight, self.draining, self.load_error = 0, False, None
+        self.second, self.answers, self.rate = 0, 0, 0  # answers this second, and in the last one
         self.last_request, self.stopping, self.loop = time.monotonic(), threading.Event(), None
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
         store.on_change.append(self.model_changed)
@@ -92,8 +95,9 @@ class ServerState:
 # %% ../nbs/22_serve.ipynb #21000004
 @patch
 def refused(self: ServerState, path: str, status: int):
-    "Count and log a /predict request refused at the door (host, token or size), for no variant."
-    if path != "/predict" or not self.store.ready: return
+    "Count and log a scoring request refused at the door (host, token or size), for no variant."
+    scoring = path in ("/predict", "/invocations") or path.endswith("/infer")
+    if not scoring or not self.store.ready: return
     ref = self.store.get().model.ref
     self.metrics.observe("", status, 0.0, "client")
     if self.log:
@@ -110,6 +114,21 @@ def model_changed(self: ServerState, variant: Variant, old: LoadedModel | None):
     gc.freeze()  # the new model's objects out of the collector's walk, as at start-up (no pause)
 
 @patch
+def answered(self: ServerState):
+    "Count an answer; `rate` keeps the count of the last whole second."
+    second = int(time.monotonic())
+    if second != self.second:
+        self.rate = self.answers if second == self.second + 1 else 0
+        self.second, self.answers = second, 0
+    self.answers += 1
+
+@patch
+def overloaded(self: ServerState) -> bool:
+    "More requests in flight than the server answers in `max_queue_ms` at last second's rate."
+    limit, options = self.options.max_queue_ms, self.options
+    return bool(limit) and self.in_flight >= max(options.max_batch_size, self.rate * limit / 1000)
+
+@patch
 def arrived(self: ServerState):
     "Note that a request arrived: a drain waits until they stop coming."
     self.last_request = time.monotonic()
@@ -124,26 +143,18 @@ def batcher_for(self: ServerState, variant: Variant) -> MicroBatcher:
     return variant.batcher
 
 # %% ../nbs/22_serve.ipynb #2867c1c6
-def response_body(request_id: str, variant: Variant, model: LoadedModel, scores: Scores) -> dict:
-    "The JSON answer to a scored request."
-    body = {"request_id": request_id, "model": model.ref.name, "version": model.ref.version,
-            "variant": variant.name, "predictions": scores.predictions}
-    if scores.probabilities is not None:
-        two = scores.probabilities.shape[1] == 2
-        body["probabilities"] = scores.positive() if two else scores.probabilities.tolist()
-    return body
-
-async def score_request(state: ServerState, request, variant: Variant) -> tuple:
-    "Read, check and score one request: `(model, checked columns, scores)`."
-    check_content_type(request)
+async def score_request(state: ServerState, request, variant: Variant, protocol: Protocol) -> tuple:
+    "Read, check and score one request in `protocol`: `(model, checked columns, scores, context)`."
+    check_content_type(request.headers, protocol.media_types)
     batcher, options = state.batcher_for(variant), state.options
     batcher.arriving += 1
     try:
         body = await read_body(request, options.max_body_bytes)
         model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
-        data, n = check_columns(payload_columns(read_json(body)), model.columns, options.max_rows)
+        rows, context = protocol.read(body, request.headers, model)
+        data, n = check_columns(rows, served_columns(model), options.max_rows)
     finally: batcher.arriving -= 1
-    return model, data, await batcher.submit(model, data, n)
+    return model, data, await batcher.submit(model, data, n), context
 
 # %% ../nbs/22_serve.ipynb #f5fb1a2a
 def routed_variant(state: ServerState, request) -> Variant:
@@ -161,27 +172,39 @@ def log_request(state: ServerState, request_id: str, variant_name: str, model: L
                             seconds * 1000, *scored))
 
 NOT_READY = "not ready: the model is loading or the server is shutting down"
+OVERLOADED = "overloaded: the requests in flight already fill the server's queue; retry later"
 
-async def predict_route(state: ServerState, request):
-    "POST /predict: score the rows of one request."
+def refusal(state: ServerState) -> str | None:
+    "Why a scoring request must get a 503 before it is read (loading, draining, overloaded), if so."
+    if not state.ready: return NOT_READY
+    if not state.overloaded(): return None
+    state.metrics.observe("", 503, 0.0, "overload")
+    return OVERLOADED
+
+async def scoring_route(state: ServerState, request, protocol: Protocol = MLWB,
+                        variant: Variant | None = None): # None: the one the traffic policy picks
+    "Score one request in `protocol`'s shapes: every protocol gets the same checks, batches and log."
     start, request_id = time.perf_counter(), uuid.uuid4().hex
-    if not state.ready: return json_response(503, {"error": NOT_READY, "request_id": request_id})
-    variant, state.in_flight = routed_variant(state, request), state.in_flight + 1
+    headers = {"x-request-id": request_id}
+    if why := refusal(state): return respond(*protocol.error(503, why, request_id), headers)
+    variant, state.in_flight = variant or routed_variant(state, request), state.in_flight + 1
     model, data, scores, kind = variant.model, None, None, None
     try:  # in flight until logged, so a drain never stops the server before its record is queued
         try:
             async with asyncio.timeout(state.options.timeout):
-                model, data, scores = await score_request(state, request, variant)
-            status, body = 200, response_body(request_id, variant, model, scores)
-        except Exception as e: status, body, kind = failure(e, request_id)
+                model, data, scores, context = await score_request(state, request, variant, protocol)
+            status, body = 200, protocol.answer(request_id, variant, model, scores, context)
+        except Exception as e:
+            status, message, kind = failure(e, request_id)
+            status, body = protocol.error(status, message, request_id)
         seconds = time.perf_counter() - start
         state.metrics.observe(variant.name, status, seconds, kind)
         log_request(state, request_id, variant.name, model, status, seconds, data, scores)
-    finally: state.in_flight -= 1
+    finally: state.in_flight -= 1; state.answered()
     shadow = state.store.variants.get(state.shadow) if state.shadow != variant.name else None
     if scores and shadow:
         asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, data))
-    return json_response(status, body, {"x-request-id": request_id})
+    return respond(status, body, headers)
 
 async def shadow_score(state: ServerState, request_id: str, variant: Variant, data: dict):
     "Score an answered request's rows with the shadow `variant`, and log them; no client waits."
@@ -194,41 +217,11 @@ async def shadow_score(state: ServerState, request_id: str, variant: Variant, da
     seconds = time.perf_counter() - start
     log_request(state, request_id, f"shadow:{variant.name}", model, status, seconds, data, scores)
 
-# %% ../nbs/22_serve.ipynb #9d6cd7d4
-LIMITS = ("max_batch_size", "max_wait_ms", "max_rows", "max_body_bytes", "timeout")
-
-def metadata(state: ServerState) -> dict:
-    "What `/metadata` answers: the variants and their models, and the server's limits."
-    variants = {name: v.describe() for name, v in list(state.store.variants.items())}
-    default = variants.get(state.store.default, {})
-    shown = ("model", "version", "changed_at", "signature", "fast_path")
-    return {**{k: default.get(k) for k in shown}, "variant": state.store.default,
-            "variants": variants, "limits": {k: getattr(state.options, k) for k in LIMITS}}
-
-# %% ../nbs/22_serve.ipynb #e587db82
-def _health_routes(app, state: ServerState):
-    "GET /health/live, /health/ready, /metadata and /metrics."
-    from starlette.responses import Response
-    @app.get("/health/live", summary="The process answers")
-    async def live(): return json_response(200, {"status": "live"})
-    @app.get("/health/ready", summary="The model is loaded and warm; the server is not stopping")
-    async def ready():
-        if state.ready:
-            return json_response(200, {"status": "ready", "variants": sorted(state.store.variants)})
-        return json_response(503, {"status": "draining" if state.draining else "loading"})
-    @app.get("/metadata", summary="The model, version, signature and fast path of each variant")
-    async def meta():
-        if state.store.ready: return json_response(200, metadata(state))
-        return json_response(503, {"error": "not ready: the model is loading"})
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics():
-        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
-
 # %% ../nbs/22_serve.ipynb #a1a027c8
 def create_app(state: ServerState, load=None):
     "The FastAPI app serving `state`'s store; `load()`, if given, fills it on a thread at start-up."
     from contextlib import asynccontextmanager
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     @asynccontextmanager
     async def lifespan(app):
@@ -237,19 +230,23 @@ def create_app(state: ServerState, load=None):
         yield
         if state.log: state.log.close()
     app = FastAPI(title="mlwb model server", lifespan=lifespan)
-    async def predict(request): return await predict_route(state, request)
-    predict.__annotations__ = {"request": Request}  # a class, not a string
-    app.post("/predict", summary="Score rows given as records or columns")(predict)
-    _health_routes(app, state)
+    score = lambda request, protocol, variant=None: scoring_route(state, request, protocol, variant)
+    for add_routes in (mlwb_routes, mlflow_routes, oip_routes): add_routes(app, state, score)
     invalid = json_response(422, {"error": "invalid request parameters"})
     app.add_exception_handler(RequestValidationError, lambda request, e: invalid)
-    columns = lambda: state.store.get().model.columns if state.store.ready else []
-    app.openapi = lambda: openapi_document(app, columns(), state.options.max_rows)
+    app.openapi = lambda: _openapi(app, state)
     options = state.options
     app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
-                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused)
+                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused,
+                       shape=error_for_path)
     app.add_middleware(Closing, closing=lambda: state.draining, on_request=state.arrived)
     return app
+
+def _openapi(app, state: ServerState) -> dict:
+    "The OpenAPI document of every protocol's routes, with the served model's columns."
+    columns = served_columns(state.store.get().model) if state.store.ready else []
+    limit = state.options.max_rows
+    return document_protocols(openapi_document(app, columns, limit), columns, limit)
 
 def _load_in_background(state: ServerState, load):
     "Run `load()`; on failure, record the error for the server to report and stop."
@@ -365,6 +362,8 @@ SERVER_OPTIONS = [
     _option("--grace", click.FloatRange(0.1, 3_600), 10.0, "Seconds from SIGTERM to exit."),
     _option("--follow-every", click.FloatRange(0, 86_400), 5.0,
             "Seconds between looks at the registry for a moved alias (0: never)."),
+    _option("--max-queue-ms", click.FloatRange(0, 60_000), 50.0, "Refuse requests (503) that "
+            "would wait longer behind those in flight, at the recent rate (0: never)."),
     click.option("--no-fast-path", is_flag=True,
                  help="Serve the native model even when a fast path passes the parity check."),
 ]
@@ -372,14 +371,15 @@ SERVER_OPTIONS = [
 def server_options(command):
     "Add `mlwb serve`'s listening and limit options to `command`; it gets options, settings, fast."
     def wrapped(host, port, allowed_hosts, token, log_dir, max_batch_size, max_wait_ms, max_rows,
-                max_body_bytes, timeout, grace, follow_every, no_fast_path, **rest):
+                max_body_bytes, timeout, grace, follow_every, max_queue_ms, no_fast_path, **rest):
         os.environ.pop("MLWB_SERVE_TOKEN", None)  # read by click; load_settings would refuse it
         settings = load_settings()
         quiet_mlflow()
         hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip())
         options = ServeOptions(host or settings.serve_host, port or settings.serve_port, hosts,
                                token or None, Path(log_dir) if log_dir else None, max_batch_size,
-                               max_wait_ms, max_rows, max_body_bytes, timeout, grace, follow_every)
+                               max_wait_ms, max_rows, max_body_bytes, timeout, grace, follow_every,
+                               max_queue_ms)
         return command(options=options, settings=settings, fast=not no_fast_path, **rest)
     wrapped.__name__, wrapped.__doc__ = command.__name__, command.__doc__
     for option in reversed(SERVER_OPTIONS): wrapped = option(wrapped)
