@@ -129,7 +129,7 @@ MLFLOW_ERROR_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 404: "ENDPOINT
 def mlflow_error(status: int, message: str, request_id: str) -> tuple:
     "MLflow's error: `{'error_code', 'message'}`, a 400 for a bad input; a 415 in plain text."
     if status == 415: return 415, message
-    status = 400 if status == 422 else status
+    if status == 422: return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": message}
     return status, {"error_code": MLFLOW_ERROR_CODES.get(status, "INTERNAL_ERROR"), "message": message}
 
 MLFLOW = Protocol("mlflow", ("application/json", "text/csv"), invocations_rows, mlflow_answer,
