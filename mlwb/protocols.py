@@ -12,7 +12,7 @@ import io
 from importlib.metadata import version as package_version
 
 from .model_store import LoadedModel, Variant
-from .oip import OIP, document_oip, document_operation, infer_error, oip_routes, taking_request
+from .oip import document_oip, document_operation, infer_error, taking_request
 from .payload import (INTEGER_KINDS, NUMBER_KINDS, Protocol, RequestError, _short, json_response,
                           payload_columns, predict_schemas, read_json, records_to_columns,
                           served_columns, split_to_columns)

@@ -8,214 +8,28 @@ Docs: https://mlwb.github.io/mlwb/serve.html.md"""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from fastcore.basics import patch
 
 from .config import Settings, load_settings
 from .core import quiet_mlflow
-from .batching import MicroBatcher, scoring_executor
-from .model_store import (LoadedModel, ModelRef, ModelStore, Variant, resolve_model,
-                              settle_heap, watch_aliases)
+from .model_store import ModelRef, ModelStore, resolve_model, settle_heap
 from .oip import oip_routes
-from .payload import (LOOPBACK, Closing, Guard, Protocol, ServeError, check_columns,
-                          check_content_type, failure, json_response, openapi_document, read_body,
+from .payload import (Closing, Guard, ServeError, json_response, openapi_document,
                           served_columns, unread_bytes)
-from .protocols import MLWB, document_protocols, error_for_path, mlflow_routes, mlwb_routes, respond
-from .request_log import LogItem, RequestLog, ServerMetrics, request_log_folder
+from .protocols import document_protocols, error_for_path, mlflow_routes, mlwb_routes
+from .request_log import RequestLog, request_log_folder
+from .scoring import ServeOptions, ServerState, check_binding, scoring_route
 
 # %% auto #0
-__all__ = ['NOT_READY', 'OVERLOADED', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'score_request',
-           'routed_variant', 'log_request', 'refusal', 'scoring_route', 'shadow_score', 'create_app', 'drained',
-           'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
-
-# %% ../nbs/22_serve.ipynb #dea8b94b
-@dataclass
-class ServeOptions:
-    "How a server listens, whom it answers and its limits."
-    host: str = "127.0.0.1"
-    port: int = 5005
-    allowed_hosts: tuple = ()  # Host header values answered; empty: the loopback names
-    token: str | None = None  # a bearer token every request but the health checks must carry
-    log_dir: Path | None = None  # where the request log goes; None: no log
-    max_batch_size: int = 64  # rows per model call
-    max_wait_ms: float = 1.0  # how long a batch may wait for more requests
-    max_rows: int = 1_000  # rows per request
-    max_body_bytes: int = 1_000_000  # bytes per request body, refused with 413 before parsing
-    timeout: float = 10.0  # seconds a prediction may take before a 504
-    grace: float = 10.0  # seconds from SIGTERM to exit
-    follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
-    max_queue_ms: float = 50.0  # refuse (503) what those in flight would keep waiting longer; 0: never
-
-def check_binding(options: ServeOptions) -> tuple:
-    "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."
-    if options.allowed_hosts: return tuple(options.allowed_hosts)
-    if options.host not in LOOPBACK:
-        raise ServeError(f"--host {options.host}: binding beyond loopback needs an explicit "
-                         "--allowed-hosts list (the names clients use)")
-    return LOOPBACK
-
-# %% ../nbs/22_serve.ipynb #c896b67c
-class ServerState:
-    "What the routes share: the model store, options, metrics, log, traffic policy, shutdown state."
-    def __init__(self, store: ModelStore, options: ServeOptions, log: RequestLog | None = None):
-        self.store, self.options, self.log, self.metrics = store, options, log, ServerMetrics()
-        self.in_flight, self.draining, self.load_error = 0, False, None
-        self.second, self.answers, self.rate = 0, 0, 0  # answers this second, and in the last one
-        self.last_request, self.stopping, self.loop = time.monotonic(), threading.Event(), None
-        self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
-        store.on_change.append(self.model_changed)
-        store.on_error.append(lambda name, e: self.metrics.load_errors.labels(name).inc())
-        self.use_policy(lambda request: store.default)
-        self.executor = scoring_executor()
-
-    def use_policy(self, route, # request -> variant name; a name not loaded (yet) means the default
-                   shadow: str | None = None, # a variant that also scores each answered request
-                   observers=(), # callbacks(variant name, status, seconds) per request; cheap
-                  ):
-        "Share requests among the store's variants by `route` (all go to the default until called)."
-        self.route, self.shadow, self.observers = route, shadow, list(observers)
-
-    def follow(self, every: float): # seconds between looks at the registry; 0: never
-        "Follow the aliases of the store's variants until the server stops."
-        if every > 0: watch_aliases(self.store, every, self.stopping)
-
-    @property
-    def ready(self) -> bool: return self.store.ready and not self.draining
-
-# %% ../nbs/22_serve.ipynb #21000004
-@patch
-def refused(self: ServerState, path: str, status: int):
-    "Count and log a scoring request refused at the door (host, token or size), for no variant."
-    scoring = path in ("/predict", "/invocations") or path.endswith("/infer")
-    if not scoring or not self.store.ready: return
-    ref = self.store.get().model.ref
-    self.metrics.observe("", status, 0.0, "client")
-    if self.log:
-        item = LogItem(time.time(), uuid.uuid4().hex, ref.name, ref.version, None, status, 0.0)
-        self.log.write(item)
-
-@patch
-def model_changed(self: ServerState, variant: Variant, old: LoadedModel | None):
-    "Keep the metrics up to date when a variant gets a model; count a swap."
-    self.metrics.serving({v.name: (v.model.ref.name, v.model.ref.version, v.uri)
-                          for v in list(self.store.variants.values())})
-    if old is None: return
-    self.metrics.swaps.labels(variant.name).inc()
-    gc.freeze()  # the new model's objects out of the collector's walk, as at start-up (no pause)
-
-@patch
-def answered(self: ServerState):
-    "Count an answer; `rate` keeps the count of the last whole second."
-    second = int(time.monotonic())
-    if second != self.second:
-        self.rate = self.answers if second == self.second + 1 else 0
-        self.second, self.answers = second, 0
-    self.answers += 1
-
-@patch
-def overloaded(self: ServerState) -> bool:
-    "More requests in flight than the server answers in `max_queue_ms` at last second's rate."
-    limit, options = self.options.max_queue_ms, self.options
-    return bool(limit) and self.in_flight >= max(options.max_batch_size, self.rate * limit / 1000)
-
-@patch
-def arrived(self: ServerState):
-    "Note that a request arrived: a drain waits until they stop coming."
-    self.last_request = time.monotonic()
-
-@patch
-def batcher_for(self: ServerState, variant: Variant) -> MicroBatcher:
-    "The variant's micro-batcher, started on first use."
-    if variant.batcher is None:
-        options = self.options
-        variant.batcher = MicroBatcher(options.max_batch_size, options.max_wait_ms, self.executor,
-                                       self.metrics.batch_rows.observe).start()
-    return variant.batcher
-
-# %% ../nbs/22_serve.ipynb #2867c1c6
-async def score_request(state: ServerState, request, variant: Variant, protocol: Protocol) -> tuple:
-    "Read, check and score one request in `protocol`: `(model, checked columns, scores, context)`."
-    check_content_type(request.headers, protocol.media_types)
-    batcher, options = state.batcher_for(variant), state.options
-    batcher.arriving += 1
-    try:
-        body = await read_body(request, options.max_body_bytes)
-        model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
-        rows, context = protocol.read(body, request.headers, model)
-        data, n = check_columns(rows, served_columns(model), options.max_rows)
-    finally: batcher.arriving -= 1
-    return model, data, await batcher.submit(model, data, n), context
-
-# %% ../nbs/22_serve.ipynb #f5fb1a2a
-def routed_variant(state: ServerState, request) -> Variant:
-    "The variant the route picks for `request`; the default when it names one not loaded (yet)."
-    return state.store.variants.get(state.route(request)) or state.store.get()
-
-def log_request(state: ServerState, request_id: str, variant_name: str, model: LoadedModel,
-                status: int, seconds: float, data=None, scores=None):
-    "Observe and log one scored (or failed) request of `variant_name`."
-    for observe in state.observers: observe(variant_name, status, seconds)
-    if not state.log: return
-    scored = (data, scores.predictions, scores.positive()) if scores else ()
-    ref = model.ref
-    state.log.write(LogItem(time.time(), request_id, ref.name, ref.version, variant_name, status,
-                            seconds * 1000, *scored))
-
-NOT_READY = "not ready: the model is loading or the server is shutting down"
-OVERLOADED = "overloaded: the requests in flight already fill the server's queue; retry later"
-
-def refusal(state: ServerState) -> str | None:
-    "Why a scoring request must get a 503 before it is read (loading, draining, overloaded), if so."
-    if not state.ready: return NOT_READY
-    if not state.overloaded(): return None
-    state.metrics.observe("", 503, 0.0, "overload")
-    return OVERLOADED
-
-async def scoring_route(state: ServerState, request, protocol: Protocol = MLWB,
-                        variant: Variant | None = None): # None: the one the traffic policy picks
-    "Score one request in `protocol`'s shapes: every protocol gets the same checks, batches and log."
-    start, request_id = time.perf_counter(), uuid.uuid4().hex
-    headers = {"x-request-id": request_id}
-    if why := refusal(state): return respond(*protocol.error(503, why, request_id), headers)
-    variant, state.in_flight = variant or routed_variant(state, request), state.in_flight + 1
-    model, data, scores, kind = variant.model, None, None, None
-    try:  # in flight until logged, so a drain never stops the server before its record is queued
-        try:
-            async with asyncio.timeout(state.options.timeout):
-                model, data, scores, context = await score_request(state, request, variant, protocol)
-            status, body = 200, protocol.answer(request_id, variant, model, scores, context)
-        except Exception as e:
-            status, message, kind = failure(e, request_id)
-            status, body = protocol.error(status, message, request_id)
-        seconds = time.perf_counter() - start
-        state.metrics.observe(variant.name, status, seconds, kind)
-        log_request(state, request_id, variant.name, model, status, seconds, data, scores)
-    finally: state.in_flight -= 1; state.answered()
-    shadow = state.store.variants.get(state.shadow) if state.shadow != variant.name else None
-    if scores and shadow:
-        asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, data))
-    return respond(status, body, headers)
-
-async def shadow_score(state: ServerState, request_id: str, variant: Variant, data: dict):
-    "Score an answered request's rows with the shadow `variant`, and log them; no client waits."
-    start, model, scores, status = time.perf_counter(), variant.model, None, 200
-    try:
-        async with asyncio.timeout(state.options.timeout):
-            n = len(next(iter(data.values())))
-            scores = await state.batcher_for(variant).submit(model, data, n)
-    except Exception: status = 500
-    seconds = time.perf_counter() - start
-    log_request(state, request_id, f"shadow:{variant.name}", model, status, seconds, data, scores)
+__all__ = ['SERVER_OPTIONS', 'create_app', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options',
+           'serve_command']
 
 # %% ../nbs/22_serve.ipynb #a1a027c8
 def create_app(state: ServerState, load=None):
@@ -228,7 +42,7 @@ def create_app(state: ServerState, load=None):
         state.loop = asyncio.get_running_loop()
         if load: state.loop.run_in_executor(None, _load_in_background, state, load)
         yield
-        if state.log: state.log.close()
+        if state.log: state.flush_log(); state.log.close()
     app = FastAPI(title="mlwb model server", lifespan=lifespan)
     score = lambda request, protocol, variant=None: scoring_route(state, request, protocol, variant)
     for add_routes in (mlwb_routes, mlflow_routes, oip_routes): add_routes(app, state, score)
@@ -292,6 +106,7 @@ async def drain(server, state: ServerState):
         for listener in server.servers: listener.close()
         for connection in list(server.server_state.connections): connection.transport.close()
     if state.log:  # every answered request on disk
+        state.flush_log()
         wait = max(0.5, grace * 0.9 - (loop.time() - start))
         await loop.run_in_executor(None, state.log.close, wait)
     server.should_exit = True
