@@ -225,7 +225,8 @@ def ensure_mlserver() -> Path:
     print(f"creating {MLSERVER_VENV} with MLServer 1.7.1 ...", flush=True)
     subprocess.run([str(PYTHON), "-m", "venv", str(MLSERVER_VENV)], check=True)
     subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "-q", "mlserver==1.7.1", "mlserver-sklearn==1.7.1",
-                    f"scikit-learn=={sklearn.__version__}", f"joblib=={joblib.__version__}"], check=True)  # the pickle's versions
+                    f"scikit-learn=={sklearn.__version__}", f"joblib=={joblib.__version__}",  # the pickle's versions
+                    "uvloop==0.21.0"], check=True)  # MLServer 1.7.1's inference workers die on uvloop 0.22's get_event_loop
     return mlserver
 
 
