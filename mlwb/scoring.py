@@ -44,7 +44,7 @@ class ServeOptions:
     timeout: float = 10.0  # seconds a prediction may take before a 504
     grace: float = 10.0  # seconds from SIGTERM to exit
     follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
-    max_queue_ms: float = 50.0  # refuse (503) what those in flight would keep waiting longer; 0: never
+    max_queue_ms: float = 100.0  # refuse (503) a request that would wait longer than this; 0: never
 
 def check_binding(options: ServeOptions) -> tuple:
     "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."
@@ -62,6 +62,7 @@ class ServerState:
         self.in_flight, self.draining, self.load_error = 0, False, None
         self.second, self.answers, self.rate = 0, 0, 0  # answers this second, and in the last one
         self.unlogged = []  # request-log records not yet handed to the log's writer
+        self.lag = 0.0  # how late the event loop lately ran a timer, in seconds (`watch_lag`)
         self.last_request, self.stopping, self.loop = time.monotonic(), threading.Event(), None
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
         store.on_change.append(self.model_changed)
@@ -113,9 +114,19 @@ def answered(self: ServerState):
 
 @patch
 def overloaded(self: ServerState) -> bool:
-    "More requests in flight than the server answers in `max_queue_ms` at last second's rate."
-    limit, options = self.options.max_queue_ms, self.options
-    return bool(limit) and self.in_flight >= max(options.max_batch_size, self.rate * limit / 1000)
+    "A new request would wait over `max_queue_ms`: the loop runs late, or too many are in flight."
+    limit, options = self.options.max_queue_ms / 1000, self.options
+    if not limit: return False
+    return self.lag > limit / 2 or self.in_flight >= max(options.max_batch_size, self.rate * limit)
+
+@patch
+async def watch_lag(self: ServerState, every: float = 0.005): # seconds between looks
+    "Keep `lag` up to date: how much later than asked the event loop wakes a sleeping task."
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(every)
+        self.lag = max(0.0, loop.time() - start - every)
 
 @patch
 def arrived(self: ServerState):

@@ -41,7 +41,9 @@ def create_app(state: ServerState, load=None):
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
         if load: state.loop.run_in_executor(None, _load_in_background, state, load)
+        lag = state.loop.create_task(state.watch_lag())
         yield
+        lag.cancel()
         if state.log: state.flush_log(); state.log.close()
     app = FastAPI(title="mlwb model server", lifespan=lifespan)
     score = lambda request, protocol, variant=None: scoring_route(state, request, protocol, variant)
@@ -177,8 +179,8 @@ SERVER_OPTIONS = [
     _option("--grace", click.FloatRange(0.1, 3_600), 10.0, "Seconds from SIGTERM to exit."),
     _option("--follow-every", click.FloatRange(0, 86_400), 5.0,
             "Seconds between looks at the registry for a moved alias (0: never)."),
-    _option("--max-queue-ms", click.FloatRange(0, 60_000), 50.0, "Refuse requests (503) that "
-            "would wait longer behind those in flight, at the recent rate (0: never)."),
+    _option("--max-queue-ms", click.FloatRange(0, 60_000), 100.0, "Refuse requests (503) that "
+            "would wait longer than this before being scored (0: never)."),
     click.option("--no-fast-path", is_flag=True,
                  help="Serve the native model even when a fast path passes the parity check."),
 ]
