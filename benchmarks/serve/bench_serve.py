@@ -9,13 +9,14 @@ Parts (all by default; see README.md):
              and the Open Inference Protocol's /v2/models/{name}/infer, and MLServer 1.7.1 (adaptive batching,
              in its own virtual environment, benchmarks/serve/.mlserver-venv) on the same model and OIP body
   torch      a PyTorch MLP pipeline served by mlwb serve (TorchScript fast path) and by mlflow models serve
-  overload   mlwb serve at twice the rate it answered at concurrency 64 (hey, open rate per worker): accepted p99,
+  overload   mlwb serve at twice the rate it answered at concurrency 64 (an open-loop aiohttp client): accepted p99,
              503 + Retry-After counts, with and without its overload refusal
 
 Why wrk: on a 2-core machine the load generator competes with the server for CPU. A Python asyncio client spends
 ~100 µs of interpreter time per request -- as much as the server it measures -- so it caps and distorts the numbers;
-wrk is a C event loop that costs a few µs per request and reports latency percentiles itself. hey (Go) is used only
-for the overload part, for its fixed request rate and its per-request status and latency (CSV).
+wrk is a C event loop that costs a few µs per request and reports latency percentiles itself. The overload part needs
+what wrk cannot give -- a fixed offered rate whatever the answers, and the latency of the accepted requests alone --
+so it uses a Python open-loop client (aiohttp), whose own CPU time the server shares.
 """
 import argparse
 import json
@@ -360,37 +361,40 @@ def torch_part(wrk: str, d: Path, env: dict, mlwb_serve, concurrencies: list, se
     return results
 
 
-def hey_run(hey: str, url: str, body: Path, rate: float, seconds: float, workers: int = 400) -> dict:
-    "Offer `rate` requests/s for `seconds` (hey, `workers` each limited to its share); status counts, accepted latency."
+def open_loop(url: str, body: Path, rate: float, seconds: float) -> dict:
+    "Send `rate` requests/s for `seconds` whatever the answers (an open loop, aiohttp): statuses, accepted latency."
+    import asyncio
+    import aiohttp
     import numpy as np
-    command = [hey, "-z", f"{max(1, round(seconds))}s", "-c", str(workers), "-q", f"{rate / workers:.2f}", "-t", "10", "-m", "POST",
-               "-T", "application/json", "-D", str(body), "-o", "csv", url]
-    out = subprocess.run(command, capture_output=True, text=True).stdout.splitlines()
-    rows = [line.split(",") for line in out[1:] if line.count(",") >= 7]
+    data, results = body.read_bytes(), []
+
+    async def one(session, due: float):
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=data, headers={"content-type": "application/json"}) as answer:
+                await answer.read()
+                results.append((answer.status, time.perf_counter() - start, "retry-after" in answer.headers))
+        except Exception as e: results.append((type(e).__name__, time.perf_counter() - start, False))
+
+    async def run():
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
+            t0, n = time.perf_counter() + 0.5, int(rate * seconds)
+            await asyncio.gather(*(one(session, t0 + k / rate) for k in range(n)))
+
+    asyncio.run(run())
     statuses = {}
-    for r in rows: statuses[r[6]] = statuses.get(r[6], 0) + 1
-    ok = np.array([float(r[0]) * 1000 for r in rows if r[6] == "200"])
+    for status, _, _ in results: statuses[str(status)] = statuses.get(str(status), 0) + 1
+    ok = np.array([latency * 1000 for status, latency, _ in results if status == 200])
     pct = lambda q: float(np.percentile(ok, q)) if len(ok) else float("nan")
-    return {"offered": rate, "sent": len(rows), "statuses": statuses, "p50": pct(50), "p99": pct(99),
-            "answered_per_s": len(ok) / seconds}
-
-
-RETRY_LUA = LUA + """
-refused, hinted = 0, 0
-response = function(status, headers, body)
-  if status == 503 then
-    refused = refused + 1
-    if headers["Retry-After"] or headers["retry-after"] then hinted = hinted + 1 end
-  end
-end
-done = function(summary, latency, requests) io.write(string.format("refused %%d hinted %%d\\n", refused, hinted)) end
-"""
+    refused = [hinted for status, _, hinted in results if status == 503]
+    return {"offered": rate, "sent": len(results), "statuses": statuses, "p50": pct(50), "p99": pct(99),
+            "answered_per_s": len(ok) / seconds, "refused": len(refused), "with_retry_after": sum(refused)}
 
 
 def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds: float) -> dict:
     "mlwb serve offered twice the rate it answered at concurrency 64, with its overload refusal and without."
-    hey, body = ensure_tool("hey", "hey"), d / "bench30-records.json"
-    (d / "retry.lua").write_text(RETRY_LUA % body.read_text())
     results = {}
     for label, extra in (("refusing (default, --max-queue-ms 100)", []), ("not refusing (--max-queue-ms 0)", ["--max-queue-ms", "0"])):
         port = free_port()
@@ -398,11 +402,7 @@ def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds
                         f"http://127.0.0.1:{port}/health/ready")
         try:
             drive(wrk, f"http://127.0.0.1:{port}/predict", d / "bench30-records.lua", 8, 2)  # warm-up
-            results[label] = r = hey_run(hey, f"http://127.0.0.1:{port}/predict", body, 2 * rate, seconds)
-            hint = subprocess.run([wrk, "-t", "1", "-c", "256", "-d", "3s", "--timeout", "10s", "-s", str(d / "retry.lua"),
-                                   f"http://127.0.0.1:{port}/predict"], capture_output=True, text=True).stdout
-            r["refused_wrk"], r["with_retry_after"] = map(int, re.search(r"refused (\d+) hinted (\d+)", hint).groups())
-            r["wrk_lost"] = lost(hint)["lost"]  # read/write errors and time-outs: requests never answered
+            results[label] = r = open_loop(f"http://127.0.0.1:{port}/predict", d / "bench30-records.json", 2 * rate, seconds)
             print(f"  {label}: {r}", flush=True)
         finally: stop(process)
     return results
@@ -486,13 +486,13 @@ def report_extra(results: dict, concurrencies: list):
 
 
 def report_overload(overloads: dict):
-    print("\n| mlwb serve at twice its rate | offered req/s | answered 200/s | 200 | 503 | other | accepted p50 ms | accepted p99 ms | 503 with Retry-After (wrk check) | lost (wrk check) |"
-          "\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| mlwb serve at twice its rate | offered req/s | answered 200/s | 200 | 503 | other | accepted p50 ms | accepted p99 ms | 503 with Retry-After |"
+          "\n|---|---|---|---|---|---|---|---|---|")
     for label, r in overloads.items():
         s = r["statuses"]
         other = sum(v for k, v in s.items() if k not in ("200", "503"))
         print(f"| {label} | {r['offered']:.0f} | {r['answered_per_s']:.0f} | {s.get('200', 0)} | {s.get('503', 0)} | {other} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['with_retry_after']} of {r['refused_wrk']} | {r['wrk_lost']} |")
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['with_retry_after']} of {r['refused']} |")
 
 
 def report(results: dict, concurrencies: list):
