@@ -29,8 +29,9 @@ OIP_NUMPY = {"BOOL": "?", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64"
              "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
              "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}  # how binary tensor data is laid out
 _INTEGERS = tuple(t for t in OIP_NUMPY if "INT" in t)
-OIP_ACCEPTED = {"double": ("FP64", "FP32", "FP16", *_INTEGERS), "float": ("FP64", "FP32", "FP16", *_INTEGERS),
-                "long": _INTEGERS, "integer": _INTEGERS, "boolean": ("BOOL",), "string": ("BYTES",),
+_NUMBERS = ("FP64", "FP32", "FP16", *_INTEGERS)
+OIP_ACCEPTED = {"double": _NUMBERS, "float": _NUMBERS, "long": _INTEGERS, "integer": _INTEGERS,
+                "boolean": ("BOOL",), "string": ("BYTES",),
                 "datetime": ("BYTES",)}  # the datatypes a column's tensor may come in
 
 def tensor_specs(columns: list) -> list:
@@ -53,7 +54,8 @@ def output_specs(model: LoadedModel) -> list:
     "The OIP metadata of `model`'s outputs: predictions and, for a classifier, probabilities."
     classes = getattr(model.predictor, "classes", None)
     if classes is None:
-        return [{"name": "predictions", "datatype": _signature_datatype(model.signature), "shape": [-1]}]
+        datatype = _signature_datatype(model.signature)
+        return [{"name": "predictions", "datatype": datatype, "shape": [-1]}]
     return [{"name": "predictions", "datatype": _datatype(classes), "shape": [-1]},
             {"name": "probabilities", "datatype": "FP64", "shape": [-1, len(classes)]}]
 
@@ -61,12 +63,13 @@ def model_metadata(model: LoadedModel) -> dict:
     "What `GET /v2/models/{name}` answers: name, versions, platform, typed inputs and outputs."
     ref = model.ref
     return {"name": ref.name, "versions": [ref.version] if ref.version else [],
-            "platform": f"mlwb-{model.predictor.name}", "inputs": tensor_specs(served_columns(model)),
-            "outputs": output_specs(model)}
+            "platform": f"mlwb-{model.predictor.name}",
+            "inputs": tensor_specs(served_columns(model)), "outputs": output_specs(model)}
 
 def server_metadata() -> dict:
     "What `GET /v2` answers: the server's name, version and the protocol extensions it speaks."
-    return {"name": "mlwb", "version": package_version("mlwb"), "extensions": ["binary_tensor_data"]}
+    return {"name": "mlwb", "version": package_version("mlwb"),
+            "extensions": ["binary_tensor_data"]}
 
 # %% ../nbs/22_oip.ipynb #06b805c4
 def _strings(raw: bytes, name: str) -> list:
@@ -75,9 +78,11 @@ def _strings(raw: bytes, name: str) -> list:
     while at < len(raw):
         size = struct.unpack_from("<I", raw, at)[0] if at + 4 <= len(raw) else -1
         text = raw[at + 4:at + 4 + size]
-        if size < 0 or len(text) != size: raise RequestError(400, f"input '{name}': BYTES data cut short")
+        if size < 0 or len(text) != size:
+            raise RequestError(400, f"input '{name}': BYTES data cut short")
         try: values.append(text.decode("utf-8"))
-        except UnicodeDecodeError: raise RequestError(400, f"input '{name}': BYTES data is not UTF-8") from None
+        except UnicodeDecodeError:
+            raise RequestError(400, f"input '{name}': BYTES data is not UTF-8") from None
         at += 4 + size
     return values
 
@@ -113,7 +118,8 @@ def _tensor_data(tensor: dict, datatype: str, name: str, binary: bytes, at: int)
     size = parameters.get("binary_data_size")
     if size is None:
         data = tensor.get("data")
-        if not isinstance(data, list): raise RequestError(400, f"input '{name}': expected a 'data' list")
+        if not isinstance(data, list):
+            raise RequestError(400, f"input '{name}': expected a 'data' list")
         one_each = data and all(isinstance(v, list) and len(v) == 1 for v in data)
         return ([v[0] for v in data] if one_each else data), at
     if type(size) is not int or size < 0 or at + size > len(binary):
@@ -128,10 +134,12 @@ def _tensor_values(tensor, i: int, kinds: dict, binary: bytes, at: int) -> tuple
     if not isinstance(datatype, str) or datatype not in (*OIP_NUMPY, "BYTES"):
         raise RequestError(400, f"input '{name}': 'datatype' must be an OIP datatype such as FP64")
     if kind and datatype not in OIP_ACCEPTED[kind]:
-        raise RequestError(400, f"input '{name}': datatype {datatype}; expected {OIP_DATATYPES[kind]}")
+        expected = OIP_DATATYPES[kind]
+        raise RequestError(400, f"input '{name}': datatype {datatype}; expected {expected}")
     n = _rows_of(tensor, name)
     values, at = _tensor_data(tensor, datatype, name, binary, at)
-    if len(values) != n: raise RequestError(400, f"input '{name}': {len(values)} values for {n} rows")
+    if len(values) != n:
+        raise RequestError(400, f"input '{name}': {len(values)} values for {n} rows")
     return tensor["name"], values, at
 
 # %% ../nbs/22_oip.ipynb #8825363d
@@ -143,11 +151,12 @@ def _requested_outputs(request: dict, model: LoadedModel) -> list:
                                               for o in asked):
         raise RequestError(400, "'outputs': expected a list of objects with a 'name'")
     if unknown := [o["name"] for o in asked if o["name"] not in available]:
-        raise RequestError(400, f"output '{_short(unknown[0])}': not an output; expected one of {available}")
+        raise RequestError(400, f"output '{_short(unknown[0])}': not an output; "
+                                f"expected one of {available}")
     return [o["name"] for o in asked]
 
 def infer_rows(body: bytes, headers, model: LoadedModel) -> tuple:
-    "The rows of an OIP infer request (typed tensors, JSON or binary data) and the answer's context."
+    "The rows of an OIP infer request (typed tensors, JSON or binary) and the answer's context."
     text, binary = _split_binary(body, headers)
     request = read_json(text, "an inference request object with 'inputs'")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -167,8 +176,9 @@ def _tensors(scores: Scores) -> dict:
     predictions, p = scores.predictions, scores.probabilities
     tensors = {"predictions": {"name": "predictions", "datatype": _datatype(predictions),
                                "shape": [len(predictions)], "data": predictions}}
-    if p is not None: tensors["probabilities"] = {"name": "probabilities", "datatype": "FP64",
-                                                  "shape": list(p.shape), "data": p.reshape(-1).tolist()}
+    if p is not None:
+        tensors["probabilities"] = {"name": "probabilities", "datatype": "FP64",
+                                    "shape": list(p.shape), "data": p.reshape(-1).tolist()}
     return tensors
 
 def infer_answer(request_id: str, variant: Variant, model: LoadedModel, scores: Scores,
@@ -184,8 +194,8 @@ def infer_error(status: int, message: str, request_id: str) -> tuple:
     "The OIP error: `{'error': message}`, a bad input a 400."
     return (400 if status == 422 else status), {"error": message}
 
-OIP = Protocol("oip", ("application/json", "application/octet-stream", ""), infer_rows, infer_answer,
-               infer_error)
+OIP = Protocol("oip", ("application/json", "application/octet-stream", ""),
+               infer_rows, infer_answer, infer_error)
 
 # %% ../nbs/22_oip.ipynb #b50e48e4
 def taking_request(handler):
@@ -209,7 +219,8 @@ def _oip_variant(state, params: dict) -> tuple:
 def _oip_model_routes(app, state, score, prefix: str):
     "GET `prefix` (model metadata), GET `prefix`/ready and POST `prefix`/infer."
     async def model(request):
-        if not state.store.ready: return json_response(503, {"error": "not ready: the model is loading"})
+        if not state.store.ready:
+            return json_response(503, {"error": "not ready: the model is loading"})
         variant, error = _oip_variant(state, request.path_params)
         if error: return json_response(404, {"error": error})
         return json_response(200, model_metadata((variant or state.store.get()).model))
@@ -248,18 +259,21 @@ def _tensor_schema(names: list, datatypes: list, max_rows: int) -> dict:
 
 def oip_schemas(columns: list, max_rows: int) -> dict:
     "OpenAPI schemas of the OIP infer request, its answer and its error."
-    inputs = _tensor_schema([c.name for c in columns], sorted({OIP_DATATYPES[c.kind] for c in columns}),
-                            max_rows)
-    outputs = _tensor_schema(["predictions", "probabilities"], sorted(set(OIP_NUMPY) | {"BYTES"}), max_rows)
+    datatypes = sorted({OIP_DATATYPES[c.kind] for c in columns})
+    inputs = _tensor_schema([c.name for c in columns], datatypes, max_rows)
+    every = sorted(set(OIP_NUMPY) | {"BYTES"})
+    outputs = _tensor_schema(["predictions", "probabilities"], every, max_rows)
     asked = {"type": "array", "items": {"type": "object", "required": ["name"],
                                         "properties": {"name": {"type": "string"}}}}
     request = {"id": {"type": "string"}, "parameters": {"type": "object"},
                "inputs": {"type": "array", "items": inputs, "minItems": 1}, "outputs": asked}
     answer = {"model_name": {"type": "string"}, "model_version": {"type": "string"},
               "id": {"type": "string"}, "outputs": {"type": "array", "items": outputs}}
+    text = {"type": "string"}
     return {"InferRequest": {"type": "object", "required": ["inputs"], "properties": request},
-            "InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": answer},
-            "InferError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}
+            "InferResponse": {"type": "object", "required": ["model_name", "outputs"],
+                              "properties": answer},
+            "InferError": {"type": "object", "required": ["error"], "properties": {"error": text}}}
 
 # %% ../nbs/22_oip.ipynb #d5be876e
 def document_operation(doc: dict, path: str, body: dict, answer: str, error: str):
@@ -267,18 +281,20 @@ def document_operation(doc: dict, path: str, body: dict, answer: str, error: str
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
     errors = {str(s): {"description": d, "content": {"application/json": {"schema": ref(error)}}}
               for s, d in ERROR_STATUSES if s != 422}
-    doc["paths"][path]["post"].update({"requestBody": {"required": True, "content": body}, "responses": {
-        "200": {"description": "scores", "content": {"application/json": {"schema": ref(answer)}}},
-        **errors}})
+    scores = {"description": "scores", "content": {"application/json": {"schema": ref(answer)}}}
+    doc["paths"][path]["post"].update({"requestBody": {"required": True, "content": body},
+                                       "responses": {"200": scores, **errors}})
 
 def document_oip(doc: dict, columns: list, max_rows: int) -> dict:
-    "Add the OIP's schemas, path parameters and infer bodies, answers and errors to an OpenAPI `doc`."
-    doc.setdefault("components", {}).setdefault("schemas", {}).update(oip_schemas(columns, max_rows))
+    "Add the OIP's schemas, path parameters, infer bodies, answers and errors to OpenAPI `doc`."
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(oip_schemas(columns, max_rows))
     infer = {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}
     for path, methods in doc["paths"].items():
         names = [p for p in ("name", "version") if "{" + p + "}" in path]
         for operation in methods.values():
             operation["parameters"] = [{"name": p, "in": "path", "required": True,
                                         "schema": {"type": "string"}} for p in names]
-        if path.endswith("/infer"): document_operation(doc, path, infer, "InferResponse", "InferError")
+        if path.endswith("/infer"):
+            document_operation(doc, path, infer, "InferResponse", "InferError")
     return doc

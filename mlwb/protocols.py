@@ -66,8 +66,8 @@ def mlflow_json_rows(payload) -> dict:
     key, value = keys[0], payload[keys[0]]
     if key == "dataframe_split": return split_to_columns(value)
     if isinstance(value, list): return records_to_columns(value, key)
-    if key == "inputs" and isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
-        return value
+    lists = isinstance(value, dict) and all(isinstance(v, list) for v in value.values())
+    if key == "inputs" and lists: return value
     raise RequestError(400, f"'{key}': expected a list of row objects" +
                        (" or an object of column: [values]" if key == "inputs" else ""))
 
@@ -94,9 +94,11 @@ def csv_rows(body: bytes, columns: list) -> dict:
     try: rows = [r for r in csv.reader(io.StringIO(body.decode("utf-8"))) if r]
     except (UnicodeDecodeError, csv.Error):
         raise RequestError(400, "the body is not CSV text in UTF-8") from None
-    if not rows: raise RequestError(400, "the CSV body is empty; expected a header row of column names")
+    if not rows:
+        raise RequestError(400, "the CSV body is empty; expected a header row of column names")
     header, kinds = rows[0], {c.name: c.kind for c in columns}
-    if len(set(header)) != len(header): raise RequestError(400, "the CSV header names a column twice")
+    if len(set(header)) != len(header):
+        raise RequestError(400, "the CSV header names a column twice")
     data = {name: [] for name in header if name}  # an unnamed column is DataFrame.to_csv's index
     for i, row in enumerate(rows[1:]):
         if len(row) != len(header):
@@ -109,12 +111,15 @@ def csv_rows(body: bytes, columns: list) -> dict:
 def invocations_rows(body: bytes, headers, model: LoadedModel) -> tuple:
     "The rows of an `/invocations` body: JSON in one of MLflow's four forms, or CSV; UTF-8 only."
     media, *parameters = [p.strip() for p in headers.get("content-type", "").split(";")]
-    options = {k.strip().lower(): v.strip() for k, _, v in (p.partition("=") for p in parameters if p)}
+    pairs = (p.partition("=") for p in parameters if p)
+    options = {k.strip().lower(): v.strip() for k, _, v in pairs}
     if options.get("charset", "utf-8").lower() != "utf-8":
         raise RequestError(415, "The scoring server only supports UTF-8")
     if unknown := sorted(set(options) - {"charset"}):
-        raise RequestError(415, f"Unrecognized content type parameters: {_short(', '.join(unknown))}")
-    if media.lower() == "text/csv": return _missing_as_none(csv_rows(body, served_columns(model))), None
+        names = _short(", ".join(unknown))
+        raise RequestError(415, f"Unrecognized content type parameters: {names}")
+    if media.lower() == "text/csv":
+        return _missing_as_none(csv_rows(body, served_columns(model))), None
     return _missing_as_none(mlflow_json_rows(read_json(body, MLFLOW_INPUT))), None
 
 def mlflow_answer(request_id: str, variant: Variant, model: LoadedModel, scores: Scores,
@@ -130,7 +135,8 @@ def mlflow_error(status: int, message: str, request_id: str) -> tuple:
     "MLflow's error: `{'error_code', 'message'}`, a 400 for a bad input; a 415 in plain text."
     if status == 415: return 415, message
     if status == 422: return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": message}
-    return status, {"error_code": MLFLOW_ERROR_CODES.get(status, "INTERNAL_ERROR"), "message": message}
+    code = MLFLOW_ERROR_CODES.get(status, "INTERNAL_ERROR")
+    return status, {"error_code": code, "message": message}
 
 MLFLOW = Protocol("mlflow", ("application/json", "text/csv"), invocations_rows, mlflow_answer,
                   mlflow_error)
@@ -178,7 +184,8 @@ def mlwb_routes(app, state, score):
 def mlflow_routes(app, state, score):
     "MLflow's scoring protocol: GET /ping, /health and /version; POST /invocations."
     from starlette.responses import Response
-    async def ping(): return Response("\n", 200 if state.ready else 503, media_type="application/json")
+    async def ping():
+        return Response("\n", 200 if state.ready else 503, media_type="application/json")
     app.get("/ping", summary="MLflow's health check: 200 once the model is loaded")(ping)
     app.get("/health", summary="MLflow's health check, the same as /ping")(ping)
     @app.get("/version", summary="The MLflow version, as MLflow's scoring server answers")
@@ -198,19 +205,23 @@ def _mlflow_schemas(columns: list, max_rows: int) -> dict:
         "columns": {"type": "array", "items": {"enum": [c.name for c in columns]}}, "data": rows}}
     one = lambda key, schema: {"type": "object", "required": [key], "additionalProperties": False,
                                "properties": {key: schema, "params": {"type": "object"}}}
-    return {"MlflowSplit": one("dataframe_split", split), "MlflowRecords": one("dataframe_records", records),
+    text = {"type": "string"}
+    return {"MlflowSplit": one("dataframe_split", split),
+            "MlflowRecords": one("dataframe_records", records),
             "MlflowInstances": one("instances", records), "MlflowInputs": one("inputs", lists),
             "MlflowResponse": {"type": "object", "required": ["predictions"],
                                "properties": {"predictions": {"type": "array"}}},
             "MlflowError": {"type": "object", "required": ["error_code", "message"],
-                            "properties": {"error_code": {"type": "string"}, "message": {"type": "string"}}}}
+                            "properties": {"error_code": text, "message": text}}}
 
 # %% ../nbs/22_protocols.ipynb #0d9dd2c7
 def document_protocols(doc: dict, columns: list, max_rows: int) -> dict:
     "Add `/invocations`' and the OIP's bodies, answers and errors to the OpenAPI document `doc`."
-    doc.setdefault("components", {}).setdefault("schemas", {}).update(_mlflow_schemas(columns, max_rows))
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(_mlflow_schemas(columns, max_rows))
     ref = lambda name: {"$ref": f"#/components/schemas/{name}"}
-    forms = {"oneOf": [ref(n) for n in ("MlflowSplit", "MlflowRecords", "MlflowInstances", "MlflowInputs")]}
+    names = ("MlflowSplit", "MlflowRecords", "MlflowInstances", "MlflowInputs")
+    forms = {"oneOf": [ref(n) for n in names]}
     body = {"application/json": {"schema": forms}, "text/csv": {"schema": {"type": "string"}}}
     document_operation(doc, "/invocations", body, "MlflowResponse", "MlflowError")
     return document_oip(doc, columns, max_rows)

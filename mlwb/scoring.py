@@ -117,7 +117,8 @@ def overloaded(self: ServerState) -> bool:
     "A new request would wait over `max_queue_ms`: the loop runs late, or too many are in flight."
     limit, options = self.options.max_queue_ms / 1000, self.options
     if not limit: return False
-    return self.lag > limit / 2 or self.in_flight >= max(options.max_batch_size, self.rate * limit)
+    late = self.in_flight > 0 and self.lag > limit / 2  # an idle server answers at once, however late
+    return late or self.in_flight >= max(options.max_batch_size, self.rate * limit)
 
 @patch
 async def watch_lag(self: ServerState, every: float = 0.005): # seconds between looks
@@ -183,7 +184,7 @@ def refusal(state: ServerState) -> str | None:
 
 async def scoring_route(state: ServerState, request, protocol: Protocol = MLWB,
                         variant: Variant | None = None): # None: the one the traffic policy picks
-    "Score one request in `protocol`'s shapes: every protocol gets the same checks, batches and log."
+    "Score one request in `protocol`'s shapes: every protocol gets the same checks and log."
     start, request_id = time.perf_counter(), uuid.uuid4().hex
     headers = {"x-request-id": request_id}
     if why := refusal(state): return respond(*protocol.error(503, why, request_id), headers)
@@ -192,7 +193,8 @@ async def scoring_route(state: ServerState, request, protocol: Protocol = MLWB,
     try:  # in flight until logged, so a drain never stops the server before its record is queued
         try:
             async with asyncio.timeout(state.options.timeout):
-                model, data, scores, context = await score_request(state, request, variant, protocol)
+                scored = await score_request(state, request, variant, protocol)
+                model, data, scores, context = scored
             status, body = 200, protocol.answer(request_id, variant, model, scores, context)
         except Exception as e:
             status, message, kind = failure(e, request_id)
