@@ -117,7 +117,7 @@ def overloaded(self: ServerState) -> bool:
     "A new request would wait over `max_queue_ms`: the loop runs late, or too many are in flight."
     limit, options = self.options.max_queue_ms / 1000, self.options
     if not limit: return False
-    late = self.in_flight > 0 and self.lag > limit / 2  # an idle server answers at once, however late
+    late = self.in_flight > 0 and self.lag > limit / 2  # idle: a request is read at once
     return late or self.in_flight >= max(options.max_batch_size, self.rate * limit)
 
 @patch
