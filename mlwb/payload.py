@@ -23,10 +23,10 @@ from .config import MlwbError
 # %% auto #0
 __all__ = ['MLFLOW_DTYPES', 'NUMBER_KINDS', 'INTEGER_KINDS', 'DATETIME_RANGE', 'CHECKERS', 'JSON_TYPES', 'PREDICT_RESPONSE',
            'ERROR_RESPONSE', 'ERROR_STATUSES', 'LOOPBACK', 'OPEN_PATHS', 'RETRY_AFTER', 'ServeError', 'RequestError',
-           'numpy_dtype', 'Column', 'input_columns', 'read_json', 'records_to_columns', 'split_to_columns',
-           'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns', 'predict_schemas',
-           'openapi_document', 'json_response', 'Guard', 'Closing', 'unread_bytes', 'read_body', 'check_content_type',
-           'failure']
+           'numpy_dtype', 'Column', 'input_columns', 'Protocol', 'served_columns', 'read_json', 'records_to_columns',
+           'split_to_columns', 'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns',
+           'predict_schemas', 'openapi_document', 'json_response', 'error_body', 'Guard', 'Closing', 'unread_bytes',
+           'read_body', 'check_content_type', 'failure']
 
 # %% ../nbs/17_payload.ipynb #d97a0705
 class ServeError(MlwbError):
@@ -69,10 +69,26 @@ def input_columns(signature) -> list:
         columns.append(Column(spec.name, kind, bool(getattr(spec, "required", True))))
     return columns
 
+# %% ../nbs/17_payload.ipynb #a8b4e22c
+@dataclass(frozen=True)
+class Protocol:
+    "How one scoring route reads a request's rows and writes its answer and its errors."
+    name: str
+    media_types: tuple  # the Content-Types it reads; "" stands for none sent
+    read: object  # (body, headers, model) -> ({column: [values]} unchecked, context for the answer)
+    answer: object  # (request_id, variant, model, scores, context) -> the answer's body
+    error: object  # (status, message, request_id) -> (status, body): a dict is JSON, a string text
+
+def served_columns(model, # the served `LoadedModel`
+                   names=None, # the columns one request holds: a raw event's or a feature vector's
+                  ) -> list:
+    "The input `Column`s a client sends a served model: routes learn them here."
+    return model.columns if names is None else model.columns_for(names)
+
 # %% ../nbs/17_payload.ipynb #fd67c217
-def read_json(body: bytes):
-    "The JSON document in `body`; an empty or malformed body is a 400."
-    if not body.strip(): raise RequestError(400, "the request body is empty; expected a JSON object with 'records' or 'columns'")
+def read_json(body: bytes, expected: str = "a JSON object with 'records' or 'columns'"):
+    "The JSON document in `body`; an empty or malformed body is a 400 saying what was `expected`."
+    if not body.strip(): raise RequestError(400, f"the request body is empty; expected {expected}")
     try: return orjson.loads(body)
     except orjson.JSONDecodeError: pass
     import json  # the standard parser accepts NaN and Infinity, so the check can name the field holding them
@@ -85,12 +101,12 @@ def _short(name) -> str:
     text = str(name)
     return text if len(text) <= 64 else text[:61] + "..."
 
-def records_to_columns(records) -> dict:
-    "`{column: [values]}` from a list of row objects; rows must all be objects."
-    if not isinstance(records, list): raise RequestError(422, "'records': expected a list of row objects")
+def records_to_columns(records, field: str = "records") -> dict:
+    "`{column: [values]}` from a list of row objects; rows must all be objects. `field` names them in errors."
+    if not isinstance(records, list): raise RequestError(422, f"'{field}': expected a list of row objects")
     columns = {}
     for i, row in enumerate(records):
-        if not isinstance(row, dict): raise RequestError(422, f"'records' row {i}: expected an object of column: value")
+        if not isinstance(row, dict): raise RequestError(422, f"'{field}' row {i}: expected an object of column: value")
         for name, value in row.items(): columns.setdefault(name, [_MISSING] * i).append(value)
         for values in columns.values():
             if len(values) == i: values.append(_MISSING)
@@ -113,7 +129,7 @@ def payload_columns(payload) -> dict:
     if not isinstance(payload, dict): raise RequestError(422, "the request body: expected a JSON object with 'records' or 'columns'")
     keys = [k for k in ("records", "columns", "dataframe_records", "dataframe_split") if k in payload]
     if len(keys) != 1 or len(payload) != 1: raise RequestError(422, "the request body: expected exactly one of 'records' or 'columns'")
-    if keys[0] in ("records", "dataframe_records"): return records_to_columns(payload[keys[0]])
+    if keys[0] in ("records", "dataframe_records"): return records_to_columns(payload[keys[0]], keys[0])
     if keys[0] == "dataframe_split": return split_to_columns(payload[keys[0]])
     columns = payload["columns"]
     if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
@@ -262,18 +278,23 @@ def openapi_document(app, columns: list, max_rows: int) -> dict:
 
 # %% ../nbs/17_payload.ipynb #6afe5a63
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the host names of this machine
-OPEN_PATHS = ("/health/live", "/health/ready")
+OPEN_PATHS = ("/health/live", "/health/ready", "/ping", "/health", "/v2/health/live", "/v2/health/ready")  # probes: no token
 
 def json_response(status: int, body: dict, headers: dict | None = None):
     "A JSON response (orjson-encoded)."
     from starlette.responses import Response
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
+def error_body(path: str, status: int, message: str) -> tuple:
+    "`(status, body)` of an error on any route: mlwb's own shape, `{'error': message}`."
+    return status, {"error": message}
+
 class Guard:
     "ASGI middleware: Host allow-list, bearer token, and the body-size limit on the declared length."
-    def __init__(self, app, allowed_hosts: tuple, token: str | None, max_body_bytes: int, on_refusal=None):
+    def __init__(self, app, allowed_hosts: tuple, token: str | None, max_body_bytes: int, on_refusal=None,
+                 shape=error_body): # (path, status, message) -> (status, body): the route's error shape
         self.app, self.any_host, self.max_body_bytes, self.on_refusal = app, "*" in allowed_hosts, max_body_bytes, on_refusal
-        self.hosts = {h.lower() for h in allowed_hosts}
+        self.hosts, self.shape = {h.lower() for h in allowed_hosts}, shape
         self.token = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope, receive, send):
@@ -281,7 +302,8 @@ class Guard:
         refusal = self.refusal(scope)
         if refusal:
             if self.on_refusal: self.on_refusal(scope["path"], refusal[0])
-            return await json_response(*refusal)(scope, receive, send)
+            status, body = self.shape(scope["path"], refusal[0], refusal[1]["error"])
+            return await json_response(status, body)(scope, receive, send)
         await self.app(scope, receive, send)
 
 # %% ../nbs/17_payload.ipynb #608b4a5d
@@ -347,18 +369,17 @@ async def read_body(request, limit: int) -> bytes:
         chunks.append(chunk)
     return b"".join(chunks)
 
-def check_content_type(request):
-    "A JSON content type, or a 415."
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json": raise RequestError(415, "Content-Type must be application/json")
+def check_content_type(headers, accepted: tuple = ("application/json",)) -> str:
+    "The request's media type if it is one of `accepted` (\"\": none sent), or a 415."
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in accepted:
+        raise RequestError(415, f"Content-Type must be {' or '.join(a for a in accepted if a)}")
+    return kind
 
 # %% ../nbs/17_payload.ipynb #16a0e008
 def failure(e: Exception, request_id: str) -> tuple:
-    "`(status, body, error kind)` of a failed request; internals never reach the client."
-    if isinstance(e, RequestError):
-        return e.status, {"error": str(e), "request_id": request_id}, "client"
-    if isinstance(e, TimeoutError):
-        error = "the prediction took longer than the time limit"
-        return 504, {"error": error, "request_id": request_id}, "timeout"
+    "`(status, message, error kind)` of a failed request; internals never reach the client."
+    if isinstance(e, RequestError): return e.status, str(e), "client"
+    if isinstance(e, TimeoutError): return 504, "the prediction took longer than the time limit", "timeout"
     print(f"mlwb serve: request {request_id} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    return 500, {"error": "the model failed on this request", "request_id": request_id}, "model"
+    return 500, "the model failed on this request", "model"

@@ -8,250 +8,61 @@ Docs: https://mlwb.github.io/mlwb/serve.html.md"""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from fastcore.basics import patch
 
 from .config import Settings, load_settings
 from .core import quiet_mlflow
-from .batching import MicroBatcher, scoring_executor
-from .model_store import (LoadedModel, ModelRef, ModelStore, Variant, resolve_model,
-                              settle_heap, watch_aliases)
-from .payload import (LOOPBACK, Closing, Guard, ServeError, check_columns, check_content_type,
-                          failure, json_response, openapi_document, payload_columns, read_body,
-                          read_json, unread_bytes)
-from .predictors import Scores
-from .request_log import LogItem, RequestLog, ServerMetrics, request_log_folder
+from .model_store import ModelRef, ModelStore, resolve_model, settle_heap
+from .oip import oip_routes
+from .payload import (Closing, Guard, ServeError, json_response, openapi_document,
+                          served_columns, unread_bytes)
+from .protocols import document_protocols, error_for_path, mlflow_routes, mlwb_routes
+from .request_log import RequestLog, request_log_folder
+from .scoring import ServeOptions, ServerState, check_binding, scoring_route
 
 # %% auto #0
-__all__ = ['NOT_READY', 'LIMITS', 'SERVER_OPTIONS', 'ServeOptions', 'check_binding', 'ServerState', 'response_body',
-           'score_request', 'routed_variant', 'log_request', 'predict_route', 'shadow_score', 'metadata', 'create_app',
-           'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options', 'serve_command']
-
-# %% ../nbs/22_serve.ipynb #dea8b94b
-@dataclass
-class ServeOptions:
-    "How a server listens, whom it answers and its limits."
-    host: str = "127.0.0.1"
-    port: int = 5005
-    allowed_hosts: tuple = ()  # Host header values answered; empty: the loopback names
-    token: str | None = None  # a bearer token every request but the health checks must carry
-    log_dir: Path | None = None  # where the request log goes; None: no log
-    max_batch_size: int = 64  # rows per model call
-    max_wait_ms: float = 1.0  # how long a batch may wait for more requests
-    max_rows: int = 1_000  # rows per request
-    max_body_bytes: int = 1_000_000  # bytes per request body, refused with 413 before parsing
-    timeout: float = 10.0  # seconds a prediction may take before a 504
-    grace: float = 10.0  # seconds from SIGTERM to exit
-    follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
-
-def check_binding(options: ServeOptions) -> tuple:
-    "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."
-    if options.allowed_hosts: return tuple(options.allowed_hosts)
-    if options.host not in LOOPBACK:
-        raise ServeError(f"--host {options.host}: binding beyond loopback needs an explicit "
-                         "--allowed-hosts list (the names clients use)")
-    return LOOPBACK
-
-# %% ../nbs/22_serve.ipynb #c896b67c
-class ServerState:
-    "What the routes share: the model store, options, metrics, log, traffic policy, shutdown state."
-    def __init__(self, store: ModelStore, options: ServeOptions, log: RequestLog | None = None):
-        self.store, self.options, self.log, self.metrics = store, options, log, ServerMetrics()
-        self.in_flight, self.draining, self.load_error = 0, False, None
-        self.last_request, self.stopping, self.loop = time.monotonic(), threading.Event(), None
-        self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at each scrape
-        store.on_change.append(self.model_changed)
-        store.on_error.append(lambda name, e: self.metrics.load_errors.labels(name).inc())
-        self.use_policy(lambda request: store.default)
-        self.executor = scoring_executor()
-
-    def use_policy(self, route, # request -> variant name; a name not loaded (yet) means the default
-                   shadow: str | None = None, # a variant that also scores each answered request
-                   observers=(), # callbacks(variant name, status, seconds) per request; cheap
-                  ):
-        "Share requests among the store's variants by `route` (all go to the default until called)."
-        self.route, self.shadow, self.observers = route, shadow, list(observers)
-
-    def follow(self, every: float): # seconds between looks at the registry; 0: never
-        "Follow the aliases of the store's variants until the server stops."
-        if every > 0: watch_aliases(self.store, every, self.stopping)
-
-    @property
-    def ready(self) -> bool: return self.store.ready and not self.draining
-
-# %% ../nbs/22_serve.ipynb #21000004
-@patch
-def refused(self: ServerState, path: str, status: int):
-    "Count and log a /predict request refused at the door (host, token or size), for no variant."
-    if path != "/predict" or not self.store.ready: return
-    ref = self.store.get().model.ref
-    self.metrics.observe("", status, 0.0, "client")
-    if self.log:
-        item = LogItem(time.time(), uuid.uuid4().hex, ref.name, ref.version, None, status, 0.0)
-        self.log.write(item)
-
-@patch
-def model_changed(self: ServerState, variant: Variant, old: LoadedModel | None):
-    "Keep the metrics up to date when a variant gets a model; count a swap."
-    self.metrics.serving({v.name: (v.model.ref.name, v.model.ref.version, v.uri)
-                          for v in list(self.store.variants.values())})
-    if old is None: return
-    self.metrics.swaps.labels(variant.name).inc()
-    gc.freeze()  # the new model's objects out of the collector's walk, as at start-up (no pause)
-
-@patch
-def arrived(self: ServerState):
-    "Note that a request arrived: a drain waits until they stop coming."
-    self.last_request = time.monotonic()
-
-@patch
-def batcher_for(self: ServerState, variant: Variant) -> MicroBatcher:
-    "The variant's micro-batcher, started on first use."
-    if variant.batcher is None:
-        options = self.options
-        variant.batcher = MicroBatcher(options.max_batch_size, options.max_wait_ms, self.executor,
-                                       self.metrics.batch_rows.observe).start()
-    return variant.batcher
-
-# %% ../nbs/22_serve.ipynb #2867c1c6
-def response_body(request_id: str, variant: Variant, model: LoadedModel, scores: Scores) -> dict:
-    "The JSON answer to a scored request."
-    body = {"request_id": request_id, "model": model.ref.name, "version": model.ref.version,
-            "variant": variant.name, "predictions": scores.predictions}
-    if scores.probabilities is not None:
-        two = scores.probabilities.shape[1] == 2
-        body["probabilities"] = scores.positive() if two else scores.probabilities.tolist()
-    if scores.features is not None: body["features"] = scores.features  # online features (issue 16)
-    return body
-
-async def score_request(state: ServerState, request, variant: Variant) -> tuple:
-    "Read, check and score one request: `(model, checked columns, scores)`."
-    check_content_type(request)
-    batcher, options = state.batcher_for(variant), state.options
-    batcher.arriving += 1
-    try:
-        body = await read_body(request, options.max_body_bytes)
-        model = variant.model  # the model it started on answers it, even if a swap comes meanwhile
-        payload = payload_columns(read_json(body))  # a raw event or the feature vector (issue 16)
-        data, n = check_columns(payload, model.columns_for(payload), options.max_rows)
-    finally: batcher.arriving -= 1
-    return model, data, await batcher.submit(model, data, n)
-
-# %% ../nbs/22_serve.ipynb #f5fb1a2a
-def routed_variant(state: ServerState, request) -> Variant:
-    "The variant the route picks for `request`; the default when it names one not loaded (yet)."
-    return state.store.variants.get(state.route(request)) or state.store.get()
-
-def log_request(state: ServerState, request_id: str, variant_name: str, model: LoadedModel,
-                status: int, seconds: float, data=None, scores=None):
-    "Observe and log one scored (or failed) request of `variant_name`."
-    for observe in state.observers: observe(variant_name, status, seconds)
-    if not state.log: return
-    scored = (data, scores.predictions, scores.positive()) if scores else ()
-    ref = model.ref
-    state.log.write(LogItem(time.time(), request_id, ref.name, ref.version, variant_name, status,
-                            seconds * 1000, *scored))
-
-NOT_READY = "not ready: the model is loading or the server is shutting down"
-
-async def predict_route(state: ServerState, request):
-    "POST /predict: score the rows of one request."
-    start, request_id = time.perf_counter(), uuid.uuid4().hex
-    if not state.ready: return json_response(503, {"error": NOT_READY, "request_id": request_id})
-    variant, state.in_flight = routed_variant(state, request), state.in_flight + 1
-    model, data, scores, kind = variant.model, None, None, None
-    try:  # in flight until logged, so a drain never stops the server before its record is queued
-        try:
-            async with asyncio.timeout(state.options.timeout):
-                model, data, scores = await score_request(state, request, variant)
-            status, body = 200, response_body(request_id, variant, model, scores)
-        except Exception as e: status, body, kind = failure(e, request_id)
-        seconds = time.perf_counter() - start
-        state.metrics.observe(variant.name, status, seconds, kind)
-        log_request(state, request_id, variant.name, model, status, seconds, data, scores)
-    finally: state.in_flight -= 1
-    shadow = state.store.variants.get(state.shadow) if state.shadow != variant.name else None
-    if scores and shadow:
-        asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, data))
-    return json_response(status, body, {"x-request-id": request_id})
-
-async def shadow_score(state: ServerState, request_id: str, variant: Variant, data: dict):
-    "Score an answered request's rows with the shadow `variant`, and log them; no client waits."
-    start, model, scores, status = time.perf_counter(), variant.model, None, 200
-    try:
-        async with asyncio.timeout(state.options.timeout):
-            n = len(next(iter(data.values())))
-            scores = await state.batcher_for(variant).submit(model, data, n)
-    except Exception: status = 500
-    seconds = time.perf_counter() - start
-    log_request(state, request_id, f"shadow:{variant.name}", model, status, seconds, data, scores)
-
-# %% ../nbs/22_serve.ipynb #9d6cd7d4
-LIMITS = ("max_batch_size", "max_wait_ms", "max_rows", "max_body_bytes", "timeout")
-
-def metadata(state: ServerState) -> dict:
-    "What `/metadata` answers: the variants and their models, and the server's limits."
-    variants = {name: v.describe() for name, v in list(state.store.variants.items())}
-    default = variants.get(state.store.default, {})
-    shown = ("model", "version", "changed_at", "signature", "fast_path")
-    return {**{k: default.get(k) for k in shown}, "variant": state.store.default,
-            "variants": variants, "limits": {k: getattr(state.options, k) for k in LIMITS}}
-
-# %% ../nbs/22_serve.ipynb #e587db82
-def _health_routes(app, state: ServerState):
-    "GET /health/live, /health/ready, /metadata and /metrics."
-    from starlette.responses import Response
-    @app.get("/health/live", summary="The process answers")
-    async def live(): return json_response(200, {"status": "live"})
-    @app.get("/health/ready", summary="The model is loaded and warm; the server is not stopping")
-    async def ready():
-        if state.ready:
-            return json_response(200, {"status": "ready", "variants": sorted(state.store.variants)})
-        return json_response(503, {"status": "draining" if state.draining else "loading"})
-    @app.get("/metadata", summary="The model, version, signature and fast path of each variant")
-    async def meta():
-        if state.store.ready: return json_response(200, metadata(state))
-        return json_response(503, {"error": "not ready: the model is loading"})
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics():
-        return Response(state.metrics.text(), media_type="text/plain; version=0.0.4")
+__all__ = ['SERVER_OPTIONS', 'create_app', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options',
+           'serve_command']
 
 # %% ../nbs/22_serve.ipynb #a1a027c8
 def create_app(state: ServerState, load=None):
     "The FastAPI app serving `state`'s store; `load()`, if given, fills it on a thread at start-up."
     from contextlib import asynccontextmanager
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     @asynccontextmanager
     async def lifespan(app):
         state.loop = asyncio.get_running_loop()
         if load: state.loop.run_in_executor(None, _load_in_background, state, load)
+        lag = state.loop.create_task(state.watch_lag())
         yield
-        if state.log: state.log.close()
+        lag.cancel()
+        if state.log: state.flush_log(); state.log.close()
     app = FastAPI(title="mlwb model server", lifespan=lifespan)
-    async def predict(request): return await predict_route(state, request)
-    predict.__annotations__ = {"request": Request}  # a class, not a string
-    app.post("/predict", summary="Score rows given as records or columns")(predict)
-    _health_routes(app, state)
+    score = lambda request, protocol, variant=None: scoring_route(state, request, protocol, variant)
+    for add_routes in (mlwb_routes, mlflow_routes, oip_routes): add_routes(app, state, score)
     invalid = json_response(422, {"error": "invalid request parameters"})
     app.add_exception_handler(RequestValidationError, lambda request, e: invalid)
-    columns = lambda: state.store.get().model.columns if state.store.ready else []
-    app.openapi = lambda: openapi_document(app, columns(), state.options.max_rows)
+    app.openapi = lambda: _openapi(app, state)
     options = state.options
     app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
-                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused)
+                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused,
+                       shape=error_for_path)
     app.add_middleware(Closing, closing=lambda: state.draining, on_request=state.arrived)
     return app
+
+def _openapi(app, state: ServerState) -> dict:
+    "The OpenAPI document of every protocol's routes, with the served model's columns."
+    columns = served_columns(state.store.get().model) if state.store.ready else []
+    limit = state.options.max_rows
+    return document_protocols(openapi_document(app, columns, limit), columns, limit)
 
 def _load_in_background(state: ServerState, load):
     "Run `load()`; on failure, record the error for the server to report and stop."
@@ -297,6 +108,7 @@ async def drain(server, state: ServerState):
         for listener in server.servers: listener.close()
         for connection in list(server.server_state.connections): connection.transport.close()
     if state.log:  # every answered request on disk
+        state.flush_log()
         wait = max(0.5, grace * 0.9 - (loop.time() - start))
         await loop.run_in_executor(None, state.log.close, wait)
     server.should_exit = True
@@ -367,6 +179,8 @@ SERVER_OPTIONS = [
     _option("--grace", click.FloatRange(0.1, 3_600), 10.0, "Seconds from SIGTERM to exit."),
     _option("--follow-every", click.FloatRange(0, 86_400), 5.0,
             "Seconds between looks at the registry for a moved alias (0: never)."),
+    _option("--max-queue-ms", click.FloatRange(0, 60_000), 100.0, "Refuse requests (503) that "
+            "would wait longer than this before being scored (0: never)."),
     click.option("--no-fast-path", is_flag=True,
                  help="Serve the native model even when a fast path passes the parity check."),
 ]
@@ -374,14 +188,15 @@ SERVER_OPTIONS = [
 def server_options(command):
     "Add `mlwb serve`'s listening and limit options to `command`; it gets options, settings, fast."
     def wrapped(host, port, allowed_hosts, token, log_dir, max_batch_size, max_wait_ms, max_rows,
-                max_body_bytes, timeout, grace, follow_every, no_fast_path, **rest):
+                max_body_bytes, timeout, grace, follow_every, max_queue_ms, no_fast_path, **rest):
         os.environ.pop("MLWB_SERVE_TOKEN", None)  # read by click; load_settings would refuse it
         settings = load_settings()
         quiet_mlflow()
         hosts = tuple(h.strip() for h in allowed_hosts.split(",") if h.strip())
         options = ServeOptions(host or settings.serve_host, port or settings.serve_port, hosts,
                                token or None, Path(log_dir) if log_dir else None, max_batch_size,
-                               max_wait_ms, max_rows, max_body_bytes, timeout, grace, follow_every)
+                               max_wait_ms, max_rows, max_body_bytes, timeout, grace, follow_every,
+                               max_queue_ms)
         return command(options=options, settings=settings, fast=not no_fast_path, **rest)
     wrapped.__name__, wrapped.__doc__ = command.__name__, command.__doc__
     for option in reversed(SERVER_OPTIONS): wrapped = option(wrapped)

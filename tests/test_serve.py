@@ -110,7 +110,7 @@ class Server:
                                         env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.ready_seen = []
 
-    def wait_ready(self, timeout: float = 60.0):
+    def wait_ready(self, timeout: float = 180.0):  # a loaded 2-core machine takes minutes to import and warm up
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None: raise RuntimeError(f"server exited: {self.process.stderr.read()}")

@@ -1,15 +1,22 @@
-"""`mlwb serve` against `mlflow models serve` on the same registered model, the same single-row requests, one client.
+"""`mlwb serve` against `mlflow models serve` and MLServer on the same registered models, the same requests, one client.
 
-Run from the repository root:  .venv/bin/python benchmarks/serve/bench_serve.py [--seconds 8] [--concurrency 1 8 64]
+Run from the repository root:  .venv/bin/python benchmarks/serve/bench_serve.py [--seconds 8] [--parts ...]
 
-It trains a histogram-gradient-boosting model in a temporary workspace, registers it as `bench@champion`, starts
-`mlwb serve` and `mlflow models serve` (default: 1 worker; tuned: 2 workers with OMP_NUM_THREADS=1) on free loopback
-ports, and drives each with wrk (installed with apt-get when missing) at each concurrency, one connection per
-concurrent client, keep-alive, all sending the same one-row JSON body. It prints requests/s, p50 and p99 and the ratios.
+Parts (all by default; see README.md):
+  classic    mlwb serve against mlflow models serve (default and tuned) on a 4-column model, one-row bodies
+  lifecycle  requests lost while mlwb serve swaps a moved alias and while it shuts down, under load
+  protocols  mlwb serve on a 30-column model (50,000 training rows) through /predict, MLflow's /invocations
+             and the Open Inference Protocol's /v2/models/{name}/infer, and MLServer 1.7.1 (adaptive batching,
+             in its own virtual environment, benchmarks/serve/.mlserver-venv) on the same model and OIP body
+  torch      a PyTorch MLP pipeline served by mlwb serve (TorchScript fast path) and by mlflow models serve
+  overload   mlwb serve at twice the rate it answered at concurrency 64 (an open-loop aiohttp client): accepted p99,
+             503 + Retry-After counts, with and without its overload refusal
 
 Why wrk: on a 2-core machine the load generator competes with the server for CPU. A Python asyncio client spends
 ~100 µs of interpreter time per request -- as much as the server it measures -- so it caps and distorts the numbers;
-wrk is a C event loop that costs a few µs per request and reports latency percentiles itself.
+wrk is a C event loop that costs a few µs per request and reports latency percentiles itself. The overload part needs
+what wrk cannot give -- a fixed offered rate whatever the answers, and the latency of the accepted requests alone --
+so it uses a Python open-loop client (aiohttp), whose own CPU time the server shares.
 """
 import argparse
 import json
@@ -103,7 +110,7 @@ def stop(process):
 
 
 LUA = """wrk.method = "POST"
-wrk.body = [[%s]]
+wrk.body = [==[%s]==]
 wrk.headers["Content-Type"] = "application/json"
 """
 
@@ -198,55 +205,294 @@ def lifecycle(wrk: str, make, d: Path, uri: str, seconds: float) -> dict:
 
 
 ROW = []
+MLSERVER_VENV = Path(__file__).resolve().parent / ".mlserver-venv"  # gitignored; never a dependency of mlwb
+OIP_TYPES = {"f": "FP64", "i": "INT64", "O": "BYTES"}
+
+
+def ensure_tool(name: str, package: str) -> str:
+    "The path of `name`, installed with apt-get from Debian's `package` if missing (we run as root)."
+    if not shutil.which(name):
+        print(f"installing {package} with apt-get ...", flush=True)
+        subprocess.run(["apt-get", "install", "-y", package], check=True, capture_output=True)
+    return shutil.which(name)
+
+
+def ensure_mlserver() -> Path:
+    "MLServer 1.7.1 and its scikit-learn runtime in a virtual environment of their own, made on first use."
+    mlserver = MLSERVER_VENV / "bin" / "mlserver"
+    if mlserver.exists(): return mlserver
+    import joblib
+    import sklearn
+    print(f"creating {MLSERVER_VENV} with MLServer 1.7.1 ...", flush=True)
+    subprocess.run([str(PYTHON), "-m", "venv", str(MLSERVER_VENV)], check=True)
+    subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "-q", "mlserver==1.7.1", "mlserver-sklearn==1.7.1",
+                    f"scikit-learn=={sklearn.__version__}", f"joblib=={joblib.__version__}",  # the pickle's versions
+                    "uvloop==0.21.0"], check=True)  # MLServer 1.7.1's inference workers die on uvloop 0.22's get_event_loop
+    return mlserver
+
+
+def register(name: str, model, X, **log_options) -> str:
+    "Log `model` (scikit-learn interface) in the current tracking store and register it as `name`@champion."
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("bench").experiment_id):
+        info = mlflow.sklearn.log_model(model, name="model", signature=infer_signature(X, model.predict(X)), input_example=X.head(5),
+                                        serialization_format="cloudpickle", pip_requirements=[], **log_options)
+    version = mlflow.register_model(info.model_uri, name)
+    mlflow.MlflowClient().set_registered_model_alias(name, "champion", version.version)
+    return f"models:/{name}@champion"
+
+
+def wide_rows(n: int, seed: int = 0):
+    "Card-like rows with 30 columns: 27 numbers, an amount, an hour and a category; and a fraud-like label."
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame({f"x{i}": rng.normal(0, 1 + i % 5, n).round(4) for i in range(27)})
+    X["amount"], X["hour"] = rng.gamma(2, 30, n).round(2), rng.integers(0, 24, n)
+    X["category"] = rng.choice(["food", "travel", "online", "fuel", "other"], n)
+    y = ((X.amount > 90) & (X.hour < 6) | (X.x0 + X.x1 > 3) | (rng.random(n) < 0.02)).astype(int)
+    return X, y
+
+
+def train_wide(folder: Path) -> dict:
+    "A histogram-gradient-boosting pipeline on 50,000 x 30 rows, registered as bench30@champion and saved for MLServer."
+    import joblib
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+    X, y = wide_rows(50_000)
+    features = ColumnTransformer([("cat", OneHotEncoder(handle_unknown="ignore"), ["category"])], remainder="passthrough")
+    model = Pipeline([("features", features), ("model", HistGradientBoostingClassifier(max_iter=100, random_state=0))]).fit(X, y)
+    register("bench30", model, X)
+    (folder / "bench30").mkdir(parents=True)
+    joblib.dump(model, folder / "bench30" / "model.joblib")
+    return json.loads(X.head(1).to_json(orient="records"))[0]
+
+
+def train_torch() -> dict:
+    "A scaler + PyTorch MLP pipeline (mlwb's TorchMLPClassifier) on four numbers, registered as benchtorch@champion."
+    import numpy as np
+    import pandas as pd
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from mlwb.torch_models import TorchMLPClassifier
+    rng = np.random.default_rng(1)
+    X = pd.DataFrame({"amount": rng.gamma(2, 30, 5000).round(2), "hour": rng.integers(0, 24, 5000).astype(float),
+                      "distance_km": rng.exponential(10, 5000).round(3), "age_days": rng.integers(1, 3000, 5000).astype(float)})
+    y = ((X.amount > 90) & (X.hour < 6)).astype(int)
+    model = make_pipeline(StandardScaler(), TorchMLPClassifier(hidden_sizes=(64, 32), max_epochs=5, random_state=0, device="cpu")).fit(X, y)
+    register("benchtorch", model, X)
+    return json.loads(X.head(1).to_json(orient="records"))[0]
+
+
+def bodies(row: dict, d: Path, name: str) -> dict:
+    "wrk scripts of one row in three protocols: mlwb's records, MLflow's dataframe_split and an OIP infer request."
+    import numpy as np
+    tensor = lambda k, v: {"name": k, "datatype": OIP_TYPES[np.asarray(v).dtype.kind if not isinstance(v, str) else "O"], "shape": [1],
+                           "data": [v], **({"parameters": {"content_type": "str"}} if isinstance(v, str) else {})}
+    oip = {"parameters": {"content_type": "pd"}, "inputs": [tensor(k, v) for k, v in row.items()]}  # MLServer decodes "pd" to a frame
+    forms = {"records": {"records": [row]}, "split": {"dataframe_split": {"columns": list(row), "data": [list(row.values())]}}, "oip": oip}
+    scripts = {}
+    for form, body in forms.items():
+        (d / f"{name}-{form}.json").write_text(json.dumps(body))
+        scripts[form] = d / f"{name}-{form}.lua"
+        scripts[form].write_text(LUA % json.dumps(body))
+    return scripts
+
+
+def measure(wrk: str, results: dict, label: str, command: list, env: dict, ready: str, targets: dict, concurrencies: list,
+            seconds: float):
+    "Start one server and drive each of its `targets` ({row label: (url, wrk script)}) at each concurrency."
+    process = start(label, command, env, ready)
+    try:
+        for name, (url, script) in targets.items():
+            drive(wrk, url, script, 8, 2)  # warm-up
+            for c in concurrencies:
+                results[(name, c)] = r = drive(wrk, url, script, c, seconds, process.pid)
+                print(f"  {name:<28} c={c:<3} {r['rps']:>8.1f} req/s  p50 {r['p50']:>8.2f} ms  p99 {r['p99']:>8.2f} ms  "
+                      f"server CPU {r['cpu_ms']:.3f} ms/req  errors {r['errors']}", flush=True)
+    finally: stop(process)
+
+
+def mlserver_folder(d: Path) -> tuple:
+    "MLServer's settings: its ports, and the bench30 model with adaptive batching (64 rows or 2 ms)."
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    root = d / "mlserver"
+    (root / "settings.json").write_text(json.dumps({"debug": False, "http_port": http, "grpc_port": grpc, "metrics_port": metrics}))
+    (root / "bench30" / "model-settings.json").write_text(json.dumps({
+        "name": "bench30", "implementation": "mlserver_sklearn.SKLearnModel", "parameters": {"uri": "./model.joblib", "version": "1"},
+        "max_batch_size": 64, "max_batch_time": 0.002}))
+    return root, http
+
+
+def protocols_part(wrk: str, d: Path, env: dict, mlwb_serve, concurrencies: list, seconds: float) -> dict:
+    "mlwb serve through its three protocols and MLServer through the OIP, on the 30-column model."
+    row = train_wide(d / "mlserver")
+    scripts, results, port = bodies(row, d, "bench30"), {}, free_port()
+    base = f"http://127.0.0.1:{port}"
+    targets = {"mlwb /predict": (f"{base}/predict", scripts["records"]),
+               "mlwb /invocations (MLflow)": (f"{base}/invocations", scripts["split"]),
+               "mlwb /v2 infer (OIP)": (f"{base}/v2/models/bench30/infer", scripts["oip"])}
+    unrefusing = ["--max-queue-ms", "0"]  # throughput as MLServer measures it: no 503s mixed into the answers
+    measure(wrk, results, "mlwb serve", mlwb_serve("models:/bench30@champion", port) + unrefusing, env, f"{base}/health/ready", targets,
+            concurrencies, seconds)
+    mlserver, (root, http) = ensure_mlserver(), mlserver_folder(d)
+    ms = f"http://127.0.0.1:{http}"
+    tuned = {**env, "PATH": f"{MLSERVER_VENV / 'bin'}:{env['PATH']}", "OMP_NUM_THREADS": "1"}  # as mlwb's scoring thread
+    measure(wrk, results, "MLServer", [str(mlserver), "start", str(root)], tuned,
+            f"{ms}/v2/models/bench30/ready", {"MLServer /v2 infer (OIP)": (f"{ms}/v2/models/bench30/infer", scripts["oip"])},
+            concurrencies, seconds)
+    return results, row
+
+
+def torch_part(wrk: str, d: Path, env: dict, mlwb_serve, concurrencies: list, seconds: float) -> dict:
+    "A PyTorch pipeline served by mlwb serve and by mlflow models serve, the same MLflow body to both."
+    script, results = bodies(train_torch(), d, "torch")["split"], {}
+    port, other = free_port(), free_port()
+    measure(wrk, results, "mlwb serve (torch)", mlwb_serve("models:/benchtorch@champion", port) + ["--max-queue-ms", "0"], env,
+            f"http://127.0.0.1:{port}/health/ready", {"torch: mlwb": (f"http://127.0.0.1:{port}/invocations", script)},
+            concurrencies, seconds)
+    mlflow = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/benchtorch@champion", "-p", str(other), "--env-manager", "local"]
+    measure(wrk, results, "mlflow models serve (torch)", mlflow, {**env, "PYTHONPATH": str(REPO)}, f"http://127.0.0.1:{other}/ping",
+            {"torch: mlflow": (f"http://127.0.0.1:{other}/invocations", script)}, concurrencies, seconds)
+    return results
+
+
+def open_loop(url: str, body: Path, rate: float, seconds: float) -> dict:
+    "Send `rate` requests/s for `seconds` whatever the answers (an open loop, aiohttp): statuses, accepted latency."
+    import asyncio
+    import aiohttp
+    import numpy as np
+    data, results = body.read_bytes(), []
+
+    async def one(session, due: float):
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            async with session.post(url, data=data, headers={"content-type": "application/json"}) as answer:
+                await answer.read()
+                results.append((answer.status, time.perf_counter() - start, "retry-after" in answer.headers))
+        except Exception as e: results.append((type(e).__name__, time.perf_counter() - start, False))
+
+    async def run():
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
+            t0, n = time.perf_counter() + 0.5, int(rate * seconds)
+            await asyncio.gather(*(one(session, t0 + k / rate) for k in range(n)))
+
+    asyncio.run(run())
+    statuses = {}
+    for status, _, _ in results: statuses[str(status)] = statuses.get(str(status), 0) + 1
+    ok = np.array([latency * 1000 for status, latency, _ in results if status == 200])
+    pct = lambda q: float(np.percentile(ok, q)) if len(ok) else float("nan")
+    refused = [hinted for status, _, hinted in results if status == 503]
+    return {"offered": rate, "sent": len(results), "statuses": statuses, "p50": pct(50), "p99": pct(99),
+            "answered_per_s": len(ok) / seconds, "refused": len(refused), "with_retry_after": sum(refused)}
+
+
+def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds: float) -> dict:
+    "mlwb serve offered twice the rate it answered at concurrency 64, with its overload refusal and without."
+    results = {}
+    for label, extra in (("refusing (default, --max-queue-ms 100)", []), ("not refusing (--max-queue-ms 0)", ["--max-queue-ms", "0"])):
+        port = free_port()
+        process = start(f"mlwb serve, {label}", mlwb_serve("models:/bench30@champion", port) + extra, env,
+                        f"http://127.0.0.1:{port}/health/ready")
+        try:
+            drive(wrk, f"http://127.0.0.1:{port}/predict", d / "bench30-records.lua", 8, 2)  # warm-up
+            results[label] = r = open_loop(f"http://127.0.0.1:{port}/predict", d / "bench30-records.json", 2 * rate, seconds)
+            print(f"  {label}: {r}", flush=True)
+        finally: stop(process)
+    return results
+
+
+PARTS = ("classic", "lifecycle", "protocols", "torch", "overload")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds of load per server and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--lifecycle-only", action="store_true",
-                        help="only measure the requests lost during an alias swap and a shutdown")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
+    parser.add_argument("--lifecycle-only", action="store_true", help="the same as --parts lifecycle")
     args = parser.parse_args()
+    parts = ["lifecycle"] if args.lifecycle_only else args.parts
     wrk = ensure_wrk()
-    results = {}
+    results, events, extra = {}, {}, {}
     with tempfile.TemporaryDirectory() as d:
-        ws = Path(d) / "ws"
+        d = Path(d)
+        ws = d / "ws"
         ws.mkdir()
         shutil.copy(REPO / "settings.ini", ws / "settings.ini")
         print("training and registering bench@champion ...", flush=True)
         uri, row = train_and_register(ws)
-        script = Path(d) / "post.lua"
+        script = d / "post.lua"
         script.write_text(LUA % json.dumps({"dataframe_records": [row]}))  # a body both servers accept
         ROW.append(row)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("MLWB_")}
         base_env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLWB_WORKSPACE=str(ws), PATH=f"{BIN}:{os.environ.get('PATH', '')}")  # mlflow runs `uvicorn` from PATH
+        mlwb_serve = lambda model, p: [str(BIN / "mlwb"), "serve", model, "--port", str(p), "--log-dir", str(d / "requests")]
         servers = {
-            "mlwb serve": lambda p: ([str(BIN / "mlwb"), "serve", "models:/bench@champion", "--port", str(p), "--log-dir", str(Path(d) / "requests")],
-                                     base_env, f"http://127.0.0.1:{p}/health/ready", f"http://127.0.0.1:{p}/predict"),
+            "mlwb serve": lambda p: (mlwb_serve("models:/bench@champion", p), base_env, f"http://127.0.0.1:{p}/health/ready", f"http://127.0.0.1:{p}/predict"),
             "mlflow default": lambda p: ([str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@champion", "-p", str(p), "--env-manager", "local"],
                                          base_env, f"http://127.0.0.1:{p}/ping", f"http://127.0.0.1:{p}/invocations"),
             "mlflow tuned": lambda p: ([str(BIN / "mlflow"), "models", "serve", "-m", "models:/bench@champion", "-p", str(p), "--env-manager", "local", "-w", "2"],
                                        {**base_env, "OMP_NUM_THREADS": "1"}, f"http://127.0.0.1:{p}/ping", f"http://127.0.0.1:{p}/invocations"),
         }
-        for name, make in ({} if args.lifecycle_only else servers).items():
+        for name, make in (servers if "classic" in parts else {}).items():
             command, env, ready, url = make(free_port())
-            process = start(name, command, env, ready)
-            try:
-                drive(wrk, url, script, 8, 2)  # warm-up
-                for c in args.concurrency:
-                    results[(name, c)] = r = drive(wrk, url, script, c, args.seconds, process.pid)
-                    print(f"  {name:<15} c={c:<3} {r['rps']:>9.1f} req/s  p50 {r['p50']:>8.2f} ms  p99 {r['p99']:>8.2f} ms  "
-                          f"server CPU {r['cpu_ms']:.3f} ms/req  errors {r['errors']}", flush=True)
-            finally: stop(process)
-        print("mlwb serve: an alias swap and a SIGTERM under wrk load (16 connections) ...", flush=True)
-        events = lifecycle(wrk, servers["mlwb serve"], Path(d), uri, args.seconds)
+            measure(wrk, results, name, command, env, ready, {name: (url, script)}, args.concurrency, args.seconds)
+        if "lifecycle" in parts:
+            print("mlwb serve: an alias swap and a SIGTERM under wrk load (16 connections) ...", flush=True)
+            events = lifecycle(wrk, servers["mlwb serve"], d, uri, args.seconds)
+        if "protocols" in parts or "overload" in parts:
+            print("the 30-column model: mlwb serve's three protocols, then MLServer ...", flush=True)
+            extra, wide = protocols_part(wrk, d, base_env, mlwb_serve, args.concurrency, args.seconds)
+        if "torch" in parts:
+            print("a PyTorch pipeline: mlwb serve and mlflow models serve ...", flush=True)
+            extra.update(torch_part(wrk, d, base_env, mlwb_serve, args.concurrency, args.seconds))
+        if "overload" in parts:
+            rate = extra[("mlwb /predict", max(args.concurrency))]["rps"]
+            print(f"mlwb serve offered twice {rate:.0f} req/s ...", flush=True)
+            overloads = overload_part(wrk, d, base_env, mlwb_serve, rate, args.seconds)
+    print(f"\nload average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (read the figures as ratios)")
     if results: report(results, args.concurrency)
+    if events: report_lifecycle(events)
+    if extra: report_extra(extra, args.concurrency)
+    if "overload" in parts: report_overload(overloads)
+
+
+def report_lifecycle(events: dict):
     print(f"\n| event under load (wrk, 16 connections) | responses | of them 503 | lost | connect errors |"
           f"\n|---|---|---|---|---|")
     for name, e in events.items():
         print(f"| {name} | {e['answered']} | {e['refused']} | {e['lost']} | {e['connect_errors']} |")
     print(f"\nrequests lost during the alias swap: {events['swap']['lost']}; during shutdown: "
           f"{events['shutdown']['lost']} (server exit code {events['shutdown']['exit_code']})")
+
+
+def report_extra(results: dict, concurrencies: list):
+    print("\n| server and route | concurrency | req/s | p50 ms | p99 ms | server CPU ms/req | errors |\n|---|---|---|---|---|---|---|")
+    for (name, c), r in results.items(): print(f"| {name} | {c} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu_ms']:.3f} | {r['errors']} |")
+    top, low = max(concurrencies), min(concurrencies)
+    ratio = lambda a, b, key="rps": results[(a, top)][key] / results[(b, top)][key] if (a, top) in results and (b, top) in results else float("nan")
+    print(f"\nat concurrency {top}: mlwb OIP / MLServer OIP = {ratio('mlwb /v2 infer (OIP)', 'MLServer /v2 infer (OIP)'):.1f}x req/s, "
+          f"p99 {ratio('mlwb /v2 infer (OIP)', 'MLServer /v2 infer (OIP)', 'p99'):.2f}x; "
+          f"torch: mlwb / mlflow = {ratio('torch: mlwb', 'torch: mlflow'):.1f}x req/s")
+    for name in ("mlwb /predict", "mlwb /invocations (MLflow)", "mlwb /v2 infer (OIP)", "MLServer /v2 infer (OIP)", "torch: mlwb"):
+        if (name, low) in results: print(f"  p50 at concurrency {low}, {name}: {results[(name, low)]['p50']:.2f} ms")
+
+
+def report_overload(overloads: dict):
+    print("\n| mlwb serve at twice its rate | offered req/s | answered 200/s | 200 | 503 | other | accepted p50 ms | accepted p99 ms | 503 with Retry-After |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for label, r in overloads.items():
+        s = r["statuses"]
+        other = sum(v for k, v in s.items() if k not in ("200", "503"))
+        print(f"| {label} | {r['offered']:.0f} | {r['answered_per_s']:.0f} | {s.get('200', 0)} | {s.get('503', 0)} | {other} | "
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['with_retry_after']} of {r['refused']} |")
 
 
 def report(results: dict, concurrencies: list):
