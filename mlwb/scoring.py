@@ -44,7 +44,7 @@ class ServeOptions:
     timeout: float = 10.0  # seconds a prediction may take before a 504
     grace: float = 10.0  # seconds from SIGTERM to exit
     follow_every: float = 5.0  # seconds between looks at the registry for a moved alias; 0: never
-    max_queue_ms: float = 100.0  # refuse (503) a request that would wait longer than this; 0: never
+    max_queue_ms: float = 0.0  # refuse (503) a request that would wait longer; 0: never
 
 def check_binding(options: ServeOptions) -> tuple:
     "The allowed Host names; binding beyond loopback without an explicit list is a `ServeError`."

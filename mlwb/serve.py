@@ -179,8 +179,8 @@ SERVER_OPTIONS = [
     _option("--grace", click.FloatRange(0.1, 3_600), 10.0, "Seconds from SIGTERM to exit."),
     _option("--follow-every", click.FloatRange(0, 86_400), 5.0,
             "Seconds between looks at the registry for a moved alias (0: never)."),
-    _option("--max-queue-ms", click.FloatRange(0, 60_000), 100.0, "Refuse requests (503) that "
-            "would wait longer than this before being scored (0: never)."),
+    _option("--max-queue-ms", click.FloatRange(0, 60_000), 0.0, "Refuse requests (503) that "
+            "would wait longer than this before being scored (0: never; try 100)."),
     click.option("--no-fast-path", is_flag=True,
                  help="Serve the native model even when a fast path passes the parity check."),
 ]

@@ -415,6 +415,24 @@ def test_sigterm_drains_in_flight_requests(slow):
     assert any(r["status"] == 200 and r["inputs"] == {"x": 0.8} for r in slow.log_records())
 
 
+def test_an_overloaded_server_refuses_at_once_with_retry_after(registry):
+    "With --max-queue-ms, a request that would queue behind a full batch gets a 503 and Retry-After."
+    ws, _, _, uri = registry
+    server = Server(ws, uri, "--max-queue-ms", 100, "--max-batch-size", 1).wait_ready()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(httpx.post, f"{server.url}/predict", json={"records": [{"x": 1.5}]}, timeout=30)
+            deadline = time.monotonic() + 30  # the slow request fills the one-row batch
+            while "mlwb_requests_in_flight 1.0" not in httpx.get(f"{server.url}/metrics").text:
+                assert time.monotonic() < deadline and not busy.done(), "the request never reached the server"
+            refused = httpx.post(f"{server.url}/predict", json={"records": [{"x": 0.0}]}, timeout=30)
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+            assert "overloaded" in refused.json()["error"]
+            assert busy.result().status_code == 200
+        assert httpx.post(f"{server.url}/predict", json={"records": [{"x": 0.0}]}, timeout=30).status_code == 200
+    finally: server.stop()
+
+
 def test_binding_beyond_loopback_needs_allowed_hosts(tmp_path, monkeypatch):
     from click.testing import CliRunner
     from mlwb.cli import main

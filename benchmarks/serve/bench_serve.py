@@ -396,7 +396,7 @@ def open_loop(url: str, body: Path, rate: float, seconds: float) -> dict:
 def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds: float) -> dict:
     "mlwb serve offered twice the rate it answered at concurrency 64, with its overload refusal and without."
     results = {}
-    for label, extra in (("refusing (default, --max-queue-ms 100)", []), ("not refusing (--max-queue-ms 0)", ["--max-queue-ms", "0"])):
+    for label, extra in (("refusing (--max-queue-ms 100)", ["--max-queue-ms", "100"]), ("not refusing (--max-queue-ms 0)", ["--max-queue-ms", "0"])):
         port = free_port()
         process = start(f"mlwb serve, {label}", mlwb_serve("models:/bench30@champion", port) + extra, env,
                         f"http://127.0.0.1:{port}/health/ready")
