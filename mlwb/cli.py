@@ -32,6 +32,7 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "lab": ("mlwb.learn", "lab_command"), "check": ("mlwb.milestones", "check_command"),
     "progress": ("mlwb.milestones", "progress_command"),
     "stop-kernels": ("mlwb.runs", "stop_kernels_command"),
+    "simulate": ("mlwb.timeline", "simulate_command"),
 }
 
 def command_elsewhere(name: str) -> click.Command | None:

@@ -195,7 +195,8 @@ def week_rows(scenario: dict, week: int, first_day: pd.Timestamp, features) -> p
     times = rows[world["time"]]
     rows = rows[(times >= start) & (times < start + pd.Timedelta(days=7))].reset_index(drop=True)
     day = (rows[world["time"]] - first_day).dt.days
-    return rows.assign(week=week, day=day.astype("int64"))
+    key = f"w{week:02d}-" + rows[world["key"]].astype(str)  # each week's generator counts from 0
+    return rows.assign(**{world["key"]: key}, week=week, day=day.astype("int64"))
 
 # %% ../nbs/44_scenario.ipynb #4a6d1a9d
 def day_requests(rows: pd.DataFrame, per_day: int) -> list:
