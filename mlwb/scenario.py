@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .generate import DataError, make_card_transactions
 
 # %% auto #0
 __all__ = ['KEYS', 'WORLDS', 'FIXED', 'ScenarioError', 'card_transactions', 'world_knobs', 'check_scenario', 'load_scenario',
-           'knobs_at', 'first_change_week', 'project_function', 'week_start', 'week_rows', 'day_requests',
+           'knobs_at', 'first_change_week', 'project_function', 'week_start', 'regime', 'week_rows', 'day_requests',
            'known_labels', 'retrain_window']
 
 # %% ../nbs/44_scenario.ipynb #81a7c7c2
@@ -59,6 +60,8 @@ KEYS = {  # dotted key: (check, default, what it means)
     "world.time": (_text, "timestamp", "the column with the row's simulated time"),
     "world.label": (_text, "is_fraud", "the label column, known only after labels.delay_days"),
     "traffic.requests_per_day": (_number(1, 10_000, True), 40, "HTTP requests per simulated day"),
+    "server.fast_path": (lambda v: None if isinstance(v, bool) else "true or false", False,
+                         "serve through ONNX when it matches: faster answers, slower loads"),
     "labels.delay_days": (_number(0, 60, True), 2, "days until a row's label arrives"),
     "costs.missed_fraud": (_number(0), 250.0, "cost of a positive the model let through"),
     "costs.false_alarm": (_number(0), 5.0, "cost of a false alarm"),
@@ -182,21 +185,27 @@ def project_function(folder: Path | str, dotted: str):
     return getattr(module, name)
 
 def week_start(first_day: pd.Timestamp, week: int) -> pd.Timestamp:
-    "The first moment of simulated `week` (weeks count from 1)."
+    "The first moment of simulated `week` (weeks count from 1; week 0 is the one before production)."
     return first_day + pd.Timedelta(days=7 * (week - 1))
 
-def week_rows(scenario: dict, week: int, first_day: pd.Timestamp, features) -> pd.DataFrame:
-    "The rows of simulated `week`, with their features, time-ordered, and their `day` (from 0)."
+def regime(scenario: dict, knobs: dict, first_day: pd.Timestamp, features, number: int) -> pd.DataFrame:
+    "The world under `knobs` from `history_days` before week 0 to the last week, with features."
     world, history = scenario["world"], scenario["world"]["history_days"]
-    start = week_start(first_day, week)
-    raw = WORLDS[world["generator"]](start - pd.Timedelta(days=history), history + 7,
-                                     scenario["seed"] * 1000 + week, world["size"], **knobs_at(scenario, week))
+    start = week_start(first_day, 0) - pd.Timedelta(days=history)
+    raw = WORLDS[world["generator"]](start, history + 7 * (scenario["weeks"] + 1),
+                                     scenario["seed"] * 1000 + number, world["size"], **knobs)
     rows = features(raw)
-    times = rows[world["time"]]
-    rows = rows[(times >= start) & (times < start + pd.Timedelta(days=7))].reset_index(drop=True)
-    day = (rows[world["time"]] - first_day).dt.days
-    key = f"w{week:02d}-" + rows[world["key"]].astype(str)  # each week's generator counts from 0
-    return rows.assign(**{world["key"]: key}, week=week, day=day.astype("int64"))
+    return rows.assign(**{world["key"]: f"r{number}-" + rows[world["key"]].astype(str)})
+
+def week_rows(scenario: dict, week: int, first_day: pd.Timestamp, features, regimes: dict) -> pd.DataFrame:
+    "The rows of simulated `week`, with their features and `day` (from 0), from the regime in force."
+    knobs, time_column = knobs_at(scenario, week), scenario["world"]["time"]
+    key = json.dumps(knobs, sort_keys=True)
+    if key not in regimes: regimes[key] = regime(scenario, knobs, first_day, features, len(regimes))
+    rows, start = regimes[key], week_start(first_day, week)
+    rows = rows[(rows[time_column] >= start) & (rows[time_column] < start + pd.Timedelta(days=7))]
+    day = (rows[time_column] - first_day).dt.days
+    return rows.assign(week=week, day=day.astype("int64")).reset_index(drop=True)
 
 # %% ../nbs/44_scenario.ipynb #4a6d1a9d
 def day_requests(rows: pd.DataFrame, per_day: int) -> list:

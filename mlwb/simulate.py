@@ -11,7 +11,6 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -52,6 +51,7 @@ class Simulation:
     requests: list = field(default_factory=list)  # one dict per HTTP request sent
     keys: list = field(default_factory=list)  # frames: request_id, row -> the world's key, week, day, label
     weeks: list = field(default_factory=list)  # frames: every week's rows, features and labels
+    regimes: dict = field(default_factory=dict)  # the world under each setting of its knobs
     week: int = 0
     day: int = 0
     release: dict | None = None  # the release in progress: version, phase, step, request ids
@@ -95,6 +95,7 @@ def start_server(sim: Simulation) -> subprocess.Popen:
     command = [sys.executable, "-c", "from mlwb.cli import main; main()", "release", "serve",
                f"models:/{sim.name}", "--plan", str(sim.out / "plan.json"), "--port", str(port),
                "--log-dir", str(sim.out / "requests"), "--follow-every", str(POLL_SECONDS)]
+    command += [] if sim.scenario["server"]["fast_path"] else ["--no-fast-path"]
     sim.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=sim.settings.workspace)
     wait_until_ready(f"{sim.url}/health/ready", 180, sim.server, sim.out / "server.log")
     sim.client = Client(sim.url, retries=3)
@@ -302,7 +303,7 @@ def advance_release(sim: Simulation):
 # %% ../nbs/45_simulate.ipynb #d191217b
 def play_week(sim: Simulation, week: int):
     "Send week `week`'s traffic day by day, releasing as the policy says; then monitor it."
-    sim.week, rows = week, week_rows(sim.scenario, week, sim.first_day, sim.features)
+    sim.week, rows = week, week_rows(sim.scenario, week, sim.first_day, sim.features, sim.regimes)
     sim.weeks.append(rows)
     for day, today in rows.groupby("day"):
         sim.day = day
@@ -346,7 +347,7 @@ def prepare(sim: Simulation):
     sim.thresholds = load_thresholds(sim.folder / "monitoring.yml" if (sim.folder / "monitoring.yml").is_file() else None)
     sim.delay = sim.scenario["labels"]["delay_days"]
     sim.first_day = pd.Timestamp(load_first_day(sim))
-    sim.profile = reference_profile(sim, sim.champion, week_rows(sim.scenario, 0, sim.first_day, sim.features))
+    sim.profile = reference_profile(sim, sim.champion, week_rows(sim.scenario, 0, sim.first_day, sim.features, sim.regimes))
     start_server(sim)
 def load_first_day(sim: Simulation) -> str:
     "The day after the data the first champion learned from (its features' last timestamp)."

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import new_workspace, run_mlwb
+from conftest import run_mlwb
 
 # The default scenario, smaller: 4 weeks, the world moves in week 2, the faulty build ships in week 4.
 SMALL = {"weeks": 4, "traffic": {"requests_per_day": 6}, "changes": [{"week": 2, "drift": 1.0}],
@@ -16,10 +16,15 @@ SMALL = {"weeks": 4, "traffic": {"requests_per_day": 6}, "changes": [{"week": 2,
          "faulty_release": {"week": 4}}
 
 
+# The end-to-end tests share the session's fraud-detection workspace (conftest's `project_run`), whose pipeline
+# has already run with the scenario's initial parameters: the first champion's run is reused, not redone.
+ON_THE_PROJECT_RUN = pytest.mark.parametrize("project_run", ["fraud-detection"], indirect=True)
+
+
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory):
-    "A workspace in which the small scenario ran with `mlwb simulate`: (workspace, output folder, process)."
-    ws = new_workspace(tmp_path_factory.mktemp("simulate"), "fraud-detection")
+def simulated(project_run):
+    "The session's fraud-detection workspace after `mlwb simulate` of the small scenario: (workspace, output folder, process)."
+    ws = project_run.ws
     project = ws / "projects" / "fraud-detection"
     scenario = yaml.safe_load((project / "production.yml").read_text())
     for key, value in SMALL.items():
@@ -41,6 +46,7 @@ def request_log(out):
     return read_request_log(out / "requests")
 
 
+@ON_THE_PROJECT_RUN
 def test_the_loop_happens_in_order(simulated):
     ws, out, _ = simulated
     kinds = [e["kind"] for e in events(out)]
@@ -54,6 +60,7 @@ def test_the_loop_happens_in_order(simulated):
     assert at == len(loop), kinds
 
 
+@ON_THE_PROJECT_RUN
 def test_no_user_request_failed_while_the_faulty_build_failed_in_shadow(simulated):
     ws, out, _ = simulated
     outcome = json.loads((out / "outcome.json").read_text())
@@ -66,6 +73,7 @@ def test_no_user_request_failed_while_the_faulty_build_failed_in_shadow(simulate
     assert "0 failed" in simulated[2].stdout
 
 
+@ON_THE_PROJECT_RUN
 def test_the_faulty_build_is_rolled_back_and_never_champion(simulated):
     from mlwb.config import load_settings
     from mlwb.release import release_status
@@ -82,6 +90,7 @@ def test_the_faulty_build_is_rolled_back_and_never_champion(simulated):
     assert promoted and "canary passed" in promoted[-1]["reason"]
 
 
+@ON_THE_PROJECT_RUN
 def test_counterfactual_cost_is_the_first_champion_on_the_same_traffic(simulated):
     "Recomputed here from the request log, the labels and the first champion loaded by MLflow."
     import mlflow
@@ -106,6 +115,7 @@ def test_counterfactual_cost_is_the_first_champion_on_the_same_traffic(simulated
     assert outcome["counterfactual"] == pytest.approx(reported.sum())
 
 
+@ON_THE_PROJECT_RUN
 def test_everything_is_under_one_mlflow_run_and_training_data_is_a_dataset_input(simulated):
     from mlwb.config import load_settings
     from mlwb.tracking import mlflow_client
@@ -140,3 +150,16 @@ def test_a_bad_scenario_file_is_refused_naming_the_key(workspace, change, named)
     (project / "production.yml").write_text(yaml.safe_dump(change))
     done = run_mlwb("simulate", "p", cwd=workspace, env={"MLWB_WORKSPACE": str(workspace)})
     assert done.returncode == 2 and named in done.stderr and "production.yml" in done.stderr, done.stderr
+
+
+@ON_THE_PROJECT_RUN
+def test_the_operating_lesson_runs_on_the_simulation(simulated, tmp_path, monkeypatch):
+    "The project's lesson on operating the model reads the simulation's folder; its own asserts check the story."
+    import papermill
+    from mlwb.config import load_settings
+    ws, out, _ = simulated
+    monkeypatch.setenv("MLWB_WORKSPACE", str(ws))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    project = ws / "projects" / "fraud-detection"
+    papermill.execute_notebook(project / "operating.ipynb", tmp_path / "operating.ipynb", parameters={"simulation": str(out)},
+                               cwd=project, kernel_name=load_settings(ws, environ={}).kernel_name, progress_bar=False)
