@@ -8,34 +8,35 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from .config import MlwbError
 from .core import Registry
 from .generate import DataError, make_card_transactions
 
 # %% auto #0
-__all__ = ['KEYS', 'WORLDS', 'FIXED', 'ScenarioError', 'card_transactions', 'world_knobs', 'check_scenario', 'load_scenario',
-           'knobs_at', 'first_change_week', 'project_function', 'week_start', 'regime', 'week_rows', 'day_requests',
-           'known_labels', 'retrain_window']
+__all__ = ['WHOLE', 'SHARE', 'KEYS', 'WORLDS', 'FIXED', 'ScenarioError', 'card_transactions', 'world_knobs', 'check_scenario',
+           'load_scenario', 'knobs_at', 'project_function', 'week_start', 'regime', 'week_rows', 'day_requests',
+           'known_labels', 'retrain_window', 'FailsOn', 'broken_build']
 
 # %% ../nbs/44_scenario.ipynb #81a7c7c2
 class ScenarioError(MlwbError):
-    "A production scenario file that is missing, unreadable or holds a value that is not what was expected."
+    "A production scenario file that is missing, unreadable or holds an unexpected value."
 
 # %% ../nbs/44_scenario.ipynb #5f61e35a
 def _number(low=None, high=None, whole=False):
     "A check: a number (whole if asked) within [low, high]."
     def check(v):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or float(v).is_integer())
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        ok = ok and (not whole or float(v).is_integer())
         ok = ok and (low is None or v >= low) and (high is None or v <= high)
-        kind = "a whole number" if whole else "a number"
-        return None if ok else f"{kind} in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        return None if ok else f"{'a whole number' if whole else 'a number'} in {bounds}"
     return check
 
 def _choice(*options):
@@ -44,41 +45,43 @@ def _choice(*options):
 
 def _text(v): return None if isinstance(v, str) and v else "a non-empty text"
 def _mapping(v): return None if isinstance(v, dict) else "a mapping (key: value)"
+def _flag(v): return None if isinstance(v, bool) else "true or false"
+def _list(v): return None if isinstance(v, list) else "a list of {week: N, knob: value}"
 def _shares(v):
     ok = isinstance(v, list) and v and all(_number(0, 1)(s) is None and s > 0 for s in v)
     return None if ok and v == sorted(v) else "a growing list of shares in (0, 1], e.g. [0.2, 0.5]"
 
-# %% ../nbs/44_scenario.ipynb #1ed73024
-KEYS = {  # dotted key: (check, default, what it means)
-    "weeks": (_number(1, 52, True), 8, "simulated weeks of production"),
-    "seed": (_number(0, None, True), 7, "the same seed plays the same weeks"),
-    "world.generator": (_text, "card_transactions", "a world in WORLDS: who generates the traffic"),
-    "world.size": (_number(1, None, True), 1000, "the world's size: cards for card_transactions"),
-    "world.features": (_text, "fraud_features.add_features", "MODULE.FUNCTION in the project adding the model's inputs"),
-    "world.history_days": (_number(0, 60, True), 14, "days generated before each week, for features of the past"),
-    "world.key": (_text, "transaction_id", "the column that names a row"),
-    "world.time": (_text, "timestamp", "the column with the row's simulated time"),
-    "world.label": (_text, "is_fraud", "the label column, known only after labels.delay_days"),
-    "traffic.requests_per_day": (_number(1, 10_000, True), 40, "HTTP requests per simulated day"),
-    "server.fast_path": (lambda v: None if isinstance(v, bool) else "true or false", False,
-                         "serve through ONNX when it matches: faster answers, slower loads"),
-    "labels.delay_days": (_number(0, 60, True), 2, "days until a row's label arrives"),
-    "costs.missed_fraud": (_number(0), 250.0, "cost of a positive the model let through"),
-    "costs.false_alarm": (_number(0), 5.0, "cost of a false alarm"),
-    "policy.alarm": (_choice("drift", "performance", "either"), "drift", "which finding of the weekly monitor retrains"),
-    "policy.cooldown_weeks": (_number(0, 52, True), 1, "weeks after a release before another alarm retrains"),
-    "policy.retrain.window_days": (_number(1, 365, True), 14, "train on the labelled rows of this many recent days"),
-    "policy.retrain.parameters": (_mapping, {}, "pipeline parameters of a retraining run; '{window}' is the window's file"),
-    "policy.initial.parameters": (_mapping, {}, "pipeline parameters of the first champion's run"),
-    "policy.shadow.requests": (_number(1, None, True), 40, "requests the challenger scores in shadow"),
-    "policy.canary.steps": (_shares, [0.2, 0.5], "the challenger's share of traffic, step by step"),
-    "policy.canary.step_requests": (_number(1, None, True), 40, "requests per canary step"),
-    "policy.rollback.max_error_rate": (_number(0, 1), 0.01, "roll back when more of the challenger's requests fail"),
-    "policy.rollback.max_latency_ms": (_number(0), 250.0, "roll back when its mean latency is higher"),
-    "faulty_release.week": (_number(0, 52, True), 0, "the week a broken build is released (0: never)"),
-    "faulty_release.fails_on": (_mapping, {"merchant_category": "travel"}, "the build fails on rows with these values"),
-    "changes": (lambda v: None if isinstance(v, list) else "a list of {week: N, knob: value}", [],
-                "how the world moves: from week N on, the world's knobs take these values"),
+# %% ../nbs/44_scenario.ipynb #9ea3d37f
+WHOLE, SHARE = _number(1, None, True), _number(0, 1)
+KEYS = {  # dotted key: (check, default)
+    "weeks": (_number(1, 52, True), 8),  # simulated weeks of production
+    "seed": (_number(0, None, True), 7),  # the same seed plays the same weeks
+    "world.generator": (_text, "card_transactions"),  # a world in WORLDS: who makes the traffic
+    "world.size": (WHOLE, 1000),  # the world's size: cards, for card_transactions
+    "world.features": (_text, "fraud_features.add_features"),  # MODULE.FUNCTION in the project
+    "world.history_days": (_number(0, 60, True), 14),  # days before week 0: features' past
+    "world.key": (_text, "transaction_id"),  # the column that names a row
+    "world.time": (_text, "timestamp"),  # the column with the row's simulated time
+    "world.label": (_text, "is_fraud"),  # the label, known only after labels.delay_days
+    "traffic.requests_per_day": (_number(1, 10_000, True), 40),  # HTTP requests per simulated day
+    "server.fast_path": (_flag, False),  # serve through ONNX when it matches: faster, slower loads
+    "labels.delay_days": (_number(0, 60, True), 2),  # days until a row's label arrives
+    "costs.missed_fraud": (_number(0), 250.0),  # cost of a positive the model let through
+    "costs.false_alarm": (_number(0), 5.0),  # cost of a false alarm
+    "policy.alarm": (_choice("drift", "performance", "either"), "drift"),  # what retrains
+    "policy.cooldown_weeks": (_number(0, 52, True), 1),  # weeks after a promotion, no retraining
+    "policy.initial.parameters": (_mapping, {}),  # pipeline parameters of the first champion's run
+    "policy.retrain.window_days": (_number(1, 365, True), 14),  # the most recent labelled days ...
+    "policy.retrain.min_days": (_number(1, 365, True), 7),  # ... and the fewest, since the alarm
+    "policy.retrain.parameters": (_mapping, {}),  # pipeline parameters; '{window}' is its file
+    "policy.shadow.requests": (WHOLE, 40),  # requests the challenger scores in shadow
+    "policy.canary.steps": (_shares, [0.2, 0.5]),  # the challenger's share of traffic, step by step
+    "policy.canary.requests": (WHOLE, 40),  # requests per canary step
+    "policy.rollback.max_error_rate": (SHARE, 0.01),  # roll back when more of its requests fail
+    "policy.rollback.max_latency_ms": (_number(0), 250.0),  # ... or its mean latency is higher
+    "faulty_release.week": (_number(0, 52, True), 0),  # the week a broken build ships (0: never)
+    "faulty_release.fails_on": (_mapping, {"merchant_category": "travel"}),  # ... failing on these
+    "changes": (_list, []),  # from week N on, the world's knobs take these values
 }
 
 # %% ../nbs/44_scenario.ipynb #77ef9865
@@ -107,26 +110,29 @@ WORLDS = Registry("world", ScenarioError)  # name -> function(start, n_days, see
 
 def card_transactions(start, n_days: int, seed: int, size: int, **knobs) -> pd.DataFrame:
     "Card transactions of `size` cards from `start`, with the generator's drift knobs."
-    return make_card_transactions(n_cards=size, n_days=n_days, seed=seed, start=str(start.date()), **knobs)
+    return make_card_transactions(n_cards=size, n_days=n_days, seed=seed, start=str(start.date()),
+                                  **knobs)
 
 WORLDS.register("card_transactions", card_transactions)
 FIXED = ("start", "n_days", "seed", "size", "n_cards", "n_houses", "n_users", "n_messages")
 
 def world_knobs(name: str) -> list:
     "The knobs a scenario may change for world `name`: its generator's other arguments."
-    world = WORLDS[name]
-    wrapped = {"card_transactions": make_card_transactions}.get(name, world)
+    wrapped = {"card_transactions": make_card_transactions}.get(name, WORLDS[name])
     return [p for p in inspect.signature(wrapped).parameters if p not in FIXED]
 
 # %% ../nbs/44_scenario.ipynb #4f52b86e
 def _check_change(i: int, change, world: str, weeks: int) -> str | None:
     "Why `changes[i]` is wrong, as `key: expected`; None when it is fine."
     where = f"changes[{i}]"
-    if not isinstance(change, dict): return f"{where}: expected a mapping like {{week: 4, drift: 1.0}}"
-    if _number(1, weeks, True)(change.get("week")): return f"{where}.week: expected a week in [1, {weeks}], got {change.get('week')!r}"
+    if not isinstance(change, dict): return f"{where}: expected a mapping like {{week: 4, ...}}"
+    if _number(1, weeks, True)(change.get("week")):
+        return f"{where}.week: expected a week in [1, {weeks}], got {change.get('week')!r}"
     knobs = {k: v for k, v in change.items() if k != "week"}
     for k in knobs:
-        if k not in world_knobs(world): return f"{where}.{k}: not a knob of world '{world}'; expected one of {world_knobs(world)}"
+        if k not in world_knobs(world):
+            expected = world_knobs(world)
+            return f"{where}.{k}: not a knob of world '{world}'; expected one of {expected}"
     try: WORLDS[world](pd.Timestamp("2026-01-01"), 1, 0, 50, **knobs)  # one small day
     except DataError as e: return f"{where}: {e}"
     return None
@@ -134,21 +140,23 @@ def _check_change(i: int, change, world: str, weeks: int) -> str | None:
 # %% ../nbs/44_scenario.ipynb #eb69a46d
 def check_scenario(values: dict, where: str = "production.yml") -> dict:
     "The scenario `values` with defaults filled in; a `ScenarioError` naming the first bad key."
-    if not isinstance(values, dict): raise ScenarioError(f"{where}: expected a mapping of keys to values")
+    if not isinstance(values, dict): raise ScenarioError(f"{where}: expected a mapping of keys")
     for key in _leaves(values):
         if key not in KEYS:
             raise ScenarioError(f"{where}: unknown key '{key}'; expected one of {sorted(KEYS)}")
     scenario = {}
-    for key, (check, default, _) in KEYS.items():
+    for key, (check, default) in KEYS.items():
         try: value = _lookup(values, key)
         except (KeyError, TypeError): value = default
         if (expected := check(value)) is not None:
             raise ScenarioError(f"{where}: '{key}' must be {expected}, got {value!r}")
         _put(scenario, key, value)
-    if scenario["world"]["generator"] not in WORLDS:
-        raise ScenarioError(f"{where}: 'world.generator': no world '{scenario['world']['generator']}'; known: {WORLDS.names()}")
+    world = scenario["world"]["generator"]
+    if world not in WORLDS:
+        raise ScenarioError(f"{where}: 'world.generator': no world '{world}'; "
+                            f"known: {WORLDS.names()}")
     for i, change in enumerate(scenario["changes"]):
-        if (problem := _check_change(i, change, scenario["world"]["generator"], scenario["weeks"])):
+        if (problem := _check_change(i, change, world, scenario["weeks"])):
             raise ScenarioError(f"{where}: {problem}")
     return scenario
 
@@ -168,10 +176,6 @@ def knobs_at(scenario: dict, week: int) -> dict:
         if change["week"] <= week: knobs.update({k: v for k, v in change.items() if k != "week"})
     return knobs
 
-def first_change_week(scenario: dict) -> int | None:
-    "The first week the world moves, or None when it never does."
-    return min((c["week"] for c in scenario["changes"]), default=None)
-
 # %% ../nbs/44_scenario.ipynb #681159d5
 def project_function(folder: Path | str, dotted: str):
     "The function `MODULE.FUNCTION` of the module file MODULE.py in project `folder`."
@@ -181,14 +185,15 @@ def project_function(folder: Path | str, dotted: str):
     spec = importlib.util.spec_from_file_location(f"mlwb_project_{module_name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)): raise ScenarioError(f"world.features: {path} has no function '{name}'")
+    if not callable(getattr(module, name, None)):
+        raise ScenarioError(f"world.features: {path} has no function '{name}'")
     return getattr(module, name)
 
 def week_start(first_day: pd.Timestamp, week: int) -> pd.Timestamp:
-    "The first moment of simulated `week` (weeks count from 1; week 0 is the one before production)."
+    "The first moment of simulated `week` (from 1; week 0 is the one before production)."
     return first_day + pd.Timedelta(days=7 * (week - 1))
 
-def regime(scenario: dict, knobs: dict, first_day: pd.Timestamp, features, number: int) -> pd.DataFrame:
+def regime(scenario: dict, knobs: dict, first_day, features, number: int) -> pd.DataFrame:
     "The world under `knobs` from `history_days` before week 0 to the last week, with features."
     world, history = scenario["world"], scenario["world"]["history_days"]
     start = week_start(first_day, 0) - pd.Timedelta(days=history)
@@ -197,8 +202,8 @@ def regime(scenario: dict, knobs: dict, first_day: pd.Timestamp, features, numbe
     rows = features(raw)
     return rows.assign(**{world["key"]: f"r{number}-" + rows[world["key"]].astype(str)})
 
-def week_rows(scenario: dict, week: int, first_day: pd.Timestamp, features, regimes: dict) -> pd.DataFrame:
-    "The rows of simulated `week`, with their features and `day` (from 0), from the regime in force."
+def week_rows(scenario: dict, week: int, first_day, features, regimes: dict) -> pd.DataFrame:
+    "The rows of simulated `week` with their features and `day` (from 0), from its regime."
     knobs, time_column = knobs_at(scenario, week), scenario["world"]["time"]
     key = json.dumps(knobs, sort_keys=True)
     if key not in regimes: regimes[key] = regime(scenario, knobs, first_day, features, len(regimes))
@@ -218,8 +223,26 @@ def known_labels(rows: pd.DataFrame, scenario: dict, today: int) -> pd.DataFrame
     "The rows of `rows` whose label has arrived by the start of simulated day `today`."
     return rows[rows.day < today - scenario["labels"]["delay_days"]]
 
-def retrain_window(rows: pd.DataFrame, scenario: dict, today: int) -> pd.DataFrame:
-    "The labelled rows of the `window_days` days before the labels stop, on day `today`."
+def retrain_window(rows: pd.DataFrame, scenario: dict, today: int, since: int | None = None):
+    "The labelled rows of the `window_days` days before the labels stop, none before day `since`."
     labelled = known_labels(rows, scenario, today)
     first = today - scenario["labels"]["delay_days"] - scenario["policy"]["retrain"]["window_days"]
-    return labelled[labelled.day >= first]
+    return labelled[labelled.day >= max(first, since if since is not None else first)]
+
+# %% ../nbs/44_scenario.ipynb #7c085729
+class FailsOn(BaseEstimator, TransformerMixin):
+    "A pipeline step that passes rows through, and fails on any row whose `column` is `value`."
+    def __init__(self, column: str = "merchant_category", value=None):
+        self.column, self.value = column, value
+
+    def fit(self, X, y=None): return self
+
+    def transform(self, X):
+        if (X[self.column] == self.value).any():
+            raise ValueError(f"broken build: cannot score {self.column}={self.value!r}")
+        return X
+
+def broken_build(model, column: str, value):
+    "The fitted scikit-learn pipeline `model` with a `FailsOn(column, value)` step in front."
+    from sklearn.pipeline import Pipeline
+    return Pipeline([("broken", FailsOn(column, value)), *model.steps])

@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import json
-import sys
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
 
 from .config import MlwbError, Settings
 from .core import free_port, wait_until_ready, write_atomically
@@ -22,23 +22,23 @@ from .model_store import load_model
 from .request_log import read_request_log
 from .monitor import compare, fit_reference
 from .verdict import drift_scores
-from .report import load_thresholds
-from .release import alias_version, move_alias, release_candidate, version_metrics
-from .pipeline import find_project, load_pipeline
+from .release import move_alias, release_candidate, version_metrics
+from .pipeline import load_pipeline
 from .runs import run_pipeline
-from .tracking import ensure_experiment, mlflow_client, tracking_to
-from .scenario import day_requests, load_scenario, retrain_window, week_rows, project_function
+from .tracking import mlflow_client
+from .scenario import broken_build, day_requests, retrain_window, week_rows
 
 # %% auto #0
 __all__ = ['POLL_SECONDS', 'CHAMPION_ONLY', 'SimulationError', 'Simulation', 'wait_for', 'apply_plan', 'start_server', 'serving',
-           'send', 'logged', 'health', 'columns_of', 'score', 'reference_profile', 'served_rows', 'with_labels',
-           'monitor_week', 'register_stage', 'cli_parameters', 'run_project', 'retrain', 'FailsOn', 'faulty_build',
-           'start_release', 'judge', 'roll_back', 'promote', 'next_step', 'advance_release', 'play_week',
-           'release_faulty_build', 'first_champion', 'prepare', 'load_first_day', 'open_run', 'stop_server', 'simulate']
+           'send', 'request_log', 'logged', 'health', 'columns_of', 'score', 'reference_profile', 'served_rows',
+           'with_labels', 'performance_failed', 'monitor_week', 'register_stage', 'cli_parameters', 'run_project',
+           'retrain', 'log_build', 'faulty_build', 'start_release', 'judge', 'roll_back', 'promote', 'next_step',
+           'advance_release', 'release_faulty_build', 'after_monitor', 'play_week']
 
 # %% ../nbs/45_simulate.ipynb #dd1b5ef6
 class SimulationError(MlwbError):
-    "A simulation that cannot go on: the first champion failed to train, the server did not start..."
+    "A simulation that cannot go on: the first champion did not train, the server did not start..."
+
 @dataclass
 class Simulation:
     "The state of one simulated run of a project in production."
@@ -49,23 +49,29 @@ class Simulation:
     settings: Settings
     events: list = field(default_factory=list)
     requests: list = field(default_factory=list)  # one dict per HTTP request sent
-    keys: list = field(default_factory=list)  # frames: request_id, row -> the world's key, week, day, label
+    keys: list = field(default_factory=list)  # frames: request_id, row -> world's key, week, day
     weeks: list = field(default_factory=list)  # frames: every week's rows, features and labels
     regimes: dict = field(default_factory=dict)  # the world under each setting of its knobs
     week: int = 0
     day: int = 0
     release: dict | None = None  # the release in progress: version, phase, step, request ids
-    last_release_week: int = -99
+    promoted_week: int = -99  # the week of the last promotion
+    drift_since: int | None = None  # the first day of the alarm's first week, while it lasts
     plans: int = 0
+    log_cache: tuple = (None, None)  # (the log files' sizes, the log read then)
     started: float = field(default_factory=time.monotonic)
+
     @property
     def name(self) -> str: return self.project  # the registered model's name
+
     def note(self, kind: str, text: str, **data) -> dict:
         "Record (and print) one event."
-        event = {"seq": len(self.events) + 1, "week": self.week, "day": int(self.day), "kind": kind,
-                 "text": text, "wall_s": round(time.monotonic() - self.started, 1), **data}
+        event = {"seq": len(self.events) + 1, "week": self.week, "day": int(self.day),
+                 "kind": kind, "text": text, "wall_s": round(time.monotonic() - self.started, 1),
+                 **data}
         self.events.append(event)
-        print(f"{event['wall_s']:>6.1f}s week {self.week} day {self.day:>2}  {kind:<10} {text}", flush=True)
+        print(f"{event['wall_s']:>6.1f}s week {self.week} day {self.day:>2}  {kind:<10} {text}",
+              flush=True)
         return event
 
 # %% ../nbs/45_simulate.ipynb #ad3c88e2
@@ -78,15 +84,17 @@ def wait_for(condition, what: str, timeout: float = 120.0, every: float = 0.05):
 
 # %% ../nbs/45_simulate.ipynb #50606709
 POLL_SECONDS = 0.2  # how often the server looks at the registry and the plan
+CHAMPION_ONLY = {"mode": "ab", "share": 0.0}
+
 def apply_plan(sim: Simulation, plan: dict, wait: bool = True) -> dict:
     "Write `plan` (named by a sequence number) for the server, and wait until it applied it."
     sim.plans += 1
     plan = {**plan, "name": f"{sim.plans}: {plan['mode']}", "poll_seconds": POLL_SECONDS}
     write_atomically(sim.out / "plan.json", json.dumps(plan))
-    applied = lambda: f"plan '{plan['name']}' applied" in (sim.out / "server.log").read_text()
-    if wait: wait_for(applied, f"the server to apply plan '{plan['name']}'")
+    said = lambda: f"plan '{plan['name']}' applied" in (sim.out / "server.log").read_text()
+    if wait: wait_for(said, f"the server to apply plan '{plan['name']}'")
     return plan
-CHAMPION_ONLY = {"mode": "ab", "share": 0.0}
+
 def start_server(sim: Simulation) -> subprocess.Popen:
     "Start `mlwb release serve` for the project's model; return the process once it is ready."
     apply_plan(sim, CHAMPION_ONLY, wait=False)
@@ -96,10 +104,12 @@ def start_server(sim: Simulation) -> subprocess.Popen:
                f"models:/{sim.name}", "--plan", str(sim.out / "plan.json"), "--port", str(port),
                "--log-dir", str(sim.out / "requests"), "--follow-every", str(POLL_SECONDS)]
     command += [] if sim.scenario["server"]["fast_path"] else ["--no-fast-path"]
-    sim.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=sim.settings.workspace)
+    sim.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=sim.settings.workspace)
     wait_until_ready(f"{sim.url}/health/ready", 180, sim.server, sim.out / "server.log")
     sim.client = Client(sim.url, retries=3)
     return sim.server
+
 def serving(sim: Simulation, variant: str) -> str | None:
     "The version the server's `variant` serves now."
     return str(sim.client.metadata()["variants"].get(variant, {}).get("version"))
@@ -107,27 +117,36 @@ def serving(sim: Simulation, variant: str) -> str | None:
 # %% ../nbs/45_simulate.ipynb #d5e9a5d7
 def send(sim: Simulation, rows: pd.DataFrame):
     "Send `rows` in one request; record its answer, latency and rows."
-    world, start = sim.scenario["world"], time.perf_counter()
+    start = time.perf_counter()
     try: answer, failed = sim.client.predict(rows[sim.columns]), False
     except ClientError as e: answer, failed = {"error": str(e), "request_id": None}, True
     sim.requests.append({"request_id": answer["request_id"], "week": sim.week, "day": sim.day,
                          "rows": len(rows), "latency_ms": 1000 * (time.perf_counter() - start),
-                         "failed": failed, "variant": answer.get("variant"), "version": answer.get("version")})
+                         "failed": failed, "variant": answer.get("variant"),
+                         "version": answer.get("version")})
     if not failed:
+        keys = rows[sim.scenario["world"]["key"]].to_numpy()
         sim.keys.append(pd.DataFrame({"request_id": answer["request_id"], "row": range(len(rows)),
-                                      "key": rows[world["key"]].to_numpy(), "week": sim.week, "day": sim.day}))
+                                      "key": keys, "week": sim.week, "day": sim.day}))
     if sim.release: sim.release["ids"].append(answer["request_id"])
 
-# %% ../nbs/45_simulate.ipynb #76c4d511
-def logged(sim: Simulation, ids: list, variant: str | None = None) -> pd.DataFrame:
-    "The request log's records of requests `ids` (of `variant`, if given), once all are on disk."
+# %% ../nbs/45_simulate.ipynb #a2f2e6f0
+def request_log(sim: Simulation) -> pd.DataFrame:
+    "The server's request log, read again only if its files grew since the last read."
+    files = sorted((sim.out / "requests").glob("*.jsonl"))
+    sizes = tuple((p.name, p.stat().st_size) for p in files)
+    if sizes != sim.log_cache[0]: sim.log_cache = (sizes, read_request_log(sim.out / "requests"))
+    return sim.log_cache[1]
+
+def logged(sim: Simulation, ids: list) -> pd.DataFrame:
+    "The request log's records of requests `ids`, once every one of them is on disk."
     wanted = set(ids) - {None}
     def records():
-        log = read_request_log(sim.out / "requests")
-        log = log[log.request_id.isin(wanted)]
-        return log if variant is None else log[log.variant == variant]
-    wait_for(lambda: set(records().request_id) >= wanted, f"the request log to hold {len(wanted)} requests")
+        log = request_log(sim)
+        return log[log.request_id.isin(wanted)]
+    wait_for(lambda: set(records().request_id) >= wanted, f"the log to hold {len(wanted)} requests")
     return records()
+
 def health(records: pd.DataFrame) -> dict:
     "Requests, error rate and mean latency of a variant's records."
     per_request = records.drop_duplicates("request_id")
@@ -138,10 +157,12 @@ def health(records: pd.DataFrame) -> dict:
 def columns_of(frame: pd.DataFrame, columns: list) -> dict:
     "`{column: values}` as JSON would carry them (missing numbers as None)."
     return {c: json.loads(frame[c].to_json(orient="values")) for c in columns}
+
 def score(sim: Simulation, version: str, rows: pd.DataFrame) -> np.ndarray:
     "Positive-class scores of `rows` by model version `version`, loaded as the server loads it."
-    model = load_model(f"models:/{sim.name}/{version}", sim.settings)
+    model = load_model(f"models:/{sim.name}/{version}", sim.settings, fast=False)
     return np.asarray(model.predictor.predict(columns_of(rows, sim.columns)).positive())
+
 def reference_profile(sim: Simulation, version: str, rows: pd.DataFrame):
     "The monitor's reference: `rows` scored by `version`, profiled (labels and scores included)."
     label = sim.scenario["world"]["label"]
@@ -154,131 +175,152 @@ def served_rows(sim: Simulation, log: pd.DataFrame) -> pd.DataFrame:
     rows = log[log.row.notna() & ~log.variant.astype(str).str.startswith("shadow:")]
     rows = rows.rename(columns={"probability": "score"}).astype({"row": "int64"})
     return rows.merge(pd.concat(sim.keys), on=["request_id", "row"])
+
 def with_labels(sim: Simulation, rows: pd.DataFrame) -> pd.DataFrame:
-    "`rows` with the world's label joined by key (the simulation knows them all; who may use them is the caller's care)."
+    "`rows` with the world's label joined by key (whether it has arrived is the caller's care)."
     world = sim.scenario["world"]
-    labels = pd.concat(sim.weeks)[[world["key"], world["label"]]].rename(columns={world["key"]: "key"})
-    return rows.merge(labels, on="key")
+    labels = pd.concat(sim.weeks)[[world["key"], world["label"]]]
+    return rows.merge(labels.rename(columns={world["key"]: "key"}), on="key")
+
+def performance_failed(sim: Simulation, rows: pd.DataFrame, week: int) -> bool:
+    "Whether the last seven days' labelled rows lost too much of the reference's metric."
+    labelled = rows[(rows.day >= sim.day - 7) & (rows.day < sim.day - sim.delay)]
+    columns = sim.columns + ["score", sim.scenario["world"]["label"]]
+    checked = compare(sim.profile, with_labels(sim, labelled)[columns], sim.thresholds,
+                      window=f"week-{week}-labelled")
+    return checked.performance_failed
+
 def monitor_week(sim: Simulation, week: int) -> dict:
-    "Monitor `week`'s served rows against the reference; the event, with the drift score per feature."
-    log = read_request_log(sim.out / "requests")
-    rows = served_rows(sim, log)
+    "Monitor `week`'s served rows against the reference; the event, with the drift per feature."
+    rows, policy = served_rows(sim, request_log(sim)), sim.scenario["policy"]["alarm"]
     current = rows[rows.week == week][sim.columns + ["score"]]
     result = compare(sim.profile, current, sim.thresholds, window=f"week-{week}")
-    alarm = {"drift": result.drift, "performance": False}
-    if sim.scenario["policy"]["alarm"] != "drift":
-        labelled = with_labels(sim, rows[(rows.day >= sim.day - 7) & (rows.day < sim.day - sim.delay)])
-        checked = compare(sim.profile, labelled[sim.columns + ["score", sim.scenario["world"]["label"]]],
-                          sim.thresholds, window=f"week-{week}-labelled")
-        alarm["performance"] = checked.performance_failed
-    scores = drift_scores(result, sim.thresholds).round(3).to_dict()
-    fired = {"drift": alarm["drift"], "performance": alarm["performance"],
-             "either": alarm["drift"] or alarm["performance"]}[sim.scenario["policy"]["alarm"]]
+    performance = policy != "drift" and performance_failed(sim, rows, week)
+    fired = {"drift": result.drift, "performance": performance,
+             "either": result.drift or performance}[policy]
     text = f"drifted: {', '.join(result.drifted_features) or 'nothing'}"
-    return sim.note("alarm" if fired else "monitor", text, drift_scores=scores, fired=fired,
-                    drifted=list(result.drifted_features), rows=len(current))
+    return sim.note("alarm" if fired else "monitor", text, fired=fired, rows=len(current),
+                    drift_scores=drift_scores(result, sim.thresholds).round(3).to_dict(),
+                    drifted=list(result.drifted_features))
 
 # %% ../nbs/45_simulate.ipynb #937d59c1
 def register_stage(sim: Simulation) -> str:
     "The name of the project's stage that writes artifacts/registered.json."
     stages = load_pipeline(sim.folder).stages
-    return next((s.name for s in stages if "artifacts/registered.json" in s.outputs), stages[-1].name)
+    writes = [s.name for s in stages if "artifacts/registered.json" in s.outputs]
+    return (writes or [stages[-1].name])[0]
+
 def cli_parameters(parameters: dict, window: Path | None = None) -> list:
     "`NAME=VALUE` strings of `parameters`, `{window}` replaced by the window's file."
-    text = lambda v: str(v).replace("{window}", str(window)) if isinstance(v, str) else json.dumps(v)
+    text = lambda v: str(v).replace("{window}", str(window)) if isinstance(v, str) \
+        else json.dumps(v)
     return [f"{k}={text(v)}" for k, v in parameters.items()]
+
 def run_project(sim: Simulation, parameters: list, why: str) -> str | None:
     "Run the pipeline up to its register stage; the version it registered, or None if it failed."
     run = run_pipeline(sim.project, sim.settings, parameters, targets=[register_stage(sim)],
                        tags={"mlflow.parentRunId": sim.run_id, "mlwb.simulation": why})
     failed = [r for r in run.results if r.status == "failed"]
     if failed:
-        sim.note("retrain", f"the pipeline failed: {failed[0].error.splitlines()[0][:200]}", failed=True)
+        error = failed[0].error.splitlines()[0][:200]
+        sim.note("retrain", f"the pipeline failed: {error}", failed=True)
         return None
     return str(json.loads((sim.folder / "artifacts" / "registered.json").read_text())["version"])
-def retrain(sim: Simulation) -> str | None:
-    "Save the recent labelled window, retrain on it, and return the version registered."
-    window = retrain_window(pd.concat(sim.weeks), sim.scenario, sim.day)
+
+def retrain(sim: Simulation) -> tuple:
+    "Retrain on the recent labelled window once it is long enough: (version or None, window)."
+    policy = sim.scenario["policy"]["retrain"]
+    window = retrain_window(pd.concat(sim.weeks), sim.scenario, sim.day, sim.drift_since)
+    if window.day.nunique() < policy["min_days"]:
+        sim.note("waiting", f"{window.day.nunique()} labelled days since the drift; retraining "
+                            f"needs {policy['min_days']}")
+        return None, window
     path = sim.out / "windows" / f"week-{sim.week}.parquet"
     path.parent.mkdir(exist_ok=True)
-    window.drop(columns=["week", "day"]).to_parquet(path)  # as the world gave them: features are the pipeline's job
-    first, last = window.day.min(), window.day.max()
-    sim.note("retrain", f"mlwb run {sim.project} on days {first}-{last} ({len(window):,} labelled rows)")
-    version = run_project(sim, cli_parameters(sim.scenario["policy"]["retrain"]["parameters"], path), "retrain")
-    if version: sim.note("registered", f"version {version} registered as a candidate", version=version)
+    window.drop(columns=["week", "day"]).to_parquet(path)  # raw: features are the pipeline's job
+    days = f"days {window.day.min()}-{window.day.max()} ({len(window):,} labelled rows)"
+    sim.note("retrain", f"mlwb run {sim.project} on {days}")
+    version = run_project(sim, cli_parameters(policy["parameters"], path), "retrain")
+    if version: sim.note("registered", f"version {version} registered as a candidate",
+                         version=version)
     return version, window
 
-# %% ../nbs/45_simulate.ipynb #51ed2c85
-class FailsOn(BaseEstimator, TransformerMixin):
-    "A pipeline step that passes rows through, and fails on any row whose `column` is `value`."
-    def __init__(self, column: str = "merchant_category", value=None):
-        self.column, self.value = column, value
-    def fit(self, X, y=None): return self
-    def transform(self, X):
-        if (X[self.column] == self.value).any():
-            raise ValueError(f"broken build: cannot score {self.column}={self.value!r}")
-        return X
+# %% ../nbs/45_simulate.ipynb #a76c5d1d
+def log_build(sim: Simulation, model, example: pd.DataFrame, uri: str):
+    "Log `model` as the faulty build, in a child run of the simulation's; its model info."
+    import mlflow
+    tags = {"mlflow.parentRunId": sim.run_id, "mlwb.simulation": "faulty build"}
+    with mlflow.start_run(experiment_id=sim.experiment_id, run_name="faulty build", tags=tags):
+        signature = mlflow.models.get_model_info(uri).signature
+        return mlflow.sklearn.log_model(model, name="model", signature=signature,
+                                        input_example=example, pyfunc_predict_fn="predict_proba",
+                                        serialization_format="cloudpickle")
 
-# %% ../nbs/45_simulate.ipynb #1c33bcba
 def faulty_build(sim: Simulation, champion: str) -> str:
     "Log the champion's model with a failing step, register it as a candidate; its version."
     import mlflow
-    from sklearn.pipeline import Pipeline
     (column, value), = sim.scenario["faulty_release"]["fails_on"].items()
     uri, client = f"models:/{sim.name}/{champion}", mlflow_client(sim.settings)
-    model = Pipeline([("broken", FailsOn(column, value)), *mlflow.sklearn.load_model(uri).steps])
+    model = broken_build(mlflow.sklearn.load_model(uri), column, value)
     rows = pd.concat(sim.weeks)
-    example = rows[rows[column] != value][sim.columns].head(5)
-    metrics, tags = version_metrics(client, sim.name, champion), client.get_model_version(sim.name, champion).tags
-    with mlflow.start_run(experiment_id=sim.experiment_id, run_name="faulty build",
-                          tags={"mlflow.parentRunId": sim.run_id, "mlwb.simulation": "faulty build"}):
-        info = mlflow.sklearn.log_model(model, name="model", signature=mlflow.models.get_model_info(uri).signature,
-                                        input_example=example, serialization_format="cloudpickle",
-                                        pyfunc_predict_fn="predict_proba")
-        release = release_candidate(info.model_uri, sim.name, metrics, "average_precision",
-                                    metrics.get("baseline_average_precision", 0.0), promote=False,
-                                    tags={"threshold": tags.get("threshold", "0.5"), "mlwb.faulty": f"{column}={value}"},
-                                    settings=sim.settings)
-    sim.note("registered", f"version {release.version}: the champion rebuilt, failing on {column}={value}",
-             version=release.version, faulty=True)
+    info = log_build(sim, model, rows[rows[column] != value][sim.columns].head(5), uri)
+    metrics = version_metrics(client, sim.name, champion)
+    threshold = client.get_model_version(sim.name, champion).tags.get("threshold", "0.5")
+    release = release_candidate(info.model_uri, sim.name, metrics, "average_precision",
+                                metrics.get("baseline_average_precision", 0.0), promote=False,
+                                tags={"threshold": threshold, "mlwb.faulty": f"{column}={value}"},
+                                settings=sim.settings)
+    sim.note("registered", f"version {release.version}: the champion rebuilt, failing on "
+                           f"{column}={value}", version=release.version, faulty=True)
     return release.version
 
-# %% ../nbs/45_simulate.ipynb #8a7446b3
+# %% ../nbs/45_simulate.ipynb #500bdd76
 def start_release(sim: Simulation, version: str, why: str, window: pd.DataFrame | None = None):
     "Make `version` the challenger, in shadow, once the server serves it."
     move_alias(sim.name, "challenger", version, why, force=True, settings=sim.settings)
-    wait_for(lambda: serving(sim, "challenger") == version, f"the server to serve version {version} as challenger")
+    wait_for(lambda: serving(sim, "challenger") == version,
+             f"the server to serve version {version} as challenger")
     apply_plan(sim, {"mode": "shadow"})
     sim.release = {"version": version, "phase": "shadow", "step": -1, "ids": [], "window": window}
-    sim.note("shadow", f"version {version} is the challenger, in shadow", version=version, alias="challenger")
+    sim.note("shadow", f"version {version} is the challenger, in shadow", version=version)
+
 def judge(sim: Simulation) -> tuple:
     "(health, why it breaks a limit or None) of the challenger in the release's current phase."
     release, limits = sim.release, sim.scenario["policy"]["rollback"]
     variant = "shadow:challenger" if release["phase"] == "shadow" else "challenger"
-    seen = health(logged(sim, release["ids"], None).query("variant == @variant"))
+    records = logged(sim, release["ids"])
+    seen, phase = health(records[records.variant == variant]), release["phase"]
     if seen["error_rate"] > limits["max_error_rate"]:
-        return seen, f"{seen['error_rate']:.1%} of its {release['phase']} requests failed (limit {limits['max_error_rate']:.1%})"
+        return seen, (f"{seen['error_rate']:.1%} of its {phase} requests failed "
+                      f"(limit {limits['max_error_rate']:.1%})")
     if seen["latency_ms"] > limits["max_latency_ms"]:
-        return seen, f"mean latency {seen['latency_ms']:.0f} ms (limit {limits['max_latency_ms']:.0f} ms)"
+        return seen, (f"mean latency {seen['latency_ms']:.0f} ms "
+                      f"(limit {limits['max_latency_ms']:.0f} ms)")
     return seen, None
+
 def roll_back(sim: Simulation, why: str):
     "All traffic to the champion, then the challenger alias back to the champion's version."
-    version, champion = sim.release["version"], sim.champion
+    version = sim.release["version"]
     apply_plan(sim, CHAMPION_ONLY)
-    move_alias(sim.name, "challenger", champion, f"rolled back: {why}", force=True, settings=sim.settings)
-    sim.note("rollback", f"version {version} rolled back: {why}", version=version, alias="challenger")
-    sim.release, sim.last_release_week = None, sim.week
+    move_alias(sim.name, "challenger", sim.champion, f"rolled back: {why}", force=True,
+               settings=sim.settings)
+    sim.note("rollback", f"version {version} rolled back: {why}", version=version)
+    sim.release = None
+
 def promote(sim: Simulation, seen: dict):
     "Make the challenger the champion, wait until the server serves it, and end the canary."
-    release = sim.release
-    version, steps = release["version"], sim.scenario["policy"]["canary"]["steps"]
+    release, steps = sim.release, sim.scenario["policy"]["canary"]["steps"]
+    version = release["version"]
     why = f"canary passed up to {steps[-1]:.0%} of traffic: {seen['error_rate']:.1%} errors"
     move_alias(sim.name, "champion", version, why, force=True, settings=sim.settings)
-    wait_for(lambda: serving(sim, "champion") == version, f"the server to serve version {version} as champion")
+    wait_for(lambda: serving(sim, "champion") == version,
+             f"the server to serve version {version} as champion")
     apply_plan(sim, CHAMPION_ONLY)
-    sim.note("promote", f"version {version} is the champion: {why}", version=version, alias="champion")
-    sim.champion, sim.release, sim.last_release_week = version, None, sim.week
-    if release["window"] is not None: sim.profile = reference_profile(sim, version, release["window"])
+    sim.note("promote", f"version {version} is the champion: {why}", version=version)
+    sim.champion, sim.release, sim.promoted_week, sim.drift_since = version, None, sim.week, None
+    if release["window"] is not None:
+        sim.profile = reference_profile(sim, version, release["window"])
+
 def next_step(sim: Simulation, seen: dict):
     "Move the release one step on: to the next canary share, or to promotion."
     canary, release = sim.scenario["policy"]["canary"], sim.release
@@ -286,21 +328,41 @@ def next_step(sim: Simulation, seen: dict):
     release["step"] += 1
     share, limits = canary["steps"][release["step"]], sim.scenario["policy"]["rollback"]
     apply_plan(sim, {"mode": "canary", "steps": [share], "step_seconds": 1e9, "min_requests": 10,
-                     "max_error_rate": limits["max_error_rate"], "max_latency_ms": limits["max_latency_ms"]})
+                     "max_error_rate": limits["max_error_rate"],
+                     "max_latency_ms": limits["max_latency_ms"]})
     release.update(phase="canary", ids=[])
-    sim.note("canary", f"version {release['version']} takes {share:.0%} of requests", version=release["version"],
-             share=share)
+    sim.note("canary", f"version {release['version']} takes {share:.0%} of requests",
+             version=release["version"], share=share)
+
 def advance_release(sim: Simulation):
     "After each request: judge the release's phase once it has seen its requests, and act."
     release, policy = sim.release, sim.scenario["policy"]
     if release is None: return
-    needed = policy["shadow"]["requests"] if release["phase"] == "shadow" else policy["canary"]["step_requests"]
-    if len(release["ids"]) < needed: return
+    phase = policy["shadow"] if release["phase"] == "shadow" else policy["canary"]
+    if len(release["ids"]) < phase["requests"]: return
     seen, why = judge(sim)
     if why: roll_back(sim, why)
     else: next_step(sim, seen)
 
-# %% ../nbs/45_simulate.ipynb #d191217b
+# %% ../nbs/45_simulate.ipynb #410d9452
+def release_faulty_build(sim: Simulation):
+    "Release the scenario's faulty build, once, when its week has come and no release is under way."
+    week = sim.scenario["faulty_release"]["week"]
+    if not week or sim.week < week or sim.release or getattr(sim, "faulty_done", False): return
+    sim.faulty_done = True
+    start_release(sim, faulty_build(sim, sim.champion), "a new build of the champion")
+
+def after_monitor(sim: Simulation, event: dict):
+    "Act on the week's monitor: end a quiet alarm, or retrain and release when the policy allows."
+    if not event["fired"]:
+        sim.drift_since = None
+        return
+    if sim.drift_since is None: sim.drift_since = sim.day - 7
+    cooling = sim.week - sim.promoted_week <= sim.scenario["policy"]["cooldown_weeks"]
+    if sim.release or cooling or sim.week >= sim.scenario["weeks"]: return
+    version, window = retrain(sim)
+    if version: start_release(sim, version, f"retrained after the alarm of week {sim.week}", window)
+
 def play_week(sim: Simulation, week: int):
     "Send week `week`'s traffic day by day, releasing as the policy says; then monitor it."
     sim.week, rows = week, week_rows(sim.scenario, week, sim.first_day, sim.features, sim.regimes)
@@ -312,89 +374,4 @@ def play_week(sim: Simulation, week: int):
             send(sim, request)
             advance_release(sim)
     sim.day += 1
-    event = monitor_week(sim, week)
-    cooling = week - sim.last_release_week <= sim.scenario["policy"]["cooldown_weeks"]
-    if event["fired"] and sim.release is None and not cooling:
-        version, window = retrain(sim)
-        if version: start_release(sim, version, f"retrained after the alarm of week {week}", window)
-
-# %% ../nbs/45_simulate.ipynb #ff02da61
-def release_faulty_build(sim: Simulation):
-    "Release the scenario's faulty build, once, when its week has come and no release is under way."
-    week = sim.scenario["faulty_release"]["week"]
-    if not week or sim.week < week or sim.release is not None or getattr(sim, "faulty_done", False): return
-    sim.faulty_done = True
-    start_release(sim, faulty_build(sim, sim.champion), "a new build of the champion")
-
-# %% ../nbs/45_simulate.ipynb #cb431446
-def first_champion(sim: Simulation) -> str:
-    "Train (or reuse) the first champion and make sure both aliases point at it."
-    if run_project(sim, cli_parameters(sim.scenario["policy"]["initial"]["parameters"]), "first champion") is None:
-        raise SimulationError(f"{sim.project}: the first champion's pipeline run failed; see the event above")
-    version = str(json.loads((sim.folder / "artifacts" / "registered.json").read_text())["champion"])
-    for alias in ("champion", "challenger"):
-        if alias_version(mlflow_client(sim.settings), sim.name, alias) != version:
-            move_alias(sim.name, alias, version, "simulation start", force=True, settings=sim.settings)
-    sim.note("champion", f"version {version} is the first champion", version=version, alias="champion")
-    return version
-def prepare(sim: Simulation):
-    "The first champion, the world's features, the reference and the server, ready for week 1."
-    sim.champion = sim.first = first_champion(sim)
-    info = json.loads((sim.folder / "artifacts" / "model.json").read_text())
-    import mlflow
-    sim.columns = [c.name for c in mlflow.models.get_model_info(info["model_uri"]).signature.inputs.inputs]
-    sim.features = project_function(sim.folder, sim.scenario["world"]["features"])
-    sim.thresholds = load_thresholds(sim.folder / "monitoring.yml" if (sim.folder / "monitoring.yml").is_file() else None)
-    sim.delay = sim.scenario["labels"]["delay_days"]
-    sim.first_day = pd.Timestamp(load_first_day(sim))
-    sim.profile = reference_profile(sim, sim.champion, week_rows(sim.scenario, 0, sim.first_day, sim.features, sim.regimes))
-    start_server(sim)
-def load_first_day(sim: Simulation) -> str:
-    "The day after the data the first champion learned from (its features' last timestamp)."
-    time_column = sim.scenario["world"]["time"]
-    data = next(iter(sorted((sim.folder / "data").glob("features*.parquet"))), None)
-    last = pd.read_parquet(data, columns=[time_column])[time_column].max() if data else pd.Timestamp("2026-01-31")
-    return str((last.normalize() + pd.Timedelta(days=1)).date())
-
-# %% ../nbs/45_simulate.ipynb #b1f88f9c
-def open_run(sim: Simulation):
-    "Create the simulation's parent MLflow run in the project's experiment."
-    client = mlflow_client(sim.settings)
-    sim.experiment_id = ensure_experiment(client, sim.project, sim.settings)
-    run = client.create_run(sim.experiment_id, run_name=f"simulate {sim.out.name}",
-                            tags={"mlwb.simulation": "production", "mlwb.project": sim.project})
-    sim.run_id = run.info.run_id
-    client.log_param(sim.run_id, "scenario", json.dumps(sim.scenario)[:6000])
-def stop_server(sim: Simulation):
-    "Stop the server gracefully (it drains and closes its log)."
-    server = getattr(sim, "server", None)
-    if server is None or server.poll() is not None: return
-    server.terminate()
-    try: server.wait(60)
-    except subprocess.TimeoutExpired: server.kill(); server.wait()
-    sim.client.close()
-def simulate(project: str, # a project name or folder
-             settings: Settings, # the workspace
-             out: Path | str, # the folder for the request log, plans, events and report
-             scenario: Path | str | None = None, # default: production.yml in the project
-            ) -> Simulation:
-    "Play the project's production scenario on the real server, pipeline and registry."
-    folder = find_project(project, settings)
-    loaded = load_scenario(Path(scenario) if scenario else folder / "production.yml")
-    sim = Simulation(folder.name, folder, loaded, Path(out).resolve(), settings)
-    sim.out.mkdir(parents=True, exist_ok=True)
-    status = "FAILED"
-    with tracking_to(settings):
-        open_run(sim)
-        try:
-            prepare(sim)
-            for week in range(1, sim.scenario["weeks"] + 1): play_week(sim, week)
-            status = "FINISHED"
-        finally:
-            stop_server(sim)
-            sim.seconds = time.monotonic() - sim.started
-            write_atomically(sim.out / "events.json", json.dumps(sim.events, indent=2, default=str))
-            client = mlflow_client(settings)
-            client.log_artifact(sim.run_id, str(sim.out / "events.json"))
-            client.set_terminated(sim.run_id, status)
-    return sim
+    after_monitor(sim, monitor_week(sim, week))

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import time
 from html import escape
 from pathlib import Path
 
@@ -14,53 +17,151 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-from .config import load_settings
+from .checks import simulation_folder
+from .config import Settings, load_settings
 from .core import write_atomically
 from .monitor_figures import figure_png
-from .request_log import read_request_log
-from .tracking import mlflow_client, tracking_to
-from .simulate import Simulation, score, served_rows, simulate, with_labels
+from .pipeline import find_project
+from .release import alias_version, move_alias
+from .report import load_thresholds
+from .scenario import load_scenario, project_function, week_rows
+from .tracking import ensure_experiment, mlflow_client, tracking_to
+from .simulate import (Simulation, SimulationError, cli_parameters, play_week,
+                           reference_profile, request_log, run_project, score, served_rows,
+                           start_server, with_labels)
 
 # %% auto #0
-__all__ = ['MOVES', 'cost_per_1000', 'thresholds_of', 'weekly', 'daily', 'drift_by_week', 'outcome', 'mark_moves',
-           'traffic_figure', 'drift_figure', 'cost_figure', 'timeline_html', 'log_timeline', 'write_timeline',
-           'simulation_folder', 'simulate_command']
+__all__ = ['MOVES', 'first_champion', 'first_day', 'prepare', 'open_run', 'stop_server', 'finish', 'simulate', 'cost_per_1000',
+           'thresholds_of', 'week_costs', 'weekly', 'daily', 'drift_by_week', 'outcome', 'mark_moves', 'traffic_figure',
+           'drift_figure', 'cost_figure', 'headline', 'timeline_html', 'log_timeline', 'write_timeline',
+           'simulate_command']
 
-# %% ../nbs/46_timeline.ipynb #bd3f6357
+# %% ../nbs/46_timeline.ipynb #8d6a509d
+def first_champion(sim: Simulation) -> str:
+    "Train (or reuse) the first champion and make sure both aliases point at it."
+    parameters = cli_parameters(sim.scenario["policy"]["initial"]["parameters"])
+    if run_project(sim, parameters, "first champion") is None:
+        raise SimulationError(f"{sim.project}: the first champion's pipeline run failed; "
+                              "see the event above")
+    registered = json.loads((sim.folder / "artifacts" / "registered.json").read_text())
+    version, client = str(registered["champion"]), mlflow_client(sim.settings)
+    for alias in ("champion", "challenger"):
+        if alias_version(client, sim.name, alias) != version:
+            move_alias(sim.name, alias, version, "simulation start", force=True,
+                       settings=sim.settings)
+    sim.note("champion", f"version {version} is the first champion", version=version)
+    return version
+
+def first_day(sim: Simulation) -> pd.Timestamp:
+    "The day after the data the first champion learned from (its features' last timestamp)."
+    column = sim.scenario["world"]["time"]
+    data = sorted((sim.folder / "data").glob("features*.parquet"))
+    if not data: return pd.Timestamp("2026-01-31")
+    last = pd.read_parquet(data[0], columns=[column])[column].max()
+    return last.normalize() + pd.Timedelta(days=1)
+
+def prepare(sim: Simulation):
+    "The first champion, the world's features, the reference and the server, ready for week 1."
+    import mlflow
+    sim.champion = sim.first = first_champion(sim)
+    model_uri = json.loads((sim.folder / "artifacts" / "model.json").read_text())["model_uri"]
+    sim.columns = mlflow.models.get_model_info(model_uri).signature.inputs.input_names()
+    sim.features = project_function(sim.folder, sim.scenario["world"]["features"])
+    thresholds = sim.folder / "monitoring.yml"
+    sim.thresholds = load_thresholds(thresholds if thresholds.is_file() else None)
+    sim.delay, sim.first_day = sim.scenario["labels"]["delay_days"], first_day(sim)
+    week_0 = week_rows(sim.scenario, 0, sim.first_day, sim.features, sim.regimes)
+    sim.profile = reference_profile(sim, sim.champion, week_0)
+    start_server(sim)
+
+# %% ../nbs/46_timeline.ipynb #c0e4d267
+def open_run(sim: Simulation):
+    "Create the simulation's parent MLflow run in the project's experiment."
+    client = mlflow_client(sim.settings)
+    sim.experiment_id = ensure_experiment(client, sim.project, sim.settings)
+    run = client.create_run(sim.experiment_id, run_name=f"simulate {sim.out.name}",
+                            tags={"mlwb.simulation": "production", "mlwb.project": sim.project})
+    sim.run_id = run.info.run_id
+    client.log_param(sim.run_id, "scenario", json.dumps(sim.scenario)[:6000])
+
+def stop_server(sim: Simulation):
+    "Stop the server gracefully (it drains and closes its log)."
+    server = getattr(sim, "server", None)
+    if server is None or server.poll() is not None: return
+    server.terminate()
+    try: server.wait(60)
+    except subprocess.TimeoutExpired: server.kill(); server.wait()
+    sim.client.close()
+
+def finish(sim: Simulation, status: str):
+    "Stop the server, write the events, log them and close the simulation's run with `status`."
+    stop_server(sim)
+    sim.seconds = time.monotonic() - sim.started
+    write_atomically(sim.out / "events.json", json.dumps(sim.events, indent=2, default=str))
+    client = mlflow_client(sim.settings)
+    client.log_artifact(sim.run_id, str(sim.out / "events.json"))
+    client.set_terminated(sim.run_id, status)
+
+def simulate(project: str, # a project name or folder
+             settings: Settings, # the workspace
+             out: Path | str, # the folder for the request log, plans, events and report
+             scenario: Path | str | None = None, # default: production.yml in the project
+            ) -> Simulation:
+    "Play the project's production scenario on the real server, pipeline and registry."
+    folder = find_project(project, settings)
+    loaded = load_scenario(Path(scenario) if scenario else folder / "production.yml")
+    sim = Simulation(folder.name, folder, loaded, Path(out).resolve(), settings)
+    sim.out.mkdir(parents=True, exist_ok=True)
+    status = "FAILED"
+    with tracking_to(settings):
+        open_run(sim)
+        try:
+            prepare(sim)
+            for week in range(1, sim.scenario["weeks"] + 1): play_week(sim, week)
+            status = "FINISHED"
+        finally: finish(sim, status)
+    return sim
+
+# %% ../nbs/46_timeline.ipynb #832007a7
 def cost_per_1000(labels, scores, threshold: float, costs: dict) -> float:
     "The business cost per 1,000 rows of deciding `scores >= threshold` on `labels`."
     labels, alarm = np.asarray(labels).astype(bool), np.asarray(scores) >= threshold
     missed, false = (labels & ~alarm).sum(), (~labels & alarm).sum()
-    return float(1000 * (costs["missed_fraud"] * missed + costs["false_alarm"] * false) / max(len(labels), 1))
+    total = costs["missed_fraud"] * missed + costs["false_alarm"] * false
+    return float(1000 * total / max(len(labels), 1))
 
-# %% ../nbs/46_timeline.ipynb #368c5467
+# %% ../nbs/46_timeline.ipynb #456af514
 def thresholds_of(sim: Simulation, versions) -> dict:
     "The decision threshold of each registry version in `versions`."
     client = mlflow_client(sim.settings)
-    return {v: float(client.get_model_version(sim.name, v).tags.get("threshold", 0.5)) for v in set(versions)}
+    tags = lambda v: client.get_model_version(sim.name, v).tags
+    return {v: float(tags(v).get("threshold", 0.5)) for v in set(versions)}
+
+def week_costs(sim: Simulation, week: int, served: pd.DataFrame, first: pd.DataFrame,
+               limits: dict) -> dict:
+    "One week's rows, average precision and cost, served and by the first champion."
+    label, costs = sim.scenario["world"]["label"], sim.scenario["costs"]
+    alarm = served.score >= served.version.map(limits)
+    return {"week": week, "rows": len(served),
+            "average_precision": average_precision_score(served[label], served.score),
+            "cost_per_1000": cost_per_1000(served[label], alarm, 0.5, costs),
+            "first_champion_cost_per_1000": cost_per_1000(first[label], first["first"],
+                                                          limits[sim.first], costs),
+            "versions": ", ".join(sorted(served.version.unique()))}
 
 def weekly(sim: Simulation) -> pd.DataFrame:
     "Per week: rows served, average precision, the cost per 1,000 and the first champion's cost."
-    label, costs = sim.scenario["world"]["label"], sim.scenario["costs"]
-    rows = with_labels(sim, served_rows(sim, read_request_log(sim.out / "requests")))
+    rows = with_labels(sim, served_rows(sim, request_log(sim)))
     rows["version"] = rows.version.astype(str)
     limits = thresholds_of(sim, list(rows.version) + [sim.first])
     world = pd.concat(sim.weeks)
     first = world.assign(first=score(sim, sim.first, world))
-    table = []
-    for week, served in rows.groupby("week"):
-        alarm = served.score >= served.version.map(limits)
-        then = first[first.week == week]
-        table.append({"week": week, "rows": len(served), "average_precision": average_precision_score(served[label], served.score),
-                      "cost_per_1000": cost_per_1000(served[label], alarm, 0.5, costs),
-                      "first_champion_cost_per_1000": cost_per_1000(then[label], then["first"], limits[sim.first], costs),
-                      "versions": ", ".join(sorted(served.version.unique()))})
-    return pd.DataFrame(table).set_index("week")
+    return pd.DataFrame([week_costs(sim, w, served, first[first.week == w], limits)
+                         for w, served in rows.groupby("week")]).set_index("week")
 
 def daily(sim: Simulation) -> pd.DataFrame:
     "Per day: requests, failed requests and the client's latency (median, 95th percentile)."
-    requests = pd.DataFrame(sim.requests)
-    by_day = requests.groupby("day")
+    by_day = pd.DataFrame(sim.requests).groupby("day")
     return pd.DataFrame({"requests": by_day.size(), "failed": by_day.failed.sum(),
                          "latency_p50_ms": by_day.latency_ms.median(),
                          "latency_p95_ms": by_day.latency_ms.quantile(0.95)})
@@ -70,93 +171,104 @@ def drift_by_week(sim: Simulation) -> pd.DataFrame:
     scores = {e["week"]: e["drift_scores"] for e in sim.events if "drift_scores" in e}
     return pd.DataFrame(scores).T.rename_axis("week")
 
-# %% ../nbs/46_timeline.ipynb #3b567a05
+# %% ../nbs/46_timeline.ipynb #7d35d7f0
 def outcome(sim: Simulation, weeks: pd.DataFrame) -> dict:
-    "The simulation's outcome: alarms, releases, rollbacks, costs against the counterfactual, failures."
+    "The simulation's outcome: alarms, releases, rollbacks, costs against the counterfactual."
     kinds = lambda kind: [e for e in sim.events if e["kind"] == kind]
-    changed = min((c["week"] for c in sim.scenario["changes"]), default=None)
     promoted = [e["week"] for e in kinds("promote")]
     after = weeks[weeks.index > promoted[0]] if promoted else weeks.iloc[0:0]
-    faulty = [e["version"] for e in kinds("registered") if e.get("faulty")]
-    return {"project": sim.project, "seconds": round(sim.seconds, 1), "requests": len(sim.requests),
-            "failed_requests": int(sum(r["failed"] for r in sim.requests)), "drift_week": changed,
+    return {"project": sim.project, "seconds": round(sim.seconds, 1),
+            "requests": len(sim.requests),
+            "failed_requests": int(sum(r["failed"] for r in sim.requests)),
+            "drift_week": min((c["week"] for c in sim.scenario["changes"]), default=None),
             "alarm_weeks": [e["week"] for e in kinds("alarm")], "promoted_weeks": promoted,
-            "rolled_back": [e["version"] for e in kinds("rollback")], "faulty_versions": faulty,
+            "rolled_back": [e["version"] for e in kinds("rollback")],
+            "faulty_versions": [e["version"] for e in kinds("registered") if e.get("faulty")],
             "cost_after_promotion": float(after.cost_per_1000.sum()),
             "counterfactual_after_promotion": float(after.first_champion_cost_per_1000.sum()),
-            "cost": float(weeks.cost_per_1000.sum()), "counterfactual": float(weeks.first_champion_cost_per_1000.sum())}
+            "cost": float(weeks.cost_per_1000.sum()),
+            "counterfactual": float(weeks.first_champion_cost_per_1000.sum())}
 
-# %% ../nbs/46_timeline.ipynb #af1146f1
-MOVES = {"champion": "tab:blue", "shadow": "tab:gray", "canary": "tab:orange", "promote": "tab:green",
-         "rollback": "tab:red"}
+# %% ../nbs/46_timeline.ipynb #6a3e6ebd
+MOVES = {"champion": "tab:blue", "shadow": "tab:gray", "canary": "tab:orange",
+         "promote": "tab:green", "rollback": "tab:red"}
 
 def mark_moves(axes, sim: Simulation, per_week: bool):
-    "Vertical lines at each alias move, coloured by kind."
+    "Dashed vertical lines at each alias move, coloured by kind, on a day or a week axis."
     for e in sim.events:
-        if e["kind"] in MOVES:
-            x = e["day"] / 7 + 0.5 if per_week else e["day"]
-            axes.axvline(x, color=MOVES[e["kind"]], linestyle="--", linewidth=1, label=f"{e['kind']} v{e.get('version', '')}")
+        if e["kind"] not in MOVES: continue
+        x = e["day"] / 7 + 1 if per_week else e["day"]
+        axes.axvline(x, color=MOVES[e["kind"]], linestyle="--", linewidth=1,
+                     label=f"{e['kind']} v{e.get('version', '')}")
 
-def _figure(width=9, height=3.2):
+def _figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.figure import Figure
-    figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
+    figure = Figure(figsize=(9, 3.2))
+    axes = figure.subplots()
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return figure, axes
 
 def traffic_figure(sim: Simulation, days: pd.DataFrame):
     "Requests and failed requests per day, with the 95th-percentile latency."
-    figure, axes = _figure()
+    figure, axes = _figure("Traffic and latency per day", "simulated day", "requests")
     axes.bar(days.index, days.requests, color="lightsteelblue", label="requests")
     axes.bar(days.index, days.failed, color="red", label="failed")
-    axes.set(xlabel="simulated day", ylabel="requests", title="Traffic and latency per day")
     mark_moves(axes, sim, False)
+    axes.legend(loc="lower left", fontsize=7)
     latency = axes.twinx()
-    latency.plot(days.index, days.latency_p95_ms, color="black", label="p95 latency (ms)")
-    latency.set_ylabel("ms")
-    axes.legend(loc="upper left", fontsize=7)
+    latency.plot(days.index, days.latency_p95_ms, color="black")
+    latency.set_ylabel("p95 latency (ms, black)")
     return figure
 
 def drift_figure(sim: Simulation, drift: pd.DataFrame, most: int = 6):
     "The drift score of the features that drifted most, per week."
-    figure, axes = _figure()
-    for column in drift.max().sort_values().index[-most:]: axes.plot(drift.index, drift[column], marker="o", label=column)
+    figure, axes = _figure("Drift per feature per week", "week", "drift score (1 = threshold)")
+    for column in drift.max().sort_values().index[-most:]:
+        axes.plot(drift.index, drift[column], marker="o", label=column)
     axes.axhline(1, color="gray", linewidth=0.8)
-    axes.set(xlabel="week", ylabel="drift score (1 = threshold)", title="Drift per feature per week")
     mark_moves(axes, sim, True)
     axes.legend(fontsize=7)
     return figure
 
 def cost_figure(sim: Simulation, weeks: pd.DataFrame):
     "Cost per 1,000 rows per week, served and counterfactual, and the served average precision."
-    figure, axes = _figure()
+    figure, axes = _figure("Business cost per week", "week", "cost per 1,000")
     axes.plot(weeks.index, weeks.cost_per_1000, marker="o", label="served")
-    axes.plot(weeks.index, weeks.first_champion_cost_per_1000, marker="s", linestyle=":", label="had nobody retrained")
-    axes.set(xlabel="week", ylabel="cost per 1,000", title="Business cost per week")
+    axes.plot(weeks.index, weeks.first_champion_cost_per_1000, marker="s", linestyle=":",
+              label="had nobody retrained")
     mark_moves(axes, sim, True)
-    metric = axes.twinx()
-    metric.plot(weeks.index, weeks.average_precision, color="purple", alpha=0.5, label="average precision")
-    metric.set_ylabel("average precision")
     axes.legend(fontsize=7)
+    metric = axes.twinx()
+    metric.plot(weeks.index, weeks.average_precision, color="purple", alpha=0.5)
+    metric.set_ylabel("average precision (purple)")
     return figure
 
-# %% ../nbs/46_timeline.ipynb #8a05c701
-def _table(frame: pd.DataFrame) -> str: return frame.to_html(float_format=lambda x: f"{x:,.3f}", border=0)
+# %% ../nbs/46_timeline.ipynb #904bac3e
+def headline(result: dict) -> str:
+    "The report's first paragraph: requests, failures, alarms, releases and the two costs."
+    return (f"<p>{result['requests']:,} requests, <b>{result['failed_requests']} failed</b>; "
+            f"alarms in weeks {result['alarm_weeks'] or 'none'}; promoted in weeks "
+            f"{result['promoted_weeks'] or 'none'}; rolled back: "
+            f"{result['rolled_back'] or 'none'}. "
+            f"Cost {result['cost']:,.0f} against {result['counterfactual']:,.0f} had nobody "
+            f"retrained (per 1,000 rows, summed over the weeks). Played in "
+            f"{result['seconds']:.0f} s.</p>")
 
-def timeline_html(sim: Simulation, weeks: pd.DataFrame, days: pd.DataFrame, drift: pd.DataFrame, result: dict) -> str:
+def timeline_html(sim: Simulation, weeks: pd.DataFrame, days: pd.DataFrame,
+                  drift: pd.DataFrame, result: dict) -> str:
     "The timeline report: headline, figures, weekly table and event log."
     figures = [traffic_figure(sim, days), drift_figure(sim, drift), cost_figure(sim, weeks)]
-    events = pd.DataFrame(sim.events)[["seq", "week", "day", "kind", "text", "wall_s"]]
-    head = (f"<p>{result['requests']:,} requests, <b>{result['failed_requests']} failed</b>; "
-            f"alarms in weeks {result['alarm_weeks'] or 'none'}; promoted in weeks {result['promoted_weeks'] or 'none'}; "
-            f"rolled back: {result['rolled_back'] or 'none'}. Cost {result['cost']:,.0f} against "
-            f"{result['counterfactual']:,.0f} had nobody retrained (per 1,000 rows, summed over weeks). "
-            f"Played in {result['seconds']:.0f} s.</p>")
     images = "".join(f'<img alt="figure" src="{figure_png(f)}"><br>' for f in figures)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(sim.project)}: production timeline</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}</style></head>"
-            f"<body><h1>{escape(sim.project)}: {sim.scenario['weeks']} weeks in production</h1>{head}{images}"
-            f"<h2>Weeks</h2>{_table(weeks)}<h2>Events</h2>{events.to_html(index=False, border=0)}</body></html>")
+    events = pd.DataFrame(sim.events)[["seq", "week", "day", "kind", "text", "wall_s"]]
+    title = f"{escape(sim.project)}: {sim.scenario['weeks']} weeks in production"
+    style = "body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}"
+    table = weeks.to_html(float_format=lambda x: f"{x:,.3f}", border=0)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            f"<style>{style}</style></head><body><h1>{title}</h1>{headline(result)}{images}"
+            f"<h2>Weeks</h2>{table}<h2>Events</h2>{events.to_html(index=False, border=0)}"
+            "</body></html>")
 
-# %% ../nbs/46_timeline.ipynb #aa711c09
+# %% ../nbs/46_timeline.ipynb #4da0224e
 def log_timeline(sim: Simulation, weeks: pd.DataFrame, result: dict, paths: list):
     "Log the weekly metrics, the outcome and the report's files to the simulation's run."
     client = mlflow_client(sim.settings)
@@ -168,24 +280,21 @@ def log_timeline(sim: Simulation, weeks: pd.DataFrame, result: dict, paths: list
     for path in paths: client.log_artifact(sim.run_id, str(path))
 
 def write_timeline(sim: Simulation) -> dict:
-    "Write the labels, the keys, timeline.html, outcome.json and days.csv, and log them; the outcome."
+    "Write labels, keys, timeline.html, outcome.json and days.csv, and log them; the outcome."
     weeks, days, drift = weekly(sim), daily(sim), drift_by_week(sim)
     result = outcome(sim, weeks) | {"weeks": json.loads(weeks.to_json(orient="index"))}
     world = sim.scenario["world"]
     labels = pd.concat(sim.weeks)[[world["key"], world["label"], "week", "day"]]
-    labels.to_parquet(sim.out / "labels.parquet")  # the labels, all arrived by now, by the world's key
-    pd.concat(sim.keys).to_parquet(sim.out / "keys.parquet")  # which request and row carried which key
-    paths = [write_atomically(sim.out / "timeline.html", timeline_html(sim, weeks, days, drift, result)),
-             write_atomically(sim.out / "outcome.json", json.dumps(result, indent=2, default=float)),
+    labels.to_parquet(sim.out / "labels.parquet")  # every label, arrived by now, by the world's key
+    pd.concat(sim.keys).to_parquet(sim.out / "keys.parquet")  # which request and row held which key
+    html = timeline_html(sim, weeks, days, drift, result)
+    paths = [write_atomically(sim.out / "timeline.html", html),
+             write_atomically(sim.out / "outcome.json", json.dumps(result, indent=2)),
              write_atomically(sim.out / "days.csv", days.to_csv())]
     with tracking_to(sim.settings): log_timeline(sim, weeks, result, paths)
     return result
 
-# %% ../nbs/46_timeline.ipynb #cd162eab
-def simulation_folder(settings, project: str) -> Path:
-    "Where `mlwb simulate PROJECT` writes: `<runs>/simulate/<project>/`."
-    return settings.runs_path / "simulate" / Path(project).name
-
+# %% ../nbs/46_timeline.ipynb #78e2187a
 @click.command("simulate")
 @click.argument("project", required=False)
 @click.option("--scenario", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -193,13 +302,13 @@ def simulation_folder(settings, project: str) -> Path:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: <runs>/simulate/<project>/].")
 def simulate_command(project, scenario, out):
-    "Play PROJECT's production scenario on the real server, pipeline and registry; write its timeline."
-    import shutil
+    "Play PROJECT's production scenario on the real server, pipeline and registry; report it."
     settings = load_settings()
     project = project or settings.default_project
     out = Path(out) if out else simulation_folder(settings, project)
     if out.exists(): shutil.rmtree(out)
     result = write_timeline(simulate(project, settings, out, scenario))
-    click.echo(f"{result['requests']:,} requests, {result['failed_requests']} failed; "
-               f"cost {result['cost']:,.0f} against {result['counterfactual']:,.0f} had nobody retrained")
+    click.echo(f"{result['requests']:,} requests, {result['failed_requests']} failed; cost "
+               f"{result['cost']:,.0f} against {result['counterfactual']:,.0f} had nobody "
+               "retrained")
     click.echo(f"timeline: {out / 'timeline.html'}")

@@ -10,10 +10,11 @@ import yaml
 
 from conftest import run_mlwb
 
-# The default scenario, smaller: 4 weeks, the world moves in week 2, the faulty build ships in week 4.
-SMALL = {"weeks": 4, "traffic": {"requests_per_day": 6}, "changes": [{"week": 2, "drift": 1.0}],
-         "policy": {"shadow": {"requests": 6}, "canary": {"steps": [0.5], "step_requests": 6}},
-         "faulty_release": {"week": 4}}
+# The default scenario, smaller: 5 weeks of 6 requests a day; the world moves in week 2, the retrained
+# model is released in week 4 (after a week of labels since the drift), the faulty build in week 5.
+SMALL = {"weeks": 5, "traffic": {"requests_per_day": 6}, "changes": [{"week": 2, "drift": 1.0}],
+         "policy": {"shadow": {"requests": 6}, "canary": {"steps": [0.5], "requests": 6}},
+         "faulty_release": {"week": 5}}
 
 
 # The end-to-end tests share the session's fraud-detection workspace (conftest's `project_run`), whose pipeline
