@@ -152,8 +152,10 @@ def simulation_folder(settings: Settings, project: str) -> Path:
 def _alarm_in_time(o: dict, weeks: int) -> str | None:
     alarms, moved = o["alarm_weeks"], o["drift_week"]
     if moved is None: return "the scenario's world never moves; nothing to alarm on"
-    if any(w < moved for w in alarms): return f"false alarm in week {min(alarms)}, before the drift of week {moved}"
-    if not alarms or alarms[0] - moved > weeks: return f"alarms in weeks {alarms or 'none'}; the world moved in week {moved}"
+    if any(w < moved for w in alarms):
+        return f"false alarm in week {min(alarms)}, before the drift of week {moved}"
+    if not alarms or alarms[0] - moved > weeks:
+        return f"alarms in weeks {alarms or 'none'}; the world moved in week {moved}"
 
 def _cost_recovered(o: dict, weeks: int) -> str | None:
     if not o["promoted_weeks"]: return "no retrained model was promoted"
@@ -172,11 +174,14 @@ SIMULATION_CLAIMS = {"alarm_in_time": _alarm_in_time, "cost_recovered": _cost_re
 
 def check_simulation(ctx: CheckContext, claim: str, weeks: int = 1) -> str:
     "The last `mlwb simulate` of the project holds `claim` (one of `SIMULATION_CLAIMS`)."
-    if claim not in SIMULATION_CLAIMS: raise CheckFailed(f"no claim '{claim}'; claims: {', '.join(SIMULATION_CLAIMS)}")
+    if claim not in SIMULATION_CLAIMS:
+        raise CheckFailed(f"no claim '{claim}'; claims: {', '.join(SIMULATION_CLAIMS)}")
     path = simulation_folder(ctx.settings, ctx.folder.name) / "outcome.json"
-    if not path.is_file(): raise CheckFailed(f"no simulation yet ({path}): run `mlwb simulate {ctx.folder.name}`")
+    if not path.is_file():
+        raise CheckFailed(f"no simulation yet ({path}): run `mlwb simulate {ctx.folder.name}`")
     outcome = json.loads(path.read_text())
-    if (wrong := SIMULATION_CLAIMS[claim](outcome, weeks)): raise CheckFailed(f"{path.name}: {wrong}")
+    if (wrong := SIMULATION_CLAIMS[claim](outcome, weeks)):
+        raise CheckFailed(f"{path.name}: {wrong}")
     return (f"{claim.replace('_', ' ')}: alarms in weeks {outcome['alarm_weeks']}, promoted in "
             f"{outcome['promoted_weeks']}, rolled back {outcome['rolled_back']}, "
             f"{outcome['failed_requests']} failed requests")
