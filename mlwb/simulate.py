@@ -341,6 +341,7 @@ def advance_release(sim: Simulation):
     phase = policy["shadow"] if release["phase"] == "shadow" else policy["canary"]
     if len(release["ids"]) < phase["requests"]: return
     seen, why = judge(sim)
+    if seen["requests"] == 0: return  # the canary's share sent it nothing yet: no evidence
     if why: roll_back(sim, why)
     else: next_step(sim, seen)
 

@@ -164,3 +164,17 @@ def test_the_operating_lesson_runs_on_the_simulation(simulated, tmp_path, monkey
     project = ws / "projects" / "fraud-detection"
     papermill.execute_notebook(project / "operating.ipynb", tmp_path / "operating.ipynb", parameters={"simulation": str(out)},
                                cwd=project, kernel_name=load_settings(ws, environ={}).kernel_name, progress_bar=False)
+
+
+@ON_THE_PROJECT_RUN
+def test_the_capstone_milestones_judge_the_simulation(simulated):
+    from conftest import NO_WARM_KERNELS
+    ws, out, _ = simulated
+    env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", **NO_WARM_KERNELS}
+    checked = run_mlwb("check", "fraud-detection", "--capstone", cwd=ws, env=env)
+    outcome = json.loads((out / "outcome.json").read_text())
+    recovered = outcome["cost_after_promotion"] < outcome["counterfactual_after_promotion"]
+    assert "✓ 9. Capstone: the drift alarm fired" in checked.stdout, checked.stdout + checked.stderr
+    assert "✓ 11. Capstone: the faulty release was rolled back" in checked.stdout, checked.stdout
+    assert ("✓ 10." if recovered else "✗ 10.") in checked.stdout, checked.stdout
+    assert checked.returncode == (0 if recovered else 1)
