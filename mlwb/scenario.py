@@ -73,6 +73,7 @@ KEYS = {  # dotted key: (check, default)
     "policy.initial.parameters": (_mapping, {}),  # pipeline parameters of the first champion's run
     "policy.retrain.window_days": (_number(1, 365, True), 14),  # the most recent labelled days ...
     "policy.retrain.min_days": (_number(1, 365, True), 7),  # ... and the fewest, since the alarm
+    "policy.retrain.warmup_days": (_number(0, 365, True), 7),  # ... plus these days before it
     "policy.retrain.parameters": (_mapping, {}),  # pipeline parameters; '{window}' is its file
     "policy.shadow.requests": (WHOLE, 40),  # requests the challenger scores in shadow
     "policy.canary.steps": (_shares, [0.2, 0.5]),  # the challenger's share of traffic, step by step

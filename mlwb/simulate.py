@@ -230,10 +230,12 @@ def run_project(sim: Simulation, parameters: list, why: str) -> str | None:
 def retrain(sim: Simulation) -> tuple:
     "Retrain on the recent labelled window once it is long enough: (version or None, window)."
     policy = sim.scenario["policy"]["retrain"]
-    window = retrain_window(pd.concat(sim.weeks), sim.scenario, sim.day, sim.drift_since)
-    if window.day.nunique() < policy["min_days"]:
-        sim.note("waiting", f"{window.day.nunique()} labelled days since the drift; retraining "
-                            f"needs {policy['min_days']}")
+    since = sim.drift_since - policy["warmup_days"]
+    window = retrain_window(pd.concat(sim.weeks), sim.scenario, sim.day, since)
+    drifted = window[window.day >= sim.drift_since].day.nunique()
+    if drifted < policy["min_days"]:
+        sim.note("waiting", f"{drifted} labelled days since the alarm's week; retraining needs "
+                            f"{policy['min_days']}")
         return None, window
     path = sim.out / "windows" / f"week-{sim.week}.parquet"
     path.parent.mkdir(exist_ok=True)
