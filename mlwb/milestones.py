@@ -221,7 +221,8 @@ def check_project(project: str | None = None, # a project name or folder; defaul
                   milestone: int | None = None, # check only this milestone
                   settings: Settings | None = None,
                   on_event=None, # the runner's progress callback, on_event(event, stage_result)
-                  capstone: bool = False, # check the capstone milestones instead of the guided ones
+                  capstone: bool = False, # the capstone's milestones instead: no pipeline run, they
+                                          # judge what `mlwb simulate` left
                  ) -> list:
     "Run the student's pipeline up to the chosen milestones' stages, check each, record verdicts."
     settings = settings or load_settings()
@@ -229,7 +230,7 @@ def check_project(project: str | None = None, # a project name or folder; defaul
     pipeline = load_pipeline(folder)
     milestones = load_milestones(folder, capstone)
     chosen = choose_milestones(milestones, pipeline, milestone, folder / MILESTONES_FILE)
-    run = run_until(folder, milestone_stages(chosen), settings, on_event)
+    run = None if capstone else run_until(folder, milestone_stages(chosen), settings, on_event)
     results = [check_milestone(m, CheckContext(settings, folder, run)) for m in chosen]
     record_progress(settings, pipeline.name, results)
     return results

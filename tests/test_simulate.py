@@ -31,9 +31,9 @@ def simulated(project_run):
     for key, value in SMALL.items():
         scenario[key] = {**scenario[key], **value} if isinstance(value, dict) else value
     (ws / "small.yml").write_text(yaml.safe_dump(scenario))
-    out = ws / "simulation"
+    out = ws / "runs" / "simulate" / "fraud-detection"  # the default folder, where the capstone checks look
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", "IN_TEST": "1"}
-    done = run_mlwb("simulate", "fraud-detection", "--scenario", ws / "small.yml", "--out", out, cwd=ws, env=env)
+    done = run_mlwb("simulate", "fraud-detection", "--scenario", ws / "small.yml", cwd=ws, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     yield ws, out, done
     from mlwb.config import load_settings
@@ -177,6 +177,7 @@ def test_the_capstone_milestones_judge_the_simulation(simulated):
     ws, out, _ = simulated
     env = {"MLWB_WORKSPACE": str(ws), "MLFLOW_TRACKING_URI": "", **NO_WARM_KERNELS}
     checked = run_mlwb("check", "fraud-detection", "--capstone", cwd=ws, env=env)
+    assert "✓ ingest" not in checked.stdout  # the capstone judges the simulation: no pipeline run
     outcome = json.loads((out / "outcome.json").read_text())
     recovered = outcome["cost_after_promotion"] < outcome["counterfactual_after_promotion"]
     assert "✓ 9. Capstone: the drift alarm fired" in checked.stdout, checked.stdout + checked.stderr
