@@ -23,11 +23,11 @@ from .learn import LearnError
 from .tracking import mlflow_client, tracking_to, tracking_uri
 
 # %% auto #0
-__all__ = ['CHECKS', 'REGISTRY_CHECKS', 'CheckFailed', 'CheckContext', 'register_check', 'get_check', 'check_file_exists',
-           'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least', 'check_metric_at_most',
-           'read_windows', 'check_drift_alarm', 'load_served_model', 'check_model_registered', 'example_rows',
-           'mlwb_executable', 'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows',
-           'check_api_answers', 'check_raw_event_answers']
+__all__ = ['CHECKS', 'REGISTRY_CHECKS', 'SIMULATION_CLAIMS', 'CheckFailed', 'CheckContext', 'register_check', 'get_check',
+           'check_file_exists', 'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least',
+           'check_metric_at_most', 'read_windows', 'check_drift_alarm', 'simulation_folder', 'check_simulation',
+           'load_served_model', 'check_model_registered', 'example_rows', 'mlwb_executable', 'server_ready', 'serving',
+           'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers', 'check_raw_event_answers']
 
 # %% ../nbs/42_checks.ipynb #edfee144
 class CheckFailed(MlwbError):
@@ -143,6 +143,50 @@ def check_drift_alarm(ctx: CheckContext, path: str, drifted: list) -> str:
     return f"{path}: alarm on {alarmed}, and on no other of {len(windows)} windows"
 
 register_check("drift_alarm", check_drift_alarm);
+
+# %% ../nbs/42_checks.ipynb #5a1e0c02
+def simulation_folder(settings: Settings, project: str) -> Path:
+    "Where `mlwb simulate PROJECT` writes its outcome: `<runs>/simulate/<project>/`."
+    return settings.runs_path / "simulate" / Path(project).name
+
+def _alarm_in_time(o: dict, weeks: int) -> str | None:
+    alarms, moved = o["alarm_weeks"], o["drift_week"]
+    if moved is None: return "the scenario's world never moves; nothing to alarm on"
+    if any(w < moved for w in alarms):
+        return f"false alarm in week {min(alarms)}, before the drift of week {moved}"
+    if not alarms or alarms[0] - moved > weeks:
+        return f"alarms in weeks {alarms or 'none'}; the world moved in week {moved}"
+
+def _cost_recovered(o: dict, weeks: int) -> str | None:
+    if not o["promoted_weeks"]: return "no retrained model was promoted"
+    if o["cost_after_promotion"] >= o["counterfactual_after_promotion"]:
+        return (f"after the promotion the cost was {o['cost_after_promotion']:,.0f}, not below "
+                f"{o['counterfactual_after_promotion']:,.0f} had nobody retrained")
+
+def _faulty_rolled_back(o: dict, weeks: int) -> str | None:
+    if not o["faulty_versions"]: return "no faulty release in this simulation"
+    kept = [v for v in o["faulty_versions"] if v not in o["rolled_back"]]
+    if kept: return f"faulty version(s) {kept} were not rolled back"
+    if o["failed_requests"]: return f"{o['failed_requests']} user requests failed"
+
+SIMULATION_CLAIMS = {"alarm_in_time": _alarm_in_time, "cost_recovered": _cost_recovered,
+                     "faulty_rolled_back": _faulty_rolled_back}
+
+def check_simulation(ctx: CheckContext, claim: str, weeks: int = 1) -> str:
+    "The last `mlwb simulate` of the project holds `claim` (one of `SIMULATION_CLAIMS`)."
+    if claim not in SIMULATION_CLAIMS:
+        raise CheckFailed(f"no claim '{claim}'; claims: {', '.join(SIMULATION_CLAIMS)}")
+    path = simulation_folder(ctx.settings, ctx.folder.name) / "outcome.json"
+    if not path.is_file():
+        raise CheckFailed(f"no simulation yet ({path}): run `mlwb simulate {ctx.folder.name}`")
+    outcome = json.loads(path.read_text())
+    if (wrong := SIMULATION_CLAIMS[claim](outcome, weeks)):
+        raise CheckFailed(f"{path.name}: {wrong}")
+    return (f"{claim.replace('_', ' ')}: alarms in weeks {outcome['alarm_weeks']}, promoted in "
+            f"{outcome['promoted_weeks']}, rolled back {outcome['rolled_back']}, "
+            f"{outcome['failed_requests']} failed requests")
+
+register_check("simulation", check_simulation);
 
 # %% ../nbs/42_checks.ipynb #8d399651
 def load_served_model(settings: Settings, uri: str):

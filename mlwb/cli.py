@@ -34,6 +34,7 @@ COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "stop-kernels": ("mlwb.runs", "stop_kernels_command"),
     "adopt": ("mlwb.adopt", "adopt_command"),
     "features": ("mlwb.skew", "features_command"),
+    "simulate": ("mlwb.timeline", "simulate_command"),
 }
 
 def command_elsewhere(name: str) -> click.Command | None:

@@ -34,7 +34,7 @@ __all__ = ['MILESTONES_FILE', 'MILESTONE_KEYS', 'RUNNER_CELL', 'ROADMAP', 'STEP_
 
 # %% ../nbs/43_milestones.ipynb #d4abc2ae
 MILESTONES_FILE = "milestones.yml"
-MILESTONE_KEYS = ("id", "title", "stage", "minutes", "check", "with", "hint")
+MILESTONE_KEYS = ("id", "title", "stage", "minutes", "check", "with", "hint", "capstone")
 
 @dataclass(frozen=True)
 class Milestone:
@@ -46,6 +46,7 @@ class Milestone:
     args: dict = field(default_factory=dict)  # the check's arguments (`with:` in the file)
     minutes: int = 0  # how long a student typically needs
     hint: str = ""  # what to try when the check fails
+    capstone: bool = False  # judged by `mlwb check --capstone` only: the outcome of `mlwb simulate`
 
 # %% ../nbs/43_milestones.ipynb #03d46844
 def check_entry(entry, where: str):
@@ -56,6 +57,8 @@ def check_entry(entry, where: str):
             raise LearnError(f"{where}: '{key}' must be a whole number")
     if not isinstance(entry.get("with") or {}, dict):
         raise LearnError(f"{where}: 'with' must be a mapping of the check's arguments")
+    if not isinstance(entry.get("capstone", False), bool):
+        raise LearnError(f"{where}: 'capstone' must be true or false")
     if "id" not in entry: raise LearnError(f"{where}: 'id' is required (a whole number)")
 
 def parse_milestone(entry, where: str) -> Milestone:
@@ -63,7 +66,7 @@ def parse_milestone(entry, where: str) -> Milestone:
     check_entry(entry, where)
     return Milestone(entry["id"], entry["title"], entry["stage"], entry["check"],
                      dict(entry.get("with") or {}), entry.get("minutes", 0),
-                     str(entry.get("hint") or ""))
+                     str(entry.get("hint") or ""), entry.get("capstone", False))
 
 # %% ../nbs/43_milestones.ipynb #edfee144
 def check_arguments(milestone: Milestone, where: str):
@@ -86,8 +89,8 @@ def read_entries(path: Path) -> list:
         raise LearnError(f"{path}: expected a non-empty 'milestones' list")
     return entries
 
-def load_milestones(folder: Path | str) -> list:
-    "Milestones of the project in `folder`, checked: known checks, fitting arguments, unique ids."
+def load_milestones(folder: Path | str, capstone: bool = False) -> list:
+    "The guided (or capstone) milestones of the project in `folder`, checked: known checks, fitting arguments, unique ids."
     path = Path(folder) / MILESTONES_FILE
     entries = enumerate(read_entries(path))
     milestones = [parse_milestone(entry, f"{path}: milestones[{i}]") for i, entry in entries]
@@ -95,7 +98,7 @@ def load_milestones(folder: Path | str) -> list:
     ids = [m.id for m in milestones]
     if len(set(ids)) != len(ids):
         raise LearnError(f"{path}: milestone ids must be unique, got {ids}")
-    return milestones
+    return [m for m in milestones if m.capstone == capstone]
 
 # %% ../nbs/43_milestones.ipynb #3642f9b3
 @dataclass
@@ -211,14 +214,16 @@ def check_project(project: str | None = None, # a project name or folder; defaul
                   milestone: int | None = None, # check only this milestone
                   settings: Settings | None = None,
                   on_event=None, # the runner's progress callback, on_event(event, stage_result)
+                  capstone: bool = False, # the capstone's milestones instead: no pipeline run, they
+                                          # judge what `mlwb simulate` left
                  ) -> list:
     "Run the student's pipeline up to the chosen milestones' stages, check each, record verdicts."
     settings = settings or load_settings()
     folder = find_project(project or settings.default_project, settings)
     pipeline = load_pipeline(folder)
-    milestones = load_milestones(folder)
+    milestones = load_milestones(folder, capstone)
     chosen = choose_milestones(milestones, pipeline, milestone, folder / MILESTONES_FILE)
-    run = run_until(folder, milestone_stages(chosen), settings, on_event)
+    run = None if capstone else run_until(folder, milestone_stages(chosen), settings, on_event)
     results = [check_milestone(m, CheckContext(settings, folder, run)) for m in chosen]
     record_progress(settings, pipeline.name, results)
     return results
@@ -292,12 +297,13 @@ def result_lines(result: CheckResult) -> list:
 @click.command("check")
 @click.argument("project", required=False)
 @click.option("--milestone", "-m", type=int, help="Check only this milestone (its id).")
-def check_command(project, milestone):
+@click.option("--capstone", is_flag=True, help="Check the capstone milestones (after `mlwb simulate`).")
+def check_command(project, milestone, capstone):
     "Run your pipeline up to the milestones' stages and check each; nothing in your files changes."
     quiet_mlflow()
     settings = workspace_here()
     click.echo(f"checking {project or settings.default_project} in {settings.workspace}")
-    results = check_project(project, milestone, settings, on_event=stage_printer)
+    results = check_project(project, milestone, settings, on_event=stage_printer, capstone=capstone)
     for result in results: click.echo("\n".join(result_lines(result)))
     passed = sum(r.passed for r in results)
     click.echo(f"{passed} of {len(results)} milestones pass; `mlwb progress` shows the whole path")

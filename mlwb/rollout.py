@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,10 +30,10 @@ from .serve import ServeOptions, run_server, server_options, serving_state
 
 # %% auto #0
 __all__ = ['KEY_HEADER', 'PLAN_MODES', 'METRIC_HELP', 'stable_bucket', 'choose', 'request_key', 'Canary', 'read_plan',
-           'plan_route', 'serve_release', 'read_outcomes', 'srm_check', 'proportion_ci', 'two_proportion_test',
-           'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab', 'release_command',
-           'promote_command', 'challenger_command', 'rollback_command', 'status_command', 'release_serve_command',
-           'ab_command', 'analyze_command']
+           'plan_route', 'serve_release', 'follow_plan', 'read_outcomes', 'srm_check', 'proportion_ci',
+           'two_proportion_test', 'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab',
+           'release_command', 'promote_command', 'challenger_command', 'rollback_command', 'status_command',
+           'release_serve_command', 'ab_command', 'analyze_command']
 
 # %% ../nbs/32_rollout.ipynb #79dabad8
 KEY_HEADER = "x-mlwb-key"  # the request header (or `key` query parameter) that makes routing sticky
@@ -152,7 +153,30 @@ def serve_release(model: str, # models:/NAME (or models:/NAME@alias): whose alia
         for alias in ("champion", "challenger"):
             state.store.load(alias, f"models:/{name}@{alias}", fast=fast)
         state.follow(plan.get("poll_seconds", options.follow_every))
+        follow_plan(state, plan_path, record, plan.get("poll_seconds", options.follow_every))
     run_server(state, load)
+
+def follow_plan(state, # a `mlwb.serve.ServerState`
+                path, # the plan file: rewrite it (atomically) to change the route
+                record=None, every: float = 1.0, # seconds between reads; 0: never
+               ) -> threading.Thread | None:
+    "Install the plan in `path` again whenever its text changes, until the server stops."
+    if every <= 0: return None
+    def run(seen=Path(path).read_text()):
+        while not state.stopping.wait(every):
+            try: text = Path(path).read_text()
+            except OSError: continue
+            if text == seen: continue
+            seen = text
+            try: plan = read_plan(path)
+            except Exception as e: _say(f"{path}: {e}; the route stays as it was"); continue
+            plan_route(state, plan, record)
+            _say(f"plan '{plan.get('name', plan['mode'])}' applied from {path}")
+    thread = threading.Thread(target=run, name="mlwb-plan-watch", daemon=True)
+    thread.start()
+    return thread
+
+def _say(text: str): print(f"mlwb release serve: {text}", file=sys.stderr, flush=True)
 
 def _record_rollback(name: str, reason: str, settings: Settings):
     "Record an automatic canary rollback in the registry history."
