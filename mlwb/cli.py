@@ -26,7 +26,7 @@ __all__ = ['COMMANDS_ELSEWHERE', 'SYMBOLS', 'command_elsewhere', 'MlwbGroup', 'm
 COMMANDS_ELSEWHERE = {  # command name: (module, click command defined there)
     "serve": ("mlwb.serve", "serve_command"), "predict": ("mlwb.batch", "predict_command"),
     "deploy": ("mlwb.container", "deploy_command"), "monitor": ("mlwb.report", "monitor_command"),
-    "release": ("mlwb.rollout", "release_command"), "ab": ("mlwb.rollout", "ab_command"),
+    "release": ("mlwb.rollout", "release_command"), "ab": ("mlwb.ab_test", "ab_command"),
     "sweep": ("mlwb.sweep", "sweep_command"), "server": ("mlwb.server", "server_command"),
     "learn": ("mlwb.learn", "learn_command"), "new": ("mlwb.learn", "new_command"),
     "lab": ("mlwb.learn", "lab_command"), "check": ("mlwb.milestones", "check_command"),

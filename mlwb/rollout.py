@@ -1,4 +1,4 @@
-"""Live traffic decides between champion and challenger: sticky A/B splits, shadow scoring and a canary that rolls itself back, served by `mlwb release serve`, and an A/B analysis that says ship, keep testing or roll back.
+"""Live traffic decides between champion and challenger: sticky A/B splits, shadow scoring and a canary that rolls itself back, served by `mlwb release serve`; the next lesson, `40_ab_test`, reads the experiment.
 
 Docs: https://mlwb.github.io/mlwb/rollout.html.md"""
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import sys
 import threading
@@ -18,22 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-import numpy as np
 from fastcore.basics import patch
 
 from .config import Settings, load_settings
 from .model_store import resolve_model
 from .release import (ReleaseError, alias_version, move_alias, record_move, release_status,
                           rollback)
-from .request_log import read_log_records
 from .serve import ServeOptions, run_server, server_options, serving_state
 
 # %% auto #0
 __all__ = ['KEY_HEADER', 'PLAN_MODES', 'METRIC_HELP', 'stable_bucket', 'choose', 'request_key', 'Canary', 'read_plan',
-           'plan_route', 'serve_release', 'follow_plan', 'read_outcomes', 'srm_check', 'proportion_ci',
-           'two_proportion_test', 'bootstrap_difference', 'join_outcomes', 'variant_values', 'verdict', 'analyze_ab',
-           'release_command', 'promote_command', 'challenger_command', 'rollback_command', 'status_command',
-           'release_serve_command', 'ab_command', 'analyze_command']
+           'plan_route', 'serve_release', 'follow_plan', 'release_command', 'promote_command', 'challenger_command',
+           'rollback_command', 'status_command', 'release_serve_command']
 
 # %% ../nbs/39_rollout.ipynb #79dabad8
 KEY_HEADER = "x-mlwb-key"  # the request header (or `key` query parameter) that makes routing sticky
@@ -186,141 +181,6 @@ def _record_rollback(name: str, reason: str, settings: Settings):
     record_move(client, name, "canary-rollback", "challenger", version, version, reason)
     print(f"mlwb serve: {reason}", flush=True)
 
-# %% ../nbs/39_rollout.ipynb #0b864b1e
-def read_outcomes(path) -> "pd.DataFrame":
-    "Outcomes (request_id, optional row, outcome) from CSV, Parquet or JSON Lines."
-    import pandas as pd
-    path = Path(path)
-    if path.suffix == ".parquet": frame = pd.read_parquet(path)
-    elif path.suffix in (".jsonl", ".json"): frame = pd.read_json(path, lines=True)
-    else: frame = pd.read_csv(path)
-    missing = [c for c in ("request_id", "outcome") if c not in frame.columns]
-    if missing: raise ReleaseError(f"{path}: missing column '{missing[0]}'; "
-                                   "expected request_id, row (optional) and outcome")
-    return frame
-
-# %% ../nbs/39_rollout.ipynb #ded0e037
-def srm_check(counts: dict, shares: dict, alpha: float = 0.001) -> dict:
-    """A chi-square test of the observed `counts` per variant against the planned `shares`;
-    `mismatch` when p < alpha."""
-    from scipy.stats import chisquare
-    names = sorted(shares)
-    observed = np.array([counts.get(n, 0) for n in names], dtype=float)
-    expected = np.array([shares[n] for n in names]) / sum(shares.values()) * observed.sum()
-    p = float(chisquare(observed, expected).pvalue)
-    return {"counts": {n: int(c) for n, c in zip(names, observed)},
-            "expected": dict(zip(names, expected.round(1).tolist())),
-            "p_value": p, "mismatch": p < alpha}
-
-# %% ../nbs/39_rollout.ipynb #24c2616d
-def proportion_ci(successes: int, n: int, z: float = 1.96) -> tuple:
-    "The Wilson confidence interval of a rate."
-    if n == 0: return (0.0, 1.0)
-    p, d = successes / n, 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (centre - half, centre + half)
-
-def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> dict:
-    """The difference of rate 2 minus rate 1, its 95% CI and the two-sided p-value
-    of a pooled z test."""
-    from scipy.stats import norm
-    p1, p2, pooled = x1 / n1, x2 / n2, (x1 + x2) / (n1 + n2)
-    se0 = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2)) or 1e-12
-    se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
-    z = (p2 - p1) / se0
-    return {"difference": p2 - p1, "ci": (p2 - p1 - 1.96 * se, p2 - p1 + 1.96 * se),
-            "p_value": float(2 * norm.sf(abs(z)))}
-
-def bootstrap_difference(a, b, n: int = 2000, seed: int = 0) -> dict:
-    """The difference of mean(b) minus mean(a), with a percentile bootstrap 95% CI
-    and a two-sided bootstrap p-value."""
-    rng, a, b = np.random.default_rng(seed), np.asarray(a, float), np.asarray(b, float)
-    diffs = rng.choice(b, (n, len(b))).mean(1) - rng.choice(a, (n, len(a))).mean(1)
-    p = min(1.0, max(1 / n, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))  # no finer than 1/n
-    return {"difference": float(b.mean() - a.mean()),
-            "ci": tuple(np.percentile(diffs, [2.5, 97.5]).tolist()), "p_value": float(p)}
-
-# %% ../nbs/39_rollout.ipynb #74927bb9
-def join_outcomes(log, outcomes):
-    "Answered, scored rows of the log with their outcomes (shadow records and failures left out)."
-    scored = log[(log["status"] == 200) & ~log["variant"].astype(str).str.startswith("shadow:")]
-    on = ["request_id", "row"] if "row" in outcomes.columns else ["request_id"]
-    if on == ["request_id"]: scored = scored[scored["row"] == 0]
-    return scored.merge(outcomes[on + ["outcome"]], on=on, how="inner")
-
-def variant_values(joined, metric: str):
-    "Per row: 1/0 correct (metric `accuracy`), or the outcome itself (metric `outcome`)."
-    if metric == "accuracy":
-        return (joined["prediction"].astype(float) == joined["outcome"].astype(float)).astype(float)
-    if metric == "outcome": return joined["outcome"].astype(float)
-    raise ReleaseError(f"--metric {metric}: expected accuracy or outcome")
-
-# %% ../nbs/39_rollout.ipynb #1ab286a1
-def verdict(srm: dict, test: dict, error_rates: dict, alpha: float = 0.05,
-            higher_is_better: bool = True) -> tuple:
-    "`(verdict, reason)`: ship, keep testing or roll back, in plain words."
-    if srm["mismatch"]:
-        return "keep testing", ("the split did not happen as planned (sample-ratio mismatch, "
-                                f"p={srm['p_value']:.2g}); fix the routing before trusting "
-                                "any result")
-    if error_rates.get("challenger", 0) > error_rates.get("champion", 0) + 0.01:
-        return "roll back", (f"the challenger fails more requests ({error_rates['challenger']:.1%} "
-                             f"against {error_rates.get('champion', 0):.1%})")
-    gain, p = (test["difference"] if higher_is_better else -test["difference"]), test["p_value"]
-    if p < alpha and gain < 0:
-        return "roll back", f"the challenger is worse by {-gain:.4g} (p={p:.2g})"
-    if p < alpha and gain > 0: return "ship", f"the challenger is better by {gain:.4g} (p={p:.2g})"
-    return "keep testing", f"no significant difference yet (p={p:.2g}); collect more data"
-
-# %% ../nbs/39_rollout.ipynb #8676f5aa
-def _request_counts(log) -> tuple:
-    """`(requests per variant, error rate per variant)`: first rows only, no shadow records,
-    no door refusals."""
-    # no variant: refused at the door
-    first = log[(log["row"].isna() | (log["row"] == 0)) & log["variant"].notna()]
-    first = first[~first["variant"].astype(str).str.startswith("shadow:")]
-    counts = first["variant"].value_counts().to_dict()
-    errors = first[first["status"] >= 500]["variant"].value_counts().to_dict()
-    return counts, {v: errors.get(v, 0) / n for v, n in counts.items()}
-
-def _interval(x, rate: bool, bootstraps: int) -> tuple:
-    "The 95% interval of a variant's metric: Wilson for a rate, a bootstrap of the mean otherwise."
-    if rate: return proportion_ci(int(x.sum()), len(x))
-    means = np.random.default_rng(0).choice(x.values, (bootstraps // 2, len(x))).mean(1)
-    return tuple(np.percentile(means, [2.5, 97.5]).tolist())
-
-def analyze_ab(log, # the request log (a frame, or its folder)
-               outcomes, # outcomes (a frame, or its file)
-               share: float = 0.5, # the challenger's planned share
-               metric: str = "accuracy", # accuracy (a rate) or outcome (a mean)
-               alpha: float = 0.05, # the significance level of the difference
-               higher_is_better: bool = True, # False for a cost or a loss
-               bootstraps: int = 2000, # resamples for a mean's CI
-              ) -> dict:
-    "Per-variant metrics with CIs, the SRM check, the test of the difference and the verdict."
-    import pandas as pd
-    log = log if hasattr(log, "columns") else pd.DataFrame(read_log_records(log))
-    outcomes = outcomes if hasattr(outcomes, "columns") else read_outcomes(outcomes)
-    counts, error_rates = _request_counts(log)
-    srm = srm_check(counts, {"champion": 1 - share, "challenger": share})
-    joined = join_outcomes(log, outcomes)
-    values = {v: variant_values(joined[joined["variant"] == v], metric)
-              for v in ("champion", "challenger")}
-    if min(len(x) for x in values.values()) == 0:
-        raise ReleaseError("the log and the outcomes share no answered rows of both variants; "
-                           "check the request ids")
-    everything = np.concatenate([x.values for x in values.values()])
-    rate = metric == "accuracy" or set(np.unique(everything)) <= {0.0, 1.0}
-    per = {v: {"n": len(x), "value": float(x.mean()), "ci": _interval(x, rate, bootstraps),
-               "error_rate": error_rates.get(v, 0.0)} for v, x in values.items()}
-    a, b = values["champion"], values["challenger"]
-    if rate: test = two_proportion_test(int(a.sum()), len(a), int(b.sum()), len(b))
-    else: test = bootstrap_difference(a, b, bootstraps)
-    decision, reason = verdict(srm, test, error_rates, alpha, higher_is_better)
-    return {"metric": metric, "variants": per, "srm": srm, "verdict": decision, "reason": reason,
-            "test": {**test, "method": "two-proportion z" if rate else "bootstrap"}}
-
 # %% ../nbs/39_rollout.ipynb #81489b73
 @click.group("release")
 def release_command():
@@ -389,30 +249,3 @@ def release_serve_command(model, plan_path, options, settings, fast):
     click.echo(f"mlwb release serve: {model} by {plan_path} "
                f"on http://{options.host}:{options.port}", err=True)
     serve_release(model, plan_path, options, settings, fast=fast)
-
-# %% ../nbs/39_rollout.ipynb #340c7ea5
-@click.group("ab")
-def ab_command():
-    "Analyse A/B experiments from the request log."
-
-@ab_command.command("analyze")
-@click.argument("log_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("outcomes", type=click.Path(exists=True, dir_okay=False))
-@click.option("--share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="The challenger's planned share of traffic.")
-@click.option("--metric", type=click.Choice(["accuracy", "outcome"]), default="accuracy",
-              show_default=True, help="What to compare.")
-@click.option("--lower-is-better", is_flag=True, help="The outcome is a cost: a lower mean wins.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def analyze_command(log_dir, outcomes, share, metric, lower_is_better, as_json):
-    """Compare champion and challenger from LOG_DIR and the OUTCOMES file;
-    say ship, keep testing or roll back."""
-    report = analyze_ab(log_dir, outcomes, share, metric, higher_is_better=not lower_is_better)
-    if as_json: return click.echo(json.dumps(report, indent=2, default=float))
-    for v, r in report["variants"].items():
-        click.echo(f"{v}: n={r['n']} {metric}={r['value']:.4f} "
-                   f"95% CI [{r['ci'][0]:.4f}, {r['ci'][1]:.4f}] errors={r['error_rate']:.1%}")
-    srm = report["srm"]
-    click.echo(f"sample-ratio check: p={srm['p_value']:.3g}"
-               + (" MISMATCH" if srm["mismatch"] else " ok"))
-    click.echo(f"verdict: {report['verdict']} ({report['reason']})")

@@ -288,7 +288,7 @@ def write_log(folder: Path, n: int, share: float, seed: int = 0) -> pd.DataFrame
 
 
 def test_the_srm_check_fires_on_a_skewed_split(tmp_path):
-    from mlwb.rollout import analyze_ab
+    from mlwb.ab_test import analyze_ab
     outcomes = write_log(tmp_path / "skewed", 4000, share=0.4)
     outcomes.to_csv(tmp_path / "outcomes.csv", index=False)
     report = analyze_ab(tmp_path / "skewed", tmp_path / "outcomes.csv", share=0.5)
@@ -301,7 +301,7 @@ def test_the_srm_check_fires_on_a_skewed_split(tmp_path):
 
 
 def test_door_refusals_count_for_no_variant(tmp_path):
-    from mlwb.rollout import analyze_ab
+    from mlwb.ab_test import analyze_ab
     from mlwb.request_log import read_request_log
     outcomes = write_log(tmp_path / "log", 4000, share=0.5)
     log = read_request_log(tmp_path / "log")
