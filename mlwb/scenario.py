@@ -5,7 +5,7 @@
 # %% ../nbs/56_scenario.ipynb #12d40cb3
 from __future__ import annotations
 
-import importlib.util
+from functools import partial
 import inspect
 import json
 from pathlib import Path
@@ -18,10 +18,11 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from .config import MlwbError
 from .core import Registry
 from .generate import DataError, make_card_transactions
+from .online_features import definitions_from, offline_features
 
 # %% auto #0
 __all__ = ['WHOLE', 'SHARE', 'KEYS', 'WORLDS', 'FIXED', 'ScenarioError', 'card_transactions', 'world_knobs', 'check_scenario',
-           'load_scenario', 'knobs_at', 'project_function', 'week_start', 'regime', 'week_rows', 'day_requests',
+           'load_scenario', 'knobs_at', 'project_features', 'week_start', 'regime', 'week_rows', 'day_requests',
            'known_labels', 'retrain_window', 'FailsOn', 'broken_build']
 
 # %% ../nbs/56_scenario.ipynb #81a7c7c2
@@ -58,7 +59,7 @@ KEYS = {  # dotted key: (check, default)
     "seed": (_number(0, None, True), 7),  # the same seed plays the same weeks
     "world.generator": (_text, "card_transactions"),  # a world in WORLDS: who makes the traffic
     "world.size": (WHOLE, 1000),  # the world's size: cards, for card_transactions
-    "world.features": (_text, "fraud_features.add_features"),  # MODULE.FUNCTION in the project
+    "world.features": (_text, "features.yml"),  # the project's feature declarations
     "world.history_days": (_number(0, 60, True), 14),  # days before week 0: features' past
     "world.key": (_text, "transaction_id"),  # the column that names a row
     "world.time": (_text, "timestamp"),  # the column with the row's simulated time
@@ -178,17 +179,14 @@ def knobs_at(scenario: dict, week: int) -> dict:
     return knobs
 
 # %% ../nbs/56_scenario.ipynb #681159d5
-def project_function(folder: Path | str, dotted: str):
-    "The function `MODULE.FUNCTION` of the module file MODULE.py in project `folder`."
-    module_name, _, name = dotted.rpartition(".")
-    path = Path(folder) / f"{module_name}.py"
+def project_features(folder: Path | str, name: str):
+    "Rows -> rows with features: the declarations in the file `name` of project `folder`, offline."
+    path = Path(folder) / name
     if not path.is_file(): raise ScenarioError(f"world.features: {path} not found")
-    spec = importlib.util.spec_from_file_location(f"mlwb_project_{module_name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, name, None)):
-        raise ScenarioError(f"world.features: {path} has no function '{name}'")
-    return getattr(module, name)
+    try: definitions = definitions_from(path)
+    except (MlwbError, yaml.YAMLError) as e:
+        raise ScenarioError(f"world.features: {path}: {e}") from None
+    return partial(offline_features, definitions)
 
 def week_start(first_day: pd.Timestamp, week: int) -> pd.Timestamp:
     "The first moment of simulated `week` (from 1; week 0 is the one before production)."

@@ -24,7 +24,7 @@ from .monitor_figures import figure_png
 from .pipeline import find_project
 from .release import alias_version, move_alias
 from .report import load_thresholds
-from .scenario import load_scenario, project_function, week_rows
+from .scenario import load_scenario, project_features, week_rows
 from .tracking import ensure_experiment, mlflow_client, tracking_to
 from .simulate import (Simulation, SimulationError, cli_parameters, play_week,
                            reference_profile, request_log, run_project, score, served_rows,
@@ -66,7 +66,7 @@ def prepare(sim: Simulation):
     sim.champion = sim.first = first_champion(sim)
     model_uri = json.loads((sim.folder / "artifacts" / "model.json").read_text())["model_uri"]
     sim.columns = mlflow.models.get_model_info(model_uri).signature.inputs.input_names()
-    sim.features = project_function(sim.folder, sim.scenario["world"]["features"])
+    sim.features = project_features(sim.folder, sim.scenario["world"]["features"])
     thresholds = sim.folder / "monitoring.yml"
     sim.thresholds = load_thresholds(thresholds if thresholds.is_file() else None)
     sim.delay, sim.first_day = sim.scenario["labels"]["delay_days"], first_day(sim)

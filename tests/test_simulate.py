@@ -182,5 +182,5 @@ def test_the_capstone_milestones_judge_the_simulation(simulated):
     recovered = outcome["cost_after_promotion"] < outcome["counterfactual_after_promotion"]
     assert "✓ 10. Capstone: the drift alarm fired" in checked.stdout, checked.stdout + checked.stderr
     assert "✓ 12. Capstone: the faulty release was rolled back" in checked.stdout, checked.stdout
-    assert ("✓ 10." if recovered else "✗ 10.") in checked.stdout, checked.stdout
+    assert ("✓ 11." if recovered else "✗ 11.") in checked.stdout, checked.stdout
     assert checked.returncode == (0 if recovered else 1)
