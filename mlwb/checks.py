@@ -25,9 +25,10 @@ from .tracking import mlflow_client, tracking_to, tracking_uri
 # %% auto #0
 __all__ = ['CHECKS', 'REGISTRY_CHECKS', 'SIMULATION_CLAIMS', 'CheckFailed', 'CheckContext', 'register_check', 'get_check',
            'check_file_exists', 'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least',
-           'check_metric_at_most', 'read_windows', 'check_drift_alarm', 'simulation_folder', 'check_simulation',
-           'load_served_model', 'check_model_registered', 'example_rows', 'mlwb_executable', 'server_ready', 'serving',
-           'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers', 'check_raw_event_answers']
+           'check_metric_at_most', 'check_stage_cached', 'read_windows', 'check_drift_alarm', 'simulation_folder',
+           'check_simulation', 'load_served_model', 'check_model_registered', 'example_rows', 'mlwb_executable',
+           'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers',
+           'check_raw_event_answers']
 
 # %% ../nbs/50_checks.ipynb #edfee144
 class CheckFailed(MlwbError):
@@ -117,6 +118,17 @@ def check_metric_at_most(ctx: CheckContext, stage: str, metric: str, value: floa
 
 register_check("metric_at_least", check_metric_at_least)
 register_check("metric_at_most", check_metric_at_most);
+
+# %% ../nbs/50_checks.ipynb #f2de0f1d
+def check_stage_cached(ctx: CheckContext, stage: str) -> str:
+    "The checked pipeline run reused `stage` from its cache: nothing it depends on changed."
+    result = stage_result(ctx, stage)
+    if result.status != "cached":
+        raise CheckFailed(f"stage '{stage}' ran again instead of being reused; run the pipeline "
+                          "twice: the second run must find nothing changed")
+    return f"stage '{stage}' was reused from the run that made its outputs"
+
+register_check("stage_cached", check_stage_cached);
 
 # %% ../nbs/50_checks.ipynb #dede8eb5
 def read_windows(ctx: CheckContext, path: str) -> dict:
