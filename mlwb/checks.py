@@ -119,7 +119,7 @@ def check_metric_at_most(ctx: CheckContext, stage: str, metric: str, value: floa
 register_check("metric_at_least", check_metric_at_least)
 register_check("metric_at_most", check_metric_at_most);
 
-# %% ../nbs/50_checks.ipynb #f2de0f1d
+# %% ../nbs/50_checks.ipynb #70d6626f
 def check_stage_cached(ctx: CheckContext, stage: str) -> str:
     "The checked pipeline run reused `stage` from its cache: nothing it depends on changed."
     result = stage_result(ctx, stage)

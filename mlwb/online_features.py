@@ -102,15 +102,18 @@ def _check_transforms(d: FeatureDefinitions) -> FeatureDefinitions:
 def definitions_from(spec) -> FeatureDefinitions:
     "Definitions from a dict, a YAML file's path, or definitions (returned as they are)."
     if isinstance(spec, FeatureDefinitions): return spec
+    where = "online features"  # errors name the file when there is one
     if isinstance(spec, (str, Path)):
         import yaml
-        spec = yaml.safe_load(Path(spec).read_text())
-    if not isinstance(spec, dict): raise FeatureError(f"online features: expected a dict or a "
-                                                      f"YAML file, got {spec!r}")
+        if not Path(spec).is_file(): raise FeatureError(f"{spec}: file not found")
+        try: where, spec = str(spec), yaml.safe_load(Path(spec).read_text())
+        except yaml.YAMLError as e: raise FeatureError(f"{spec}: not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise FeatureError(f"{where}: expected a mapping of entity, time, value, windows, ...")
     missing = [k for k in ("entity", "time", "value", "windows") if k not in spec]
-    if missing: raise FeatureError(f"online features: missing key(s) {missing}")
+    if missing: raise FeatureError(f"{where}: missing key(s) {missing}")
     unknown = set(spec) - set(FeatureDefinitions.__dataclass_fields__)
-    if unknown: raise FeatureError(f"online features: unknown key(s) {sorted(unknown)}")
+    if unknown: raise FeatureError(f"{where}: unknown key(s) {sorted(unknown)}")
     return _check_transforms(FeatureDefinitions(**spec))
 
 # %% ../nbs/11_online_features.ipynb #a02d2abe
