@@ -179,6 +179,11 @@ def waiting_model(tmp_path_factory):
     return folder / "model"
 
 
+def default_sigint():
+    "In the child: Ctrl-C's default action, even if pytest was started with SIGINT ignored (`cmd &`)."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
 def test_interrupted_run_leaves_no_output(in_store, waiting_model, tmp_path, signal_number):
     card_rows(1_000, seed=6).to_parquet(tmp_path / "big.parquet", index=False)
@@ -186,7 +191,8 @@ def test_interrupted_run_leaves_no_output(in_store, waiting_model, tmp_path, sig
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([str(MLWB), "predict", str(waiting_model), str(tmp_path / "big.parquet"), str(output),
                                     "--chunk-rows", "500", "--quiet"],
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   preexec_fn=default_sigint)
     try:
         lines = iter(process.stdout.readline, "")  # blocks until a line comes, or the process ends
         assert "scoring" in (line.strip() for line in lines), (tmp_path / "stderr.txt").read_text()
