@@ -179,3 +179,26 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+# `make test` runs pytest in processes of pytest-xdist (`-n auto --dist loadgroup`). A module's tests stay in
+# one process, so its module fixtures are built once; tests on a guided project's session run go wherever
+# that project's run is (one process per project, not one per test file); the longest groups start first.
+LONGEST_FIRST = ["project-fraud-detection", "test_learner_path", "test_learn", "test_release",
+                 "project-support-intent", "project-recommender", "project-house-prices", "test_tracking",
+                 "test_server", "test_lab", "test_sweep", "test_figures_in_lab"]
+
+
+def xdist_group(item) -> str:
+    "The group of `item`: its guided project's run if it uses one, else its module."
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "project_run" in item.fixturenames and "project_run" in params: return f"project-{params['project_run']}"
+    return item.module.__name__.rsplit(".", 1)[-1]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    groups = {item: xdist_group(item) for item in items}
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: the rest keep their order
+    for item in items: item.add_marker(pytest.mark.xdist_group(groups[item]))

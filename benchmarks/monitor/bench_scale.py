@@ -83,9 +83,10 @@ def make_chunk(n: int, seed: int, chunk: int, shifted: bool) -> pd.DataFrame:
 
 
 def write_frame(path: Path, rows: int, seed: int, shifted: bool, row_group: int) -> Path:
-    "Write `rows` rows to Parquet at `path`, one row group at a time (memory: one row group)."
+    "Write `rows` rows to Parquet at `path`, one row group at a time (memory: one row group); kept if already there."
     import pyarrow as pa
     import pyarrow.parquet as pq
+    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows: return path
     writer = None
     for chunk, start in enumerate(range(0, rows, row_group)):
         table = pa.Table.from_pandas(make_chunk(min(row_group, rows - start), seed, chunk, shifted), preserve_index=False)
