@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -31,9 +32,10 @@ class Pending:
     future: asyncio.Future
 
 def _one_thread():
-    "Limit OpenMP and BLAS to one thread on the scoring thread: tiny batches gain nothing more."
+    "Limit OpenMP, BLAS and torch to one thread while scoring: tiny batches gain nothing more."
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)
+    if "torch" in sys.modules: sys.modules["torch"].set_num_threads(1)  # its pool is its own
 
 def scoring_executor() -> ThreadPoolExecutor:
     "The one thread that scores batches, OpenMP and BLAS limited to one thread on it."

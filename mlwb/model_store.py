@@ -22,7 +22,8 @@ import orjson
 
 from .config import Settings, load_settings
 from .core import Registry
-from .online_features import definitions_dict, feature_names, find_definitions, open_store
+from .online_features import (SqliteStore, definitions_dict, feature_names, find_definitions,
+                                  open_store)
 from .payload import INTEGER_KINDS, NUMBER_KINDS, Column, ServeError, input_columns
 from .predictors import (PARITY_TOLERANCE, NativePredictor, OnlineFeaturePredictor,
                              choose_predictor, parity_rows)
@@ -203,8 +204,9 @@ def with_online_features(model: LoadedModel, settings: Settings) -> LoadedModel:
     d = find_definitions(model.native.model) if model.native.sklearn else None
     if d is None: return model
     store = open_store(online_store_url(settings, model.ref))
+    inline = model.inline and isinstance(store, SqliteStore)  # no network wait on the event loop
     return replace(model, columns=raw_columns(d, model.columns), feature_columns=model.columns,
-                   predictor=OnlineFeaturePredictor(model.predictor, d, store), inline=False,
+                   predictor=OnlineFeaturePredictor(model.predictor, d, store), inline=inline,
                    online=definitions_dict(d))
 
 # %% ../nbs/20_model_store.ipynb #3432d2cb

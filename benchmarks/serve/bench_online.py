@@ -7,9 +7,10 @@ definitions (mlwb.online_features), and trains one histogram-gradient-boosting p
 feature vector (`card-vector`), once carrying the definitions in an `online` feature-spec entry (`card-online`),
 so that `mlwb serve` takes a raw transaction and computes the features from its online store. The store (SQLite,
 the default) is loaded with the history first, as a real deployment would be. Each server is driven with wrk
-(as bench_serve.py does) at each concurrency: the vector path with one fixed one-row body, the online path with
-a new raw transaction per request -- 2,000 cards in turn, each a second after the last -- so that every request
-reads and writes a real card state. It prints requests/s, p50, p99 and server CPU per request for both, and what
+(as bench_serve.py does) at each concurrency, both with a body made per request by the same kind of Lua
+function, so that the client costs both the same: the vector path one feature row with a new amount each time,
+the online path a new raw transaction -- 2,000 cards in turn, each a second after the last -- so that every
+request reads and writes a real card state. It prints requests/s, p50, p99 and server CPU per request for both, and what
 the online features add.
 """
 import argparse
@@ -29,9 +30,12 @@ CARD = dict(entity="card_id", time="timestamp", value="amount",
 INPUTS = ["merchant_category", "amount", "hour", "distance_from_home_km"]
 N_CARDS = 2000
 
-VECTOR_LUA = """wrk.method = "POST"
-wrk.body = [[%s]]
-wrk.headers["Content-Type"] = "application/json"
+VECTOR_LUA = """counter = 0
+request = function()
+  counter = counter + 1
+  local body = string.format('{"records": [{"amount": %%.2f, %s}]}', 10 + counter %% 90)
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
 """
 
 RAW_LUA = """counter = 0
@@ -94,7 +98,8 @@ def main():
         store = f"sqlite:///{d}/online.sqlite"
         print(f"  {materialize(open_store(store), CARD, events)} cards' states loaded into the store", flush=True)
         scripts = {"card-vector": Path(d) / "vector.lua", "card-online": Path(d) / "raw.lua"}
-        scripts["card-vector"].write_text(VECTOR_LUA % json.dumps({"records": [row]}))
+        rest = json.dumps({k: v for k, v in row.items() if k != "amount"})[1:-1].replace("%", "%%")
+        scripts["card-vector"].write_text(VECTOR_LUA % rest)
         after = int(events.timestamp.max().timestamp()) + 60
         scripts["card-online"].write_text(RAW_LUA % (after, N_CARDS))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLWB_")}

@@ -9,14 +9,14 @@ Parts (all by default; see README.md):
              and the Open Inference Protocol's /v2/models/{name}/infer, and MLServer 1.7.1 (adaptive batching,
              in its own virtual environment, benchmarks/serve/.mlserver-venv) on the same model and OIP body
   torch      a PyTorch MLP pipeline served by mlwb serve (TorchScript fast path) and by mlflow models serve
-  overload   mlwb serve at twice the rate it answered at concurrency 64 (an open-loop aiohttp client): accepted p99,
+  overload   mlwb serve at twice the rate it answered at concurrency 64 (hey, rate-limited clients): accepted p99,
              503 + Retry-After counts, with and without its overload refusal
 
 Why wrk: on a 2-core machine the load generator competes with the server for CPU. A Python asyncio client spends
 ~100 µs of interpreter time per request -- as much as the server it measures -- so it caps and distorts the numbers;
 wrk is a C event loop that costs a few µs per request and reports latency percentiles itself. The overload part needs
 what wrk cannot give -- a fixed offered rate whatever the answers, and the latency of the accepted requests alone --
-so it uses a Python open-loop client (aiohttp), whose own CPU time the server shares.
+so it uses hey (also compiled, Go): 256 clients each rate-limited, every request's status and time in its CSV.
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -361,36 +362,38 @@ def torch_part(wrk: str, d: Path, env: dict, mlwb_serve, concurrencies: list, se
     return results
 
 
-def open_loop(url: str, body: Path, rate: float, seconds: float) -> dict:
-    "Send `rate` requests/s for `seconds` whatever the answers (an open loop, aiohttp): statuses, accepted latency."
-    import asyncio
-    import aiohttp
+def offered_load(url: str, body: Path, rate: float, seconds: float, workers: int = 256) -> dict:
+    """Offer `rate` requests/s for `seconds` with hey (a Go load generator, a few µs a request): `workers`
+    clients each sending rate/workers a second, so the offered rate holds while an answer takes under
+    workers/rate seconds (140 ms at 1,800 req/s); its CSV gives every request's status and latency."""
+    import csv
     import numpy as np
-    data, results = body.read_bytes(), []
-
-    async def one(session, due: float):
-        await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        start = time.perf_counter()
-        try:
-            async with session.post(url, data=data, headers={"content-type": "application/json"}) as answer:
-                await answer.read()
-                results.append((answer.status, time.perf_counter() - start, "retry-after" in answer.headers))
-        except Exception as e: results.append((type(e).__name__, time.perf_counter() - start, False))
-
-    async def run():
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024), timeout=timeout) as session:
-            t0, n = time.perf_counter() + 0.5, int(rate * seconds)
-            await asyncio.gather(*(one(session, t0 + k / rate) for k in range(n)))
-
-    asyncio.run(run())
+    hey = ensure_tool("hey", "hey")
+    command = [hey, "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m", "POST",
+               "-T", "application/json", "-D", str(body), "-t", "10", "-o", "csv", url]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    rows = list(csv.DictReader(out.stdout.splitlines()))
     statuses = {}
-    for status, _, _ in results: statuses[str(status)] = statuses.get(str(status), 0) + 1
-    ok = np.array([latency * 1000 for status, latency, _ in results if status == 200])
+    for row in rows: statuses[row["status-code"]] = statuses.get(row["status-code"], 0) + 1
+    ok = np.array([float(r["response-time"]) * 1000 for r in rows if r["status-code"] == "200"])
     pct = lambda q: float(np.percentile(ok, q)) if len(ok) else float("nan")
-    refused = [hinted for status, _, hinted in results if status == 503]
-    return {"offered": rate, "sent": len(results), "statuses": statuses, "p50": pct(50), "p99": pct(99),
-            "answered_per_s": len(ok) / seconds, "refused": len(refused), "with_retry_after": sum(refused)}
+    return {"offered": rate, "sent": len(rows), "statuses": statuses, "p50": pct(50), "p99": pct(99),
+            "answered_per_s": len(ok) / seconds, "refused": statuses.get("503", 0)}
+
+
+def retry_after_while_overloaded(url: str, body: Path, rate: float, seconds: float = 3.0) -> dict:
+    "Under the same offered load, probe with urllib: how many 503s carried a Retry-After header."
+    import threading
+    load = threading.Thread(target=offered_load, args=(url, body, rate, seconds))
+    load.start()
+    refused = hinted = 0
+    while load.is_alive():
+        request = urllib.request.Request(url, data=body.read_bytes(), headers={"content-type": "application/json"})
+        try: urllib.request.urlopen(request, timeout=10).read()
+        except urllib.error.HTTPError as e:
+            if e.code == 503: refused, hinted = refused + 1, hinted + ("Retry-After" in e.headers)
+    load.join()
+    return {"probed_503": refused, "with_retry_after": hinted}
 
 
 def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds: float) -> dict:
@@ -402,7 +405,9 @@ def overload_part(wrk: str, d: Path, env: dict, mlwb_serve, rate: float, seconds
                         f"http://127.0.0.1:{port}/health/ready")
         try:
             drive(wrk, f"http://127.0.0.1:{port}/predict", d / "bench30-records.lua", 8, 2)  # warm-up
-            results[label] = r = open_loop(f"http://127.0.0.1:{port}/predict", d / "bench30-records.json", 2 * rate, seconds)
+            url, body = f"http://127.0.0.1:{port}/predict", d / "bench30-records.json"
+            results[label] = r = offered_load(url, body, 2 * rate, seconds)
+            r.update(retry_after_while_overloaded(url, body, 2 * rate))
             print(f"  {label}: {r}", flush=True)
         finally: stop(process)
     return results
@@ -492,7 +497,7 @@ def report_overload(overloads: dict):
         s = r["statuses"]
         other = sum(v for k, v in s.items() if k not in ("200", "503"))
         print(f"| {label} | {r['offered']:.0f} | {r['answered_per_s']:.0f} | {s.get('200', 0)} | {s.get('503', 0)} | {other} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['with_retry_after']} of {r['refused']} |")
+              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['with_retry_after']} of {r['probed_503']} probed |")
 
 
 def report(results: dict, concurrencies: list):
