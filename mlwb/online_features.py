@@ -230,14 +230,26 @@ CREATE_STATE = ("CREATE TABLE IF NOT EXISTS online_state (namespace TEXT NOT NUL
 # %% ../nbs/11_online_features.ipynb #0c730f5e
 class SqliteStore:
     "Entity states in one SQLite file: the embedded, persistent default."
-    def __init__(self, path):
+    def __init__(self, path, checkpoint_every: float = 1.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                   timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL"); self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: on the thread below
         self.db.execute(CREATE_STATE.format(blob="BLOB"))
-        self.lock = threading.Lock()
+        self.lock, self.closed = threading.Lock(), threading.Event()
+        self.checkpointer = threading.Thread(target=self._checkpoints, args=(checkpoint_every,),
+                                             daemon=True, name="mlwb-online-checkpoint")
+        self.checkpointer.start()
+
+    def _checkpoints(self, every: float):
+        "Copy the write-ahead log into the database every `every` s, never blocking a writer."
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        try:
+            while not self.closed.wait(every): db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error: pass  # the file went away under us: nothing left to copy
+        finally: db.close()
 
     @contextmanager
     def states(self, namespace: str, keys, write: bool = True):
@@ -257,7 +269,7 @@ class SqliteStore:
             except BaseException:
                 self.db.execute("ROLLBACK"); raise
 
-    def close(self): self.db.close()
+    def close(self): self.closed.set(); self.db.close()
 
 STORES.register("sqlite", SqliteStore)
 

@@ -74,22 +74,24 @@ def categorical_column(rng, i: int, n: int, shifted: bool) -> pd.Categorical:
     return pd.Categorical.from_codes(rng.choice(len(p), n, p=p), categories=[f"level_{j}" for j in range(len(p))])
 
 
-def make_chunk(n: int, seed: int, chunk: int, shifted: bool) -> pd.DataFrame:
-    "Rows of chunk `chunk` of a frame: its own seed, so any chunk can be made alone."
+def make_chunk(n: int, seed: int, chunk: int, shifted: bool, width: tuple = (N_NUMERIC, N_CATEGORICAL)) -> pd.DataFrame:
+    "Rows of chunk `chunk` of a frame (`width`: numeric and categorical columns): its own seed, so any chunk can be made alone."
     rng = np.random.default_rng([seed, chunk])
-    columns = {f"num_{i:03d}": numeric_column(rng, i, n, shifted) for i in range(N_NUMERIC)}
-    columns |= {f"cat_{i:03d}": categorical_column(rng, i, n, shifted) for i in range(N_CATEGORICAL)}
+    columns = {f"num_{i:03d}": numeric_column(rng, i, n, shifted) for i in range(width[0])}
+    columns |= {f"cat_{i:03d}": categorical_column(rng, i, n, shifted) for i in range(width[1])}
     return pd.DataFrame(columns)
 
 
-def write_frame(path: Path, rows: int, seed: int, shifted: bool, row_group: int) -> Path:
+def write_frame(path: Path, rows: int, seed: int, shifted: bool, row_group: int,
+                width: tuple = (N_NUMERIC, N_CATEGORICAL)) -> Path:
     "Write `rows` rows to Parquet at `path`, one row group at a time (memory: one row group); kept if already there."
     import pyarrow as pa
     import pyarrow.parquet as pq
     if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows: return path
     writer = None
     for chunk, start in enumerate(range(0, rows, row_group)):
-        table = pa.Table.from_pandas(make_chunk(min(row_group, rows - start), seed, chunk, shifted), preserve_index=False)
+        frame = make_chunk(min(row_group, rows - start), seed, chunk, shifted, width)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
         writer = writer or pq.ParquetWriter(path, table.schema)
         writer.write_table(table, row_group_size=row_group)
     writer.close()
@@ -172,9 +174,17 @@ def print_evidently_row(row: dict):
           flush=True)
 
 
+def narrower(profile, names: list):
+    "The reference profile of the columns `names` only (a narrower table's reference)."
+    from mlwb.monitor import ReferenceProfile
+    return ReferenceProfile({n: profile.kinds[n] for n in names}, {n: profile.columns[n] for n in names}, profile.rows)
+
+
 def dask_path(profile, path: Path, workers: int) -> dict:
     "The local and the Dask path on the same file: time, flags, identical profiles."
+    import pyarrow.parquet as pq
     from mlwb.stream import dask_client, identical_profiles
+    profile = narrower(profile, pq.read_schema(path).names)
     local = run_mlwb_stream(profile, path)
     with dask_client(workers=workers) as client:
         try: remote = run_mlwb_stream(profile, path, client)
@@ -195,6 +205,9 @@ def main():
     parser.add_argument("--evidently-rows", type=int, nargs="*", default=[10_000, 30_000, 100_000, 300_000, 1_000_000])
     parser.add_argument("--dask-rows", type=int, default=10_000_000, help="current rows through the Dask path (0: skip)")
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes")
+    parser.add_argument("--dask-columns", type=int, nargs=2, default=[N_NUMERIC, N_CATEGORICAL],
+                        metavar=("NUMERIC", "CATEGORICAL"), help="the Dask run's columns (the first ones of each kind)")
+    parser.add_argument("--skip-stream", action="store_true", help="skip step 1 (the --rows measurement)")
     parser.add_argument("--data", type=Path, help="folder to keep the generated Parquet files in (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -210,12 +223,14 @@ def main():
         profile, seconds, cpu, mib = measure(lambda: fit_reference_profile(reference, tmp / "reference_profile.json"))
         size = (tmp / "reference_profile.json").stat().st_size
         print(f"reference profile (once, at training): {seconds:.1f} s, peak rise {mib:.0f} MiB, {size / 2**20:.1f} MiB of JSON", flush=True)
-        report(f"mlwb, {args.rows:,} rows streamed", run_mlwb_stream(profile, current))
+        if not args.skip_stream: report(f"mlwb, {args.rows:,} rows streamed", run_mlwb_stream(profile, current))
         if args.evidently_rows:
             print("Evidently against mlwb (in memory), growing sizes:", flush=True)
             compare_with_evidently(args.evidently_rows, reference, current, tmp)
         if args.dask_rows:
-            big = write_frame(tmp / "current-dask.parquet", args.dask_rows, 3, True, args.row_group)
+            width = tuple(args.dask_columns)
+            big = write_frame(tmp / f"current-dask-{width[0]}-{width[1]}.parquet", args.dask_rows, 3, True,
+                              args.row_group, width)
             runs = dask_path(profile, big, args.workers)
             report(f"local path, {args.dask_rows:,} rows", runs["local"])
             report(f"Dask path ({args.workers} workers), {args.dask_rows:,} rows", runs["dask"])
