@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from .core import Registry
+from .core import Registry, check_keys
 from .feature_spec import OnlineFeatures, register_transformer
 from .features import FeatureError
 
@@ -108,12 +108,10 @@ def definitions_from(spec) -> FeatureDefinitions:
         if not Path(spec).is_file(): raise FeatureError(f"{spec}: file not found")
         try: where, spec = str(spec), yaml.safe_load(Path(spec).read_text())
         except yaml.YAMLError as e: raise FeatureError(f"{spec}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise FeatureError(f"{where}: expected a mapping of entity, time, value, windows, ...")
-    missing = [k for k in ("entity", "time", "value", "windows") if k not in spec]
-    if missing: raise FeatureError(f"{where}: missing key(s) {missing}")
-    unknown = set(spec) - set(FeatureDefinitions.__dataclass_fields__)
-    if unknown: raise FeatureError(f"{where}: unknown key(s) {sorted(unknown)}")
+    check_keys(spec, where, list(FeatureDefinitions.__dataclass_fields__),
+               required=("entity", "time", "value"), error=FeatureError)
+    if not isinstance(spec.get("windows"), dict) or not spec["windows"]:
+        raise FeatureError(f"{where}: 'windows' is required (a mapping such as {{'1h': '1h'}})")
     return _check_transforms(FeatureDefinitions(**spec))
 
 # %% ../nbs/11_online_features.ipynb #a02d2abe
