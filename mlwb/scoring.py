@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from .request_log import LogItem, RequestLog, ServerMetrics
 
 # %% auto #0
 __all__ = ['NOT_READY', 'OVERLOADED', 'LOG_EVERY', 'ServeOptions', 'check_binding', 'ServerState', 'score_request',
-           'routed_variant', 'log_request', 'refusal', 'scoring_route', 'shadow_score']
+           'routed_variant', 'log_request', 'refusal', 'scoring_route', 'feature_vector', 'shadow_score']
 
 # %% ../nbs/25_scoring.ipynb #dea8b94b
 @dataclass
@@ -205,8 +206,16 @@ async def scoring_route(state: ServerState, request, protocol: Protocol = MLWB,
     finally: state.in_flight -= 1; state.answered()
     shadow = state.store.variants.get(state.shadow) if state.shadow != variant.name else None
     if scores and shadow:
-        asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, data))
+        shadow_data = feature_vector(model, data, scores)
+        asyncio.get_running_loop().create_task(shadow_score(state, request_id, shadow, shadow_data))
     return respond(status, body, headers)
+
+def feature_vector(model: LoadedModel, data: dict, scores) -> dict:
+    "A raw event's feature vector, as its answer computed it online; other requests as they are."
+    if not model.online or scores.features is None: return data
+    computed = {k: [math.nan if v is None else v for v in vs] for k, vs in scores.features.items()}
+    return {c.name: computed[c.name] if c.name in computed else data[c.name]
+            for c in model.feature_columns}
 
 async def shadow_score(state: ServerState, request_id: str, variant: Variant, data: dict):
     "Score an answered request's rows with the shadow `variant`, and log them; no client waits."

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import new_workspace
+from conftest import new_workspace, wait_for
 from test_serve import Server, log_sklearn, register
 from test_server import installed_postgres, postgres  # noqa: F401 (fixtures)
 
@@ -190,3 +190,30 @@ def test_two_replicas_share_one_postgres_store(models, postgres):  # noqa: F811
         assert last["count_1h"] == [24.0]  # both replicas' events, none lost
     finally:
         for replica in replicas: replica.stop()
+
+
+def test_a_shadow_scores_the_answer_features_and_adds_no_event_twice(models, tmp_path, monkeypatch):
+    "In shadow, the challenger scores the features the champion's answer computed; the store counts each event once."
+    from test_release import Server as ReleaseServer
+    from mlwb.config import load_settings
+    from mlwb.tracking import mlflow_client
+    ws, _, _, offline = models
+    pipeline, X = card_model(CARD, offline)
+    for _ in range(2): register(ws, "card-shadow", log_sklearn(pipeline, X))  # the same pipeline, twice
+    client = mlflow_client(load_settings(ws, environ={}))
+    client.set_registered_model_alias("card-shadow", "champion", "1")
+    client.set_registered_model_alias("card-shadow", "challenger", "2")
+    monkeypatch.setenv("MLWB_ONLINE_STORE", f"sqlite:///{tmp_path}/state.sqlite")
+    server = ReleaseServer(ws, "card-shadow", {"mode": "shadow"})
+    try:
+        answers = [predict(server, event("S", f"2026-03-03T10:{m:02d}:00")).json() for m in range(0, 50, 10)]
+        wanted = {a["request_id"] for a in answers}
+        def shadowed():
+            found = {r["request_id"]: r for r in server.records() if r["variant"] == "shadow:challenger"}
+            return found if wanted <= set(found) else None
+        shadow = wait_for(shadowed, what="every shadow score in the log")
+    finally: server.stop()
+    assert [a["features"]["count_1h"] for a in answers] == [[float(k)] for k in range(5)]  # each event once
+    for a in answers:  # the same model on the same features: the same score
+        assert shadow[a["request_id"]]["status"] == 200
+        assert abs(shadow[a["request_id"]]["probability"] - a["probabilities"][0]) < 1e-9
