@@ -73,8 +73,9 @@ def _effect(effects, labels, column: pd.Series) -> np.ndarray:
     "The effect of each value of category `column`: `effects[i]` where the value is `labels[i]`."
     return np.asarray(effects)[pd.Categorical(column, categories=labels).codes]
 
-def _house_prices(rng, houses: pd.DataFrame, years: np.ndarray, drift: float) -> np.ndarray:
-    "Each house's price, `years` after the period starts, in the market moved by `drift`."
+def _house_prices(rng, houses: pd.DataFrame, years: np.ndarray, drift: float,
+                  inflation: float = 0.0) -> np.ndarray:
+    "Each house's price, `years` after the period starts, moved by `drift`, raised by `inflation`."
     age = 2025 - houses.year_built
     log_price = (
         11.9
@@ -91,7 +92,8 @@ def _house_prices(rng, houses: pd.DataFrame, years: np.ndarray, drift: float) ->
         + 0.05 * years
         + 0.2 * drift
     )
-    return np.round(np.exp(log_price.to_numpy() + rng.normal(0, 0.12, len(houses))), -2)
+    noise = rng.normal(0, 0.12, len(houses))
+    return np.round(np.exp(log_price.to_numpy() + noise) * (1 + inflation), -2)
 
 # %% ../nbs/04_generate_messy.ipynb #87a91e00
 def _blank(rng, values: pd.Series, share) -> pd.Series:
@@ -140,8 +142,8 @@ def _make_messy(rng, houses: pd.DataFrame, messiness: float) -> pd.DataFrame:
     return pd.concat([houses, repeats]).sort_values("sale_date", kind="stable", ignore_index=True)
 
 # %% ../nbs/04_generate_messy.ipynb #5a296e27
-def _check_house_knobs(n_houses, seed, drift, missing_rate, messiness, n_days,
-                       start) -> pd.Timestamp:
+def _check_house_knobs(n_houses, seed, drift, missing_rate, messiness, n_days, start,
+                       inflation=0.0) -> pd.Timestamp:
     "Raise `DataError` naming a bad argument of `make_house_sales`; return `start` as a timestamp."
     where = "make_house_sales"
     _check_whole(where, n_houses=n_houses, n_days=n_days)
@@ -149,6 +151,7 @@ def _check_house_knobs(n_houses, seed, drift, missing_rate, messiness, n_days,
     _check_range(where, "drift", drift, 0, 1)
     _check_range(where, "missing_rate", missing_rate, 0, 0.5)
     _check_range(where, "messiness", messiness, 0, 0.5)
+    _check_range(where, "inflation", inflation, 0, 1)
     return _check_start(where, start)
 
 # %% ../nbs/04_generate_messy.ipynb #decf9eb6
@@ -160,14 +163,17 @@ def make_house_sales(
     messiness: float = 0.0, # share of rows with spellings, units or repeats gone wrong, [0, 0.5]
     n_days: int = 730, # length of the period in days
     start: str = "2024-01-01", # first day of the period
+    inflation: float = 0.0, # every price this share higher (0.1: 10% dearer), [0, 1]
 ) -> pd.DataFrame:
     "A deterministic table of house sales: features, some holes, a price, a date; sorted by date."
-    start = _check_house_knobs(n_houses, seed, drift, missing_rate, messiness, n_days, start)
+    start = _check_house_knobs(n_houses, seed, drift, missing_rate, messiness, n_days, start,
+                               inflation)
     rng = np.random.default_rng(int(seed))
     days = np.sort(rng.integers(0, n_days, n_houses))
     houses = _house_features(rng, n_houses, drift)
     houses = _with_missing(
-        rng, houses.assign(price=_house_prices(rng, houses, days / 365.25, drift)), missing_rate
+        rng, houses.assign(price=_house_prices(rng, houses, days / 365.25, drift, inflation)),
+        missing_rate,
     )
     dates = (start + pd.to_timedelta(days, unit="D")).astype("datetime64[us]")
     table = pd.concat(

@@ -18,12 +18,15 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from .config import MlwbError
 from .core import Registry
 from .generate import DataError, make_card_transactions
+from .generate_messy import make_house_sales
 from .online_features import definitions_from, offline_features
+from .outcomes import TASKS
 
 # %% auto #0
-__all__ = ['WHOLE', 'SHARE', 'KEYS', 'WORLDS', 'FIXED', 'ScenarioError', 'card_transactions', 'world_knobs', 'check_scenario',
-           'load_scenario', 'knobs_at', 'project_features', 'week_start', 'regime', 'week_rows', 'day_requests',
-           'known_labels', 'retrain_window', 'FailsOn', 'broken_build']
+__all__ = ['WHOLE', 'SHARE', 'KEYS', 'WORLDS', 'GENERATORS', 'FIXED', 'ScenarioError', 'scenario_keys', 'card_transactions',
+           'house_sales', 'world_knobs', 'check_scenario', 'load_scenario', 'knobs_at', 'project_features',
+           'week_start', 'regime', 'week_rows', 'day_requests', 'known_labels', 'retrain_window', 'FailsOn',
+           'broken_build']
 
 # %% ../nbs/56_scenario.ipynb #81a7c7c2
 class ScenarioError(MlwbError):
@@ -45,6 +48,8 @@ def _choice(*options):
     return lambda v: None if v in options else f"one of {list(options)}"
 
 def _text(v): return None if isinstance(v, str) and v else "a non-empty text"
+def _name(v): return None if isinstance(v, str) else "a text (empty: none)"
+def _task(v): return None if v in TASKS.names() else f"one of {TASKS.names()}"
 def _mapping(v): return None if isinstance(v, dict) else "a mapping (key: value)"
 def _flag(v): return None if isinstance(v, bool) else "true or false"
 def _list(v): return None if isinstance(v, list) else "a list of {week: N, knob: value}"
@@ -57,9 +62,11 @@ WHOLE, SHARE = _number(1, None, True), _number(0, 1)
 KEYS = {  # dotted key: (check, default)
     "weeks": (_number(1, 52, True), 8),  # simulated weeks of production
     "seed": (_number(0, None, True), 7),  # the same seed plays the same weeks
+    "task": (_task, "classification"),  # the model's kind: its answer, metric and costs
     "world.generator": (_text, "card_transactions"),  # a world in WORLDS: who makes the traffic
-    "world.size": (WHOLE, 1000),  # the world's size: cards, for card_transactions
-    "world.features": (_text, "features.yml"),  # the project's feature declarations
+    "world.size": (WHOLE, 1000),  # the world's size: cards, or houses valued a day
+    "world.features": (_name, "features.yml"),  # the project's feature declarations, or none
+    "world.training_data": (_text, "data/features*.parquet"),  # what the first champion learned
     "world.history_days": (_number(0, 60, True), 14),  # days before week 0: features' past
     "world.key": (_text, "transaction_id"),  # the column that names a row
     "world.time": (_text, "timestamp"),  # the column with the row's simulated time
@@ -67,8 +74,6 @@ KEYS = {  # dotted key: (check, default)
     "traffic.requests_per_day": (_number(1, 10_000, True), 40),  # HTTP requests per simulated day
     "server.fast_path": (_flag, False),  # serve through ONNX when it matches: faster, slower loads
     "labels.delay_days": (_number(0, 60, True), 2),  # days until a row's label arrives
-    "costs.missed_fraud": (_number(0), 250.0),  # cost of a positive the model let through
-    "costs.false_alarm": (_number(0), 5.0),  # cost of a false alarm
     "policy.alarm": (_choice("drift", "performance", "either"), "drift"),  # what retrains
     "policy.cooldown_weeks": (_number(0, 52, True), 1),  # weeks after a promotion, no retraining
     "policy.initial.parameters": (_mapping, {}),  # pipeline parameters of the first champion's run
@@ -84,7 +89,11 @@ KEYS = {  # dotted key: (check, default)
     "faulty_release.week": (_number(0, 52, True), 0),  # the week a broken build ships (0: never)
     "faulty_release.fails_on": (_mapping, {"merchant_category": "travel"}),  # ... failing on these
     "changes": (_list, []),  # from week N on, the world's knobs take these values
-}
+}  # and the keys under `costs:`, which the task names (mlwb.outcomes)
+
+def scenario_keys(task: str) -> dict:
+    "KEYS with the cost keys of `task`, each a number >= 0 whose default the task gives."
+    return KEYS | {f"costs.{k}": (_number(0), v) for k, v in TASKS[task].costs.items()}
 
 # %% ../nbs/56_scenario.ipynb #77ef9865
 def _lookup(tree: dict, key: str):
@@ -98,14 +107,14 @@ def _put(tree: dict, key: str, value):
     for part in parents: tree = tree.setdefault(part, {})
     tree[last] = value
 
-def _leaves(tree: dict, prefix: str = "") -> list:
+def _leaves(tree: dict, keys: dict, prefix: str = "") -> list:
     "The dotted keys of `tree`'s values, descending into mappings that are not themselves values."
-    keys = []
+    leaves = []
     for k, v in tree.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in KEYS: keys += _leaves(v, key + ".")
-        else: keys.append(key)
-    return keys
+        if isinstance(v, dict) and v and key not in keys: leaves += _leaves(v, keys, key + ".")
+        else: leaves.append(key)
+    return leaves
 
 # %% ../nbs/56_scenario.ipynb #250e179b
 WORLDS = Registry("world", ScenarioError)  # name -> function(start, n_days, seed, size, **knobs)
@@ -115,12 +124,23 @@ def card_transactions(start, n_days: int, seed: int, size: int, **knobs) -> pd.D
     return make_card_transactions(n_cards=size, n_days=n_days, seed=seed, start=str(start.date()),
                                   **knobs)
 
+def house_sales(start, n_days: int, seed: int, size: int, **knobs) -> pd.DataFrame:
+    "The sales of `size` houses a day from `start`, every field filled, prices risen since 2024."
+    first = inspect.signature(make_house_sales).parameters["start"].default
+    origin = min(pd.Timestamp(first), start)
+    days = (start - origin).days + n_days  # the generator's yearly rise counts from its start
+    sales = make_house_sales(n_houses=size * days, n_days=days, seed=seed,
+                             start=str(origin.date()), **{"missing_rate": 0.0, **knobs})
+    return sales[sales.sale_date >= start].reset_index(drop=True)
+
 WORLDS.register("card_transactions", card_transactions)
+WORLDS.register("house_sales", house_sales)
+GENERATORS = {"card_transactions": make_card_transactions, "house_sales": make_house_sales}
 FIXED = ("start", "n_days", "seed", "size", "n_cards", "n_houses", "n_users", "n_messages")
 
 def world_knobs(name: str) -> list:
     "The knobs a scenario may change for world `name`: its generator's other arguments."
-    wrapped = {"card_transactions": make_card_transactions}.get(name, WORLDS[name])
+    wrapped = GENERATORS.get(name, WORLDS[name])
     return [p for p in inspect.signature(wrapped).parameters if p not in FIXED]
 
 # %% ../nbs/56_scenario.ipynb #4f52b86e
@@ -143,11 +163,15 @@ def _check_change(i: int, change, world: str, weeks: int) -> str | None:
 def check_scenario(values: dict, where: str = "production.yml") -> dict:
     "The scenario `values` with defaults filled in; a `ScenarioError` naming the first bad key."
     if not isinstance(values, dict): raise ScenarioError(f"{where}: expected a mapping of keys")
-    for key in _leaves(values):
-        if key not in KEYS:
-            raise ScenarioError(f"{where}: unknown key '{key}'; expected one of {sorted(KEYS)}")
+    task = values.get("task", KEYS["task"][1])
+    if (expected := _task(task)) is not None:
+        raise ScenarioError(f"{where}: 'task' must be {expected}, got {task!r}")
+    keys = scenario_keys(task)
+    for key in _leaves(values, keys):
+        if key not in keys:
+            raise ScenarioError(f"{where}: unknown key '{key}'; expected one of {sorted(keys)}")
     scenario = {}
-    for key, (check, default) in KEYS.items():
+    for key, (check, default) in keys.items():
         try: value = _lookup(values, key)
         except (KeyError, TypeError): value = default
         if (expected := check(value)) is not None:
@@ -181,6 +205,7 @@ def knobs_at(scenario: dict, week: int) -> dict:
 # %% ../nbs/56_scenario.ipynb #681159d5
 def project_features(folder: Path | str, name: str):
     "Rows -> rows with features: the declarations in the file `name` of project `folder`, offline."
+    if not name: return lambda rows: rows  # a model of the raw columns: no features to add
     path = Path(folder) / name
     if not path.is_file(): raise ScenarioError(f"world.features: {path} not found")
     try: definitions = definitions_from(path)

@@ -22,18 +22,20 @@ from .model_store import load_model
 from .request_log import read_request_log
 from .monitor import compare, fit_reference
 from .verdict import drift_scores
+from .release import GATE_DIRECTION_TAG, GATE_METRIC_TAG
 from .release import move_alias, release_candidate, version_metrics
 from .pipeline import load_pipeline
 from .runs import run_pipeline
 from .tracking import mlflow_client
+from .outcomes import TASKS, Task
 from .scenario import broken_build, day_requests, retrain_window, week_rows
 
 # %% auto #0
 __all__ = ['POLL_SECONDS', 'CHAMPION_ONLY', 'SimulationError', 'Simulation', 'wait_for', 'apply_plan', 'start_server', 'serving',
-           'send', 'request_log', 'logged', 'health', 'columns_of', 'score', 'reference_profile', 'served_rows',
-           'with_labels', 'performance_failed', 'monitor_week', 'register_stage', 'cli_parameters', 'run_project',
-           'retrain', 'log_build', 'faulty_build', 'start_release', 'judge', 'roll_back', 'promote', 'next_step',
-           'advance_release', 'release_faulty_build', 'after_monitor', 'play_week']
+           'send', 'request_log', 'logged', 'health', 'columns_of', 'score', 'reference_profile', 'retrained_reference',
+           'served_rows', 'with_labels', 'performance_failed', 'monitor_week', 'register_stage', 'cli_parameters',
+           'run_project', 'retrain', 'log_build', 'faulty_build', 'start_release', 'judge', 'roll_back', 'promote',
+           'next_step', 'advance_release', 'release_faulty_build', 'after_monitor', 'play_week']
 
 # %% ../nbs/57_simulate.ipynb #dd1b5ef6
 class SimulationError(MlwbError):
@@ -63,6 +65,9 @@ class Simulation:
 
     @property
     def name(self) -> str: return self.project  # the registered model's name
+
+    @property
+    def task(self) -> Task: return TASKS[self.scenario["task"]]  # what the model answers, costs
 
     def note(self, kind: str, text: str, **data) -> dict:
         "Record (and print) one event."
@@ -159,9 +164,9 @@ def columns_of(frame: pd.DataFrame, columns: list) -> dict:
     return {c: json.loads(frame[c].to_json(orient="values")) for c in columns}
 
 def score(sim: Simulation, version: str, rows: pd.DataFrame) -> np.ndarray:
-    "Positive-class scores of `rows` by model version `version`, loaded as the server loads it."
+    "The answers (a classifier's probabilities) to `rows` of `version`, loaded as the server does."
     model = load_model(f"models:/{sim.name}/{version}", sim.settings, fast=False)
-    return np.asarray(model.predictor.predict(columns_of(rows, sim.columns)).positive())
+    return np.asarray(sim.task.answers(model.predictor.predict(columns_of(rows, sim.columns))))
 
 def reference_profile(sim: Simulation, version: str, rows: pd.DataFrame):
     "The monitor's reference: `rows` scored by `version`, profiled (labels and scores included)."
@@ -169,11 +174,18 @@ def reference_profile(sim: Simulation, version: str, rows: pd.DataFrame):
     reference = rows[sim.columns + [label]].assign(score=score(sim, version, rows))
     return fit_reference(reference, target=label, prediction="score", thresholds=sim.thresholds)
 
+def retrained_reference(sim: Simulation, version: str, window: pd.DataFrame):
+    "A retrained version's reference: its window, with the metrics it scored on held-out rows."
+    profile = reference_profile(sim, version, window)
+    registered = version_metrics(mlflow_client(sim.settings), sim.name, version)
+    profile.metrics.update({k: v for k, v in registered.items() if k in profile.metrics})
+    return profile
+
 # %% ../nbs/57_simulate.ipynb #27e879af
 def served_rows(sim: Simulation, log: pd.DataFrame) -> pd.DataFrame:
     "The rows users got answers for: inputs, `score`, version and the world's key, week and day."
     rows = log[log.row.notna() & ~log.variant.astype(str).str.startswith("shadow:")]
-    rows = rows.rename(columns={"probability": "score"}).astype({"row": "int64"})
+    rows = rows.rename(columns={sim.task.logged: "score"}).astype({"row": "int64"})
     return rows.merge(pd.concat(sim.keys), on=["request_id", "row"])
 
 def with_labels(sim: Simulation, rows: pd.DataFrame) -> pd.DataFrame:
@@ -183,8 +195,9 @@ def with_labels(sim: Simulation, rows: pd.DataFrame) -> pd.DataFrame:
     return rows.merge(labels.rename(columns={world["key"]: "key"}), on="key")
 
 def performance_failed(sim: Simulation, rows: pd.DataFrame, week: int) -> bool:
-    "Whether the last seven days' labelled rows lost too much of the reference's metric."
-    labelled = rows[(rows.day >= sim.day - 7) & (rows.day < sim.day - sim.delay)]
+    "Whether the last seven labelled days' rows lost too much of the reference's metric."
+    labelled = rows[(rows.day >= sim.day - 7 - sim.delay) & (rows.day < sim.day - sim.delay)]
+    if labelled.empty: return False  # no served row has its label yet
     columns = sim.columns + ["score", sim.scenario["world"]["label"]]
     checked = compare(sim.profile, with_labels(sim, labelled)[columns], sim.thresholds,
                       window=f"week-{week}-labelled")
@@ -198,8 +211,11 @@ def monitor_week(sim: Simulation, week: int) -> dict:
     performance = policy != "drift" and performance_failed(sim, rows, week)
     fired = {"drift": result.drift, "performance": performance,
              "either": result.drift or performance}[policy]
-    text = f"drifted: {', '.join(result.drifted_features) or 'nothing'}"
+    text = f"drifted: {', '.join(result.drifted_features) or 'nothing'}" + \
+        ("; the labelled days lost too much of the metric" if performance else "")
+    since = sim.day - 7 - (sim.delay if performance else 0)  # the first day of the evidence
     return sim.note("alarm" if fired else "monitor", text, fired=fired, rows=len(current),
+                    since=since,
                     drift_scores=drift_scores(result, sim.thresholds).round(3).to_dict(),
                     drifted=list(result.drifted_features))
 
@@ -255,8 +271,8 @@ def log_build(sim: Simulation, model, example: pd.DataFrame, uri: str):
     with mlflow.start_run(experiment_id=sim.experiment_id, run_name="faulty build", tags=tags):
         signature = mlflow.models.get_model_info(uri).signature
         return mlflow.sklearn.log_model(model, name="model", signature=signature,
-                                        input_example=example, pyfunc_predict_fn="predict_proba",
-                                        serialization_format="cloudpickle")
+                                        input_example=example, serialization_format="cloudpickle",
+                                        pyfunc_predict_fn=sim.task.predict_fn)
 
 def faulty_build(sim: Simulation, champion: str) -> str:
     "Log the champion's model with a failing step, register it as a candidate; its version."
@@ -266,11 +282,14 @@ def faulty_build(sim: Simulation, champion: str) -> str:
     model = broken_build(mlflow.sklearn.load_model(uri), column, value)
     rows = pd.concat(sim.weeks)
     info = log_build(sim, model, rows[rows[column] != value][sim.columns].head(5), uri)
-    metrics = version_metrics(client, sim.name, champion)
-    threshold = client.get_model_version(sim.name, champion).tags.get("threshold", "0.5")
-    release = release_candidate(info.model_uri, sim.name, metrics, "average_precision",
-                                metrics.get("baseline_average_precision", 0.0), promote=False,
-                                tags={"threshold": threshold, "mlwb.faulty": f"{column}={value}"},
+    metrics, tags = version_metrics(client, sim.name, champion), \
+        client.get_model_version(sim.name, champion).tags
+    metric, higher = tags.get(GATE_METRIC_TAG, "average_precision"), \
+        tags.get(GATE_DIRECTION_TAG) != "false"  # judged as the champion was
+    kept = {k: tags[k] for k in ("threshold",) if k in tags}  # a classifier's threshold
+    release = release_candidate(info.model_uri, sim.name, metrics, metric,
+                                metrics.get(f"baseline_{metric}", 0.0), higher, promote=False,
+                                tags=kept | {"mlwb.faulty": f"{column}={value}"},
                                 settings=sim.settings)
     sim.note("registered", f"version {release.version}: the champion rebuilt, failing on "
                            f"{column}={value}", version=release.version, faulty=True)
@@ -321,7 +340,7 @@ def promote(sim: Simulation, seen: dict):
     sim.note("promote", f"version {version} is the champion: {why}", version=version)
     sim.champion, sim.release, sim.promoted_week, sim.drift_since = version, None, sim.week, None
     if release["window"] is not None:
-        sim.profile = reference_profile(sim, version, release["window"])
+        sim.profile = retrained_reference(sim, version, release["window"])
 
 def next_step(sim: Simulation, seen: dict):
     "Move the release one step on: to the next canary share, or to promotion."
@@ -360,7 +379,7 @@ def after_monitor(sim: Simulation, event: dict):
     if not event["fired"]:
         sim.drift_since = None
         return
-    if sim.drift_since is None: sim.drift_since = sim.day - 7
+    if sim.drift_since is None: sim.drift_since = event["since"]  # the evidence's first day
     cooling = sim.week - sim.promoted_week <= sim.scenario["policy"]["cooldown_weeks"]
     if sim.release or cooling or sim.week >= sim.scenario["weeks"]: return
     version, window = retrain(sim)

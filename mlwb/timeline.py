@@ -15,12 +15,12 @@ from pathlib import Path
 import click
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score
 
 from .checks import simulation_folder
 from .config import Settings, load_settings
 from .core import write_atomically
 from .monitor_figures import figure_png
+from .outcomes import cost_per_1000
 from .pipeline import find_project
 from .release import alias_version, move_alias
 from .report import load_thresholds
@@ -31,10 +31,9 @@ from .simulate import (Simulation, SimulationError, cli_parameters, play_week,
                            start_server, with_labels)
 
 # %% auto #0
-__all__ = ['MOVES', 'first_champion', 'first_day', 'prepare', 'open_run', 'stop_server', 'finish', 'simulate', 'cost_per_1000',
-           'thresholds_of', 'week_costs', 'weekly', 'daily', 'drift_by_week', 'outcome', 'mark_moves', 'traffic_figure',
-           'drift_figure', 'cost_figure', 'headline', 'timeline_html', 'log_timeline', 'write_timeline',
-           'simulate_command']
+__all__ = ['MOVES', 'first_champion', 'first_day', 'prepare', 'open_run', 'stop_server', 'finish', 'simulate', 'thresholds_of',
+           'week_costs', 'weekly', 'daily', 'drift_by_week', 'outcome', 'mark_moves', 'traffic_figure', 'drift_figure',
+           'cost_figure', 'headline', 'timeline_html', 'log_timeline', 'write_timeline', 'simulate_command']
 
 # %% ../nbs/58_timeline.ipynb #8d6a509d
 def first_champion(sim: Simulation) -> str:
@@ -54,8 +53,8 @@ def first_champion(sim: Simulation) -> str:
 
 def first_day(sim: Simulation) -> pd.Timestamp:
     "The day after the data the first champion learned from (its features' last timestamp)."
-    column = sim.scenario["world"]["time"]
-    data = sorted((sim.folder / "data").glob("features*.parquet"))
+    column, world = sim.scenario["world"]["time"], sim.scenario["world"]
+    data = sorted(sim.folder.glob(world["training_data"]))
     if not data: return pd.Timestamp("2026-01-31")
     last = pd.read_parquet(data[0], columns=[column])[column].max()
     return last.normalize() + pd.Timedelta(days=1)
@@ -122,14 +121,6 @@ def simulate(project: str, # a project name or folder
         finally: finish(sim, status)
     return sim
 
-# %% ../nbs/58_timeline.ipynb #832007a7
-def cost_per_1000(labels, scores, threshold: float, costs: dict) -> float:
-    "The business cost per 1,000 rows of deciding `scores >= threshold` on `labels`."
-    labels, alarm = np.asarray(labels).astype(bool), np.asarray(scores) >= threshold
-    missed, false = (labels & ~alarm).sum(), (~labels & alarm).sum()
-    total = costs["missed_fraud"] * missed + costs["false_alarm"] * false
-    return float(1000 * total / max(len(labels), 1))
-
 # %% ../nbs/58_timeline.ipynb #456af514
 def thresholds_of(sim: Simulation, versions) -> dict:
     "The decision threshold of each registry version in `versions`."
@@ -139,18 +130,18 @@ def thresholds_of(sim: Simulation, versions) -> dict:
 
 def week_costs(sim: Simulation, week: int, served: pd.DataFrame, first: pd.DataFrame,
                limits: dict) -> dict:
-    "One week's rows, average precision and cost, served and by the first champion."
-    label, costs = sim.scenario["world"]["label"], sim.scenario["costs"]
-    alarm = served.score >= served.version.map(limits)
+    "One week's rows, the task's metric and cost, served and by the first champion."
+    label, costs, task = sim.scenario["world"]["label"], sim.scenario["costs"], sim.task
     return {"week": week, "rows": len(served),
-            "average_precision": average_precision_score(served[label], served.score),
-            "cost_per_1000": cost_per_1000(served[label], alarm, 0.5, costs),
-            "first_champion_cost_per_1000": cost_per_1000(first[label], first["first"],
+            task.metric: task.quality(served[label], served.score),
+            "cost_per_1000": cost_per_1000(task, served[label], served.score,
+                                           served.version.map(limits), costs),
+            "first_champion_cost_per_1000": cost_per_1000(task, first[label], first["first"],
                                                           limits[sim.first], costs),
             "versions": ", ".join(sorted(served.version.unique()))}
 
 def weekly(sim: Simulation) -> pd.DataFrame:
-    "Per week: rows served, average precision, the cost per 1,000 and the first champion's cost."
+    "Per week: rows served, the task's metric, the cost per 1,000 and the first champion's cost."
     rows = with_labels(sim, served_rows(sim, request_log(sim)))
     rows["version"] = rows.version.astype(str)
     limits = thresholds_of(sim, list(rows.version) + [sim.first])
@@ -231,7 +222,7 @@ def drift_figure(sim: Simulation, drift: pd.DataFrame, most: int = 6):
     return figure
 
 def cost_figure(sim: Simulation, weeks: pd.DataFrame):
-    "Cost per 1,000 rows per week, served and counterfactual, and the served average precision."
+    "Cost per 1,000 rows per week, served and counterfactual, and the served version's metric."
     figure, axes = _figure("Business cost per week", "week", "cost per 1,000")
     axes.plot(weeks.index, weeks.cost_per_1000, marker="o", label="served")
     axes.plot(weeks.index, weeks.first_champion_cost_per_1000, marker="s", linestyle=":",
@@ -239,8 +230,8 @@ def cost_figure(sim: Simulation, weeks: pd.DataFrame):
     mark_moves(axes, sim, True)
     axes.legend(fontsize=7)
     metric = axes.twinx()
-    metric.plot(weeks.index, weeks.average_precision, color="purple", alpha=0.5)
-    metric.set_ylabel("average precision (purple)")
+    metric.plot(weeks.index, weeks[sim.task.metric], color="purple", alpha=0.5)
+    metric.set_ylabel(f"{sim.task.metric.replace('_', ' ')} (purple)")
     return figure
 
 # %% ../nbs/58_timeline.ipynb #904bac3e
@@ -273,7 +264,7 @@ def log_timeline(sim: Simulation, weeks: pd.DataFrame, result: dict, paths: list
     "Log the weekly metrics, the outcome and the report's files to the simulation's run."
     client = mlflow_client(sim.settings)
     for week, row in weeks.iterrows():
-        for name in ("cost_per_1000", "first_champion_cost_per_1000", "average_precision"):
+        for name in ("cost_per_1000", "first_champion_cost_per_1000", sim.task.metric):
             client.log_metric(sim.run_id, name, float(row[name]), step=int(week))
     for name in ("failed_requests", "requests", "seconds", "cost", "counterfactual"):
         client.log_metric(sim.run_id, name, float(result[name]))
