@@ -148,9 +148,7 @@ def request_log(sim: Simulation) -> pd.DataFrame:
 def logged(sim: Simulation, ids: list) -> pd.DataFrame:
     "The request log's records of requests `ids`, once every one of them is on disk."
     wanted = set(ids) - {None}
-    def records():
-        log = request_log(sim)
-        return log[log.request_id.isin(wanted)]
+    records = lambda: (log := request_log(sim))[log.request_id.isin(wanted)]  # noqa: E731
     wait_for(lambda: set(records().request_id) >= wanted, f"the log to hold {len(wanted)} requests")
     return records()
 
