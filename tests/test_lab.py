@@ -103,7 +103,7 @@ def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, 
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", timeout=120_000)  # the "Training runs" tab
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=120_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-ui-runs.png"), full_page=True)
-        assert page.get_by_text("demo").count() > 0
+        page.get_by_text("demo").first.wait_for(timeout=120_000)  # the experiment's name, once rendered
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}", timeout=120_000)
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=120_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow-ui-pipeline-run.png"), full_page=True)

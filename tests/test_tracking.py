@@ -72,6 +72,7 @@ def test_mlwb_ui_opens_the_projects_runs_list_in_the_model_training_view(browser
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(printed, timeout=120_000)
         page.get_by_text("a-training-run").first.wait_for(timeout=120_000)  # the runs list
+        page.get_by_role("heading", name="Runs").first.wait_for(timeout=120_000)  # may render later
         page.screenshot(path=str(ARTIFACTS / "mlflow-ui-model-training-runs.png"))
         assert page.get_by_role("heading", name="Runs").count() == 1
         assert page.get_by_text("Judges").count() == 0  # a GenAI-only entry of the side bar
