@@ -33,7 +33,7 @@ services:
 # One pytest process per CPU (pytest-xdist); tests/conftest.py keeps each module, and each guided project's
 # runs, in one process.
 test-pytest: setup services
-	$(BIN)/pytest -n logical --dist loadgroup --no-loadscope-reorder
+	$(BIN)/pytest -n logical --dist loadscope --no-loadscope-reorder
 
 # After editing a notebook in nbs/: regenerate mlwb/ and strip outputs and metadata.
 export: setup

@@ -181,24 +181,39 @@ def browser():
         chromium.close()
 
 
-# `make test` runs pytest in processes of pytest-xdist (`-n auto --dist loadgroup`). A module's tests stay in
-# one process, so its module fixtures are built once; tests on a guided project's session run go wherever
-# that project's run is (one process per project, not one per test file); the longest groups start first.
+# `make test` runs pytest in processes of pytest-xdist (`-n logical --dist loadscope`). A module's tests
+# stay in one process, so its module fixtures are built once; tests on a guided project's session run go
+# wherever that project's run is (one process per project, not one per test file); the longest groups
+# start first. (xdist's own `xdist_group` marks do nothing under pytest 9, which no longer reads the node
+# id xdist rewrites, so the grouping is a scheduler of ours, through xdist's documented hook.)
 LONGEST_FIRST = ["project-fraud-detection", "test_learner_path", "test_learn", "test_release",
                  "project-support-intent", "project-recommender", "project-house-prices", "test_tracking",
                  "test_server", "test_lab", "test_sweep", "test_figures_in_lab"]
 
 
-def xdist_group(item) -> str:
-    "The group of `item`: its guided project's run if it uses one, else its module."
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if "project_run" in item.fixturenames and "project_run" in params: return f"project-{params['project_run']}"
-    return item.module.__name__.rsplit(".", 1)[-1]
+ON_PROJECT_RUNS = {"test_projects", "test_fraud_detection", "test_house_prices", "test_recommender",
+                   "test_support_intent", "test_simulate"}  # the modules whose tests take `project_run`
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
+def xdist_group(nodeid: str) -> str:
+    "The group of the test `nodeid`: its guided project's run if it takes one, else its module."
+    path, _, rest = nodeid.partition("::")
+    module, params = Path(path).stem, rest.partition("[")[2].rstrip("]")
+    project = next((p for p in PROJECTS if params == p or params.startswith(p + "-")), None)
+    return f"project-{project}" if project and module in ON_PROJECT_RUNS else module
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    groups = {item: xdist_group(item) for item in items}
+    "The longest groups first (a stable sort: within a group, the order pytest chose)."
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[item], len(rank)))  # stable: the rest keep their order
-    for item in items: item.add_marker(pytest.mark.xdist_group(groups[item]))
+    items.sort(key=lambda item: rank.get(xdist_group(item.nodeid), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    "xdist's scope scheduling, with our groups as its scopes."
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str: return xdist_group(nodeid)
+    return ByGroup(config, log)
