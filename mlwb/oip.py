@@ -104,48 +104,62 @@ def _split_binary(body: bytes, headers) -> tuple:
     return body[:int(length)], body[int(length):]
 
 # %% ../nbs/23_oip.ipynb #224bd23f
-def _rows_of(tensor: dict, name: str) -> int:
-    "The rows a tensor's shape declares: `[rows]` or `[rows, 1]`."
-    shape = tensor.get("shape")
-    whole = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-    if not whole or len(shape) not in (1, 2) or shape[1:] not in ([], [1]):
-        raise RequestError(400, f"input '{name}': 'shape' must be [rows] or [rows, 1]")
-    return shape[0]
+_OIP_TYPES = frozenset((*OIP_NUMPY, "BYTES"))
+_ACCEPTED = {kind: frozenset(types) for kind, types in OIP_ACCEPTED.items()}
+
+def _rows_of(shape, name: str) -> int:
+    "The rows a tensor's `shape` declares: `[rows]` or `[rows, 1]`."
+    if (type(shape) is list and 1 <= len(shape) <= 2 and type(shape[0]) is int and shape[0] >= 0
+            and type(shape[-1]) is int and shape[1:] in ([], [1])): return shape[0]
+    raise RequestError(400, f"input '{_short(name)}': 'shape' must be [rows] or [rows, 1]")
 
 def _tensor_data(tensor: dict, datatype: str, name: str, binary: bytes, at: int) -> tuple:
     "`(values, offset after them)`: the tensor's JSON data, or its slice of the binary data."
-    parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
-    size = parameters.get("binary_data_size")
+    parameters = tensor.get("parameters")
+    size = parameters.get("binary_data_size") if type(parameters) is dict else None
     if size is None:
         data = tensor.get("data")
-        if not isinstance(data, list):
-            raise RequestError(400, f"input '{name}': expected a 'data' list")
-        one_each = data and all(isinstance(v, list) and len(v) == 1 for v in data)
-        return ([v[0] for v in data] if one_each else data), at
+        if type(data) is not list:
+            raise RequestError(400, f"input '{_short(name)}': expected a 'data' list")
+        if data and type(data[0]) is list and all(type(v) is list and len(v) == 1 for v in data):
+            return [v[0] for v in data], at  # [[1.5], [2.0]]: one value each
+        return data, at
     if type(size) is not int or size < 0 or at + size > len(binary):
-        raise RequestError(400, f"input '{name}': binary_data_size goes past the end of the body")
-    return _binary_values(binary[at:at + size], datatype, name), at + size
+        raise RequestError(400, f"input '{_short(name)}': binary_data_size goes past the end "
+                                f"of the body")
+    return _binary_values(binary[at:at + size], datatype, _short(name)), at + size
+
+def _datatype_error(name: str, datatype, kind: str | None) -> RequestError:
+    "The 400 for a tensor whose datatype is no OIP datatype, or not one its column takes."
+    if type(datatype) is not str or datatype not in _OIP_TYPES:
+        return RequestError(400, f"input '{_short(name)}': 'datatype' must be an OIP datatype "
+                                 f"such as FP64")
+    expected = OIP_DATATYPES[kind]
+    return RequestError(400, f"input '{_short(name)}': datatype {datatype}; expected {expected}")
 
 def _tensor_values(tensor, i: int, kinds: dict, binary: bytes, at: int) -> tuple:
     "`(name, values, offset)` of input tensor `i`, its datatype checked against its column's type."
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+    name = tensor.get("name") if type(tensor) is dict else None
+    if type(name) is not str:
         raise RequestError(400, f"'inputs' item {i}: expected a tensor object with a 'name'")
-    name, datatype, kind = _short(tensor["name"]), tensor.get("datatype"), kinds.get(tensor["name"])
-    if not isinstance(datatype, str) or datatype not in (*OIP_NUMPY, "BYTES"):
-        raise RequestError(400, f"input '{name}': 'datatype' must be an OIP datatype such as FP64")
-    if kind and datatype not in OIP_ACCEPTED[kind]:
-        expected = OIP_DATATYPES[kind]
-        raise RequestError(400, f"input '{name}': datatype {datatype}; expected {expected}")
-    n = _rows_of(tensor, name)
+    datatype, kind = tensor.get("datatype"), kinds.get(name)
+    if type(datatype) is not str or datatype not in (_ACCEPTED[kind] if kind else _OIP_TYPES):
+        raise _datatype_error(name, datatype, kind)
+    n = _rows_of(tensor.get("shape"), name)
     values, at = _tensor_data(tensor, datatype, name, binary, at)
     if len(values) != n:
-        raise RequestError(400, f"input '{name}': {len(values)} values for {n} rows")
-    return tensor["name"], values, at
+        raise RequestError(400, f"input '{_short(name)}': {len(values)} values for {n} rows")
+    return name, values, at
 
 # %% ../nbs/23_oip.ipynb #8825363d
+def _output_names(model: LoadedModel) -> list:
+    "The names of `model`'s outputs, as `output_specs` lists them."
+    classifier = getattr(model.predictor, "classes", None) is not None
+    return ["predictions", "probabilities"] if classifier else ["predictions"]
+
 def _requested_outputs(request: dict, model: LoadedModel) -> list:
     "The outputs a request asks for, by name (all when it names none); an unknown one is a 400."
-    available, asked = [o["name"] for o in output_specs(model)], request.get("outputs")
+    available, asked = _output_names(model), request.get("outputs")
     if asked is None: return available
     if not isinstance(asked, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                               for o in asked):

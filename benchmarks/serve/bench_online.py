@@ -12,6 +12,13 @@ function, so that the client costs both the same: the vector path one feature ro
 the online path a new raw transaction -- 2,000 cards in turn, each a second after the last -- so that every
 request reads and writes a real card state. It prints requests/s, p50, p99 and server CPU per request for both, and what
 the online features add.
+
+Two kinds of load, because they answer two questions. Closed loop (wrk's default: each connection sends its next
+request the moment the last is answered) saturates the server, so latency there is mostly queueing: at concurrency c,
+p50 is about c times the time per request, and the online features' extra CPU per request shows up multiplied by c.
+Paced (`--rate`, default 1,000 requests/s across the same c connections, each pausing an exponentially distributed
+time between requests, as independent callers do) leaves the server headroom, so the difference between the two
+paths is the time the online features add to each request.
 """
 import argparse
 import json
@@ -36,6 +43,11 @@ request = function()
   local body = string.format('{"records": [{"amount": %%.2f, %s}]}', 10 + counter %% 90)
   return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
 end
+"""
+
+PACED_LUA = """
+pause_ms = %f
+delay = function() return math.floor(-math.log(1 - math.random()) * pause_ms) end
 """
 
 RAW_LUA = """counter = 0
@@ -86,6 +98,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of load per path and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="the paced load's requests/s, across the largest concurrency's connections")
     args = parser.parse_args()
     wrk, results = ensure_wrk(), {}
     with tempfile.TemporaryDirectory() as d:
@@ -102,6 +116,11 @@ def main():
         scripts["card-vector"].write_text(VECTOR_LUA % rest)
         after = int(events.timestamp.max().timestamp()) + 60
         scripts["card-online"].write_text(RAW_LUA % (after, N_CARDS))
+        paced = max(args.concurrency)
+        for name in list(scripts):  # the same bodies, each connection pausing between requests
+            scripts[(name, "paced")] = Path(d) / f"{name}-paced.lua"
+            pause_ms = paced / args.rate * 1000
+            scripts[(name, "paced")].write_text(scripts[name].read_text() + PACED_LUA % pause_ms)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLWB_")}
         env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLWB_WORKSPACE=str(ws), MLWB_ONLINE_STORE=store)
         for name in ("card-vector", "card-online"):
@@ -116,20 +135,25 @@ def main():
                     results[(name, c)] = r = drive(wrk, url, scripts[name], c, args.seconds, process.pid)
                     print(f"  {name:<12} c={c:<3} {r['rps']:>8.1f} req/s  p50 {r['p50']:>7.2f} ms  p99 {r['p99']:>7.2f} ms"
                           f"  server CPU {r['cpu_ms']:.3f} ms/req  errors {r['errors']}", flush=True)
+                results[(name, "paced")] = r = drive(wrk, url, scripts[(name, "paced")], paced,
+                                                     max(args.seconds, 10), process.pid)
+                print(f"  {name:<12} paced c={paced} {r['rps']:>6.1f} req/s  p50 {r['p50']:>7.2f} ms  "
+                      f"p99 {r['p99']:>7.2f} ms  errors {r['errors']}", flush=True)
             finally: stop(process)
-    report(results, args.concurrency)
+    report(results, args.concurrency + ["paced"], paced)
 
 
-def report(results: dict, concurrencies: list):
+def report(results: dict, loads: list, paced: int):
     print(f"\nload average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| path | concurrency | req/s | p50 ms | p99 ms | server CPU ms/req | errors |\n|---|---|---|---|---|---|---|")
     for (name, c), r in results.items():
+        c = f"{paced}, paced" if c == "paced" else c
         print(f"| {name} | {c} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['cpu_ms']:.3f} | {r['errors']} |")
     print("\n| concurrency | p50 added (ms) | p99 added (ms) | CPU added per request (ms) | req/s online / vector |"
           "\n|---|---|---|---|---|")
-    for c in concurrencies:
+    for c in loads:
         vector, online = results[("card-vector", c)], results[("card-online", c)]
-        print(f"| {c} | {online['p50'] - vector['p50']:.2f} | {online['p99'] - vector['p99']:.2f} | "
+        print(f"| {f'{paced}, paced' if c == 'paced' else c} | {online['p50'] - vector['p50']:.2f} | {online['p99'] - vector['p99']:.2f} | "
               f"{online['cpu_ms'] - vector['cpu_ms']:.3f} | {online['rps'] / vector['rps']:.2f}x |")
 
 
