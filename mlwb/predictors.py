@@ -20,8 +20,8 @@ from .payload import (INTEGER_KINDS, MLFLOW_DTYPES, NUMBER_KINDS, RequestError, 
 
 # %% auto #0
 __all__ = ['FAST_PATHS', 'ONNX_DTYPES', 'PARITY_TOLERANCE', 'Scores', 'NativePredictor', 'register_fast_path', 'onnx_types',
-           'onnx_feeds', 'OnnxPredictor', 'TorchScriptPredictor', 'OnlineFeaturePredictor', 'parity_rows', 'parity',
-           'choose_predictor']
+           'onnx_feeds', 'onnx_graph', 'onnx_session', 'OnnxPredictor', 'TorchScriptPredictor',
+           'OnnxTorchScriptPredictor', 'OnlineFeaturePredictor', 'parity_rows', 'parity', 'choose_predictor']
 
 # %% ../nbs/19_predictors.ipynb #314a032b
 @dataclass
@@ -120,20 +120,29 @@ def onnx_feeds(data: dict, columns: list, double: bool = True) -> dict:
     return feeds
 
 # %% ../nbs/19_predictors.ipynb #0fe5b694
+def onnx_graph(model, columns: list, double: bool = True, options=None):
+    "`model` (fitted scikit-learn) converted to an ONNX graph by skl2onnx, one input per column."
+    from skl2onnx import to_onnx
+    _patch_skl2onnx()
+    return to_onnx(model, initial_types=onnx_types(columns, double), options=options,
+                   target_opset={"": 18, "ai.onnx.ml": 3})
+
+def onnx_session(graph):
+    "An ONNX Runtime session running `graph` on the CPU, on one thread."
+    import onnxruntime as ort
+    settings = ort.SessionOptions()
+    settings.intra_op_num_threads, settings.inter_op_num_threads = 1, 1
+    return ort.InferenceSession(graph.SerializeToString(), settings, providers=["CPUExecutionProvider"])
+
 class OnnxPredictor:
     "A scikit-learn model converted to ONNX, run by ONNX Runtime on one thread."
     name = "onnx"
     def __init__(self, model, columns: list):
-        import onnxruntime as ort
-        from skl2onnx import to_onnx
-        _patch_skl2onnx()
         self.columns, self.classes = columns, getattr(model, "classes_", None) if hasattr(model, "predict_proba") else None
-        settings = ort.SessionOptions()
-        settings.intra_op_num_threads, settings.inter_op_num_threads = 1, 1
         options = {"zipmap": False} if self.classes is not None else None
         for self.double in (True, False):  # some graphs (all-double inputs into trees) only build with 32-bit inputs
-            graph = to_onnx(model, initial_types=onnx_types(columns, self.double), options=options, target_opset={"": 18, "ai.onnx.ml": 3})
-            try: self.session = ort.InferenceSession(graph.SerializeToString(), settings, providers=["CPUExecutionProvider"]); break
+            graph = onnx_graph(model, columns, self.double, options)
+            try: self.session = onnx_session(graph); break
             except Exception:
                 if not self.double: raise
 
@@ -162,9 +171,13 @@ class TorchScriptPredictor:
         module = self.estimator.module_.to("cpu").eval()
         with self.torch.inference_mode(): self.module = self.torch.jit.trace(module, X, check_trace=False)
 
-    def predict(self, data: dict) -> Scores:
+    def _features(self, data: dict):
+        "The network's input before `_prepare_X`: the feature steps' output, or the rows themselves."
         frame = frame_of(data, self.columns)
-        X = self.estimator._prepare_X(self.features.transform(frame) if self.features is not None else frame)
+        return self.features.transform(frame) if self.features is not None else frame
+
+    def predict(self, data: dict) -> Scores:
+        X = self.estimator._prepare_X(self._features(data))
         if self.module is None: self._trace(X)
         with self.torch.inference_mode(): out = self.module(X).double()
         if self.classes is None:
@@ -173,7 +186,20 @@ class TorchScriptPredictor:
         probabilities = self.torch.softmax(out, dim=1).numpy()
         return Scores(self.classes[probabilities.argmax(axis=1)].tolist(), probabilities)
 
-register_fast_path("torchscript", TorchScriptPredictor)
+# %% ../nbs/19_predictors.ipynb #9cf79a9c
+class OnnxTorchScriptPredictor(TorchScriptPredictor):
+    "`TorchScriptPredictor` whose feature steps run in ONNX Runtime: no DataFrame per batch."
+    name = "onnx+torchscript"
+    def __init__(self, model, columns: list):
+        super().__init__(model, columns)
+        if self.features is None: raise ServeError("no feature steps in front of the network")
+        self.session = onnx_session(onnx_graph(self.features, columns))
+
+    def _features(self, data: dict):
+        return self.session.run(None, onnx_feeds(data, self.columns))[0]
+
+register_fast_path("onnx+torchscript", OnnxTorchScriptPredictor)
+register_fast_path("torchscript", TorchScriptPredictor)  # when the feature steps do not convert
 
 # %% ../nbs/19_predictors.ipynb #aa180002
 def _nullable(values: np.ndarray) -> list:
