@@ -21,8 +21,10 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/mlwb run $(PROJECT)
 
-# Every test: the notebooks' own asserts (slow cells included), then pytest.
-test: setup test-notebooks test-pytest
+# Every test: the notebooks' own asserts (slow cells included) and pytest, side by side, so that each
+# keeps the cores busy while the other is collecting, or finishing its last notebook or test module.
+test: setup services
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-notebooks test-pytest
 
 test-notebooks: setup
 	$(BIN)/nbdev-test --flags slow
