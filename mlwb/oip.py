@@ -19,8 +19,8 @@ from .predictors import Scores
 
 # %% auto #0
 __all__ = ['OIP_DATATYPES', 'OIP_NUMPY', 'OIP_ACCEPTED', 'OIP', 'tensor_specs', 'output_specs', 'model_metadata',
-           'server_metadata', 'infer_rows', 'infer_answer', 'infer_error', 'taking_request', 'oip_routes',
-           'oip_schemas', 'document_operation', 'document_oip']
+           'server_metadata', 'infer_rows', 'infer_answer', 'infer_error', 'taking_request', 'scoring_post',
+           'oip_routes', 'oip_schemas', 'document_operation', 'document_oip']
 
 # %% ../nbs/23_oip.ipynb #02a40dbc
 OIP_DATATYPES = {"double": "FP64", "float": "FP32", "long": "INT64", "integer": "INT32",
@@ -218,6 +218,12 @@ def taking_request(handler):
     handler.__annotations__ = {"request": Request}
     return handler
 
+def scoring_post(app, path: str, endpoint, summary: str):
+    "POST `path` to `endpoint(request)`, tried before every other route; FastAPI documents it."
+    from starlette.routing import Route
+    app.post(path, summary=summary)(taking_request(endpoint))  # for the OpenAPI page
+    app.router.routes.insert(0, Route(path, endpoint, methods=["POST"]))  # what answers
+
 def _oip_variant(state, params: dict) -> tuple:
     "`(variant or None for the routing policy, error)` of an OIP model name and version."
     name, version = params.get("name"), params.get("version")
@@ -249,7 +255,7 @@ def _oip_model_routes(app, state, score, prefix: str):
         return await score(request, OIP, variant)
     app.get(prefix, summary="OIP: the model's typed inputs and outputs")(taking_request(model))
     app.get(f"{prefix}/ready", summary="OIP: the model is ready")(taking_request(ready))
-    app.post(f"{prefix}/infer", summary="OIP: score typed tensors")(taking_request(infer))
+    scoring_post(app, f"{prefix}/infer", infer, "OIP: score typed tensors")
 
 def oip_routes(app, state, score):
     "The Open Inference Protocol (REST): health, server metadata, and each model's routes."

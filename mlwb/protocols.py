@@ -12,7 +12,7 @@ import io
 from importlib.metadata import version as package_version
 
 from .model_store import LoadedModel, Variant
-from .oip import document_oip, document_operation, infer_error, taking_request
+from .oip import document_oip, document_operation, infer_error, scoring_post, taking_request
 from .payload import (INTEGER_KINDS, NUMBER_KINDS, Protocol, RequestError, _short, json_response,
                           payload_columns, predict_schemas, read_json, records_to_columns,
                           served_columns, split_to_columns)
@@ -165,7 +165,7 @@ def mlwb_routes(app, state, score):
     "mlwb's own: POST /predict; GET /health/live, /health/ready, /metadata and /metrics."
     from starlette.responses import Response
     async def predict(request): return await score(request, MLWB)
-    app.post("/predict", summary="Score rows given as records or columns")(taking_request(predict))
+    scoring_post(app, "/predict", predict, "Score rows given as records or columns")
     @app.get("/health/live", summary="The process answers")
     async def live(): return json_response(200, {"status": "live"})
     @app.get("/health/ready", summary="The model is loaded and warm; the server is not stopping")
@@ -192,8 +192,7 @@ def mlflow_routes(app, state, score):
     @app.get("/version", summary="The MLflow version, as MLflow's scoring server answers")
     async def version(): return Response(package_version("mlflow"), media_type="application/json")
     async def invocations(request): return await score(request, MLFLOW)
-    app.post("/invocations", summary="Score rows as `mlflow models serve` takes them")(
-        taking_request(invocations))
+    scoring_post(app, "/invocations", invocations, "Score rows as `mlflow models serve` takes them")
 
 # %% ../nbs/24_protocols.ipynb #f8bd5fbc
 def _mlflow_schemas(columns: list, max_rows: int) -> dict:
