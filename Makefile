@@ -24,7 +24,7 @@ run: setup
 # Every test: the notebooks' own asserts (slow cells included) and pytest, side by side, so that each
 # keeps the cores busy while the other is collecting, or finishing its last notebook or test module.
 # Their output interleaves live: nbdev-test prints a line per failing notebook and one at the end.
-test: setup services
+test: setup
 	$(MAKE) --no-print-directory -j2 test-notebooks test-pytest
 
 test-notebooks: setup
