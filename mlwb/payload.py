@@ -290,11 +290,12 @@ def error_body(path: str, status: int, message: str) -> tuple:
     return status, {"error": message}
 
 class Guard:
-    "ASGI middleware: Host allow-list, bearer token, and the body-size limit on the declared length."
+    "ASGI middleware: Host allow-list, bearer token, body-size limit, and a busy server's 503."
     def __init__(self, app, allowed_hosts: tuple, token: str | None, max_body_bytes: int, on_refusal=None,
-                 shape=error_body): # (path, status, message) -> (status, body): the route's error shape
+                 shape=error_body, # (path, status, message) -> (status, body): the route's error shape
+                 busy=None): # (path) -> why a request to `path` gets a 503 now, or None
         self.app, self.any_host, self.max_body_bytes, self.on_refusal = app, "*" in allowed_hosts, max_body_bytes, on_refusal
-        self.hosts, self.shape = {h.lower() for h in allowed_hosts}, shape
+        self.hosts, self.shape, self.busy = {h.lower() for h in allowed_hosts}, shape, busy
         self.token = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope, receive, send):
@@ -304,6 +305,8 @@ class Guard:
             if self.on_refusal: self.on_refusal(scope["path"], refusal[0])
             status, body = self.shape(scope["path"], refusal[0], refusal[1]["error"])
             return await json_response(status, body)(scope, receive, send)
+        if self.busy and (why := self.busy(scope["path"])):  # before routing: a refusal costs little
+            return await json_response(*self.shape(scope["path"], 503, why))(scope, receive, send)
         await self.app(scope, receive, send)
 
 # %% ../nbs/18_payload.ipynb #608b4a5d

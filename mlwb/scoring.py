@@ -26,8 +26,9 @@ from .protocols import MLWB, respond
 from .request_log import LogItem, RequestLog, ServerMetrics
 
 # %% auto #0
-__all__ = ['NOT_READY', 'OVERLOADED', 'LOG_EVERY', 'ServeOptions', 'check_binding', 'ServerState', 'score_request',
-           'routed_variant', 'log_request', 'refusal', 'scoring_route', 'feature_vector', 'shadow_score']
+__all__ = ['NOT_READY', 'OVERLOADED', 'LOG_EVERY', 'ServeOptions', 'check_binding', 'ServerState', 'scoring_path',
+           'score_request', 'routed_variant', 'log_request', 'refusal', 'scoring_route', 'feature_vector',
+           'shadow_score']
 
 # %% ../nbs/25_scoring.ipynb #dea8b94b
 @dataclass
@@ -86,11 +87,14 @@ class ServerState:
     def ready(self) -> bool: return self.store.ready and not self.draining
 
 # %% ../nbs/25_scoring.ipynb #21000004
+def scoring_path(path: str) -> bool:
+    "Whether `path` scores: `/predict`, MLflow's `/invocations` or an Open Inference Protocol `infer`."
+    return path in ("/predict", "/invocations") or path.endswith("/infer")
+
 @patch
 def refused(self: ServerState, path: str, status: int):
     "Count and log a scoring request refused at the door (host, token or size), for no variant."
-    scoring = path in ("/predict", "/invocations") or path.endswith("/infer")
-    if not scoring or not self.store.ready: return
+    if not scoring_path(path) or not self.store.ready: return
     ref = self.store.get().model.ref
     self.metrics.observe("", status, 0.0, "client")
     self.log_later(LogItem(time.time(), uuid.uuid4().hex, ref.name, ref.version, None, status, 0.0))
@@ -115,11 +119,16 @@ def answered(self: ServerState):
 
 @patch
 def overloaded(self: ServerState) -> bool:
-    "A new request would wait over `max_queue_ms`: the loop runs late, or too many are in flight."
-    limit, options = self.options.max_queue_ms / 1000, self.options
-    if not limit: return False
-    late = self.in_flight > 0 and self.lag > limit / 2  # idle: a request is read at once
-    return late or self.in_flight >= max(options.max_batch_size, self.rate * limit)
+    "A new request would wait over `max_queue_ms`: the loop's lag plus the batcher's queue."
+    limit = self.options.max_queue_ms / 1000
+    if not limit or self.in_flight == 0: return False  # idle: a request is read and scored at once
+    return self.lag + self.queue_wait() >= limit
+
+@patch
+def queue_wait(self: ServerState) -> float:
+    "Seconds a new request would wait behind those in flight, at last second's rate (one batch: 0)."
+    if self.in_flight < self.options.max_batch_size: return 0.0
+    return self.in_flight / max(self.rate, 1)
 
 @patch
 async def watch_lag(self: ServerState, every: float = 0.005): # seconds between looks
@@ -178,6 +187,7 @@ OVERLOADED = "overloaded: the requests in flight already fill the server's queue
 
 def refusal(state: ServerState) -> str | None:
     "Why a scoring request must get a 503 before it is read (loading, draining, overloaded), if so."
+    # the server's Guard asks before routing; the route asks again for callers without one
     if not state.ready: return NOT_READY
     if not state.overloaded(): return None
     state.metrics.observe("", 503, 0.0, "overload")

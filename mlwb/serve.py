@@ -25,7 +25,8 @@ from .payload import (Closing, Guard, ServeError, json_response, openapi_documen
                           served_columns, unread_bytes)
 from .protocols import document_protocols, error_for_path, mlflow_routes, mlwb_routes
 from .request_log import RequestLog, request_log_folder
-from .scoring import ServeOptions, ServerState, check_binding, scoring_route
+from .scoring import (ServeOptions, ServerState, check_binding, refusal, scoring_path,
+                          scoring_route)
 
 # %% auto #0
 __all__ = ['SERVER_OPTIONS', 'create_app', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options',
@@ -54,7 +55,8 @@ def create_app(state: ServerState, load=None):
     options = state.options
     app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
                        max_body_bytes=options.max_body_bytes, on_refusal=state.refused,
-                       shape=error_for_path)
+                       shape=error_for_path,
+                       busy=lambda path: refusal(state) if scoring_path(path) else None)
     app.add_middleware(Closing, closing=lambda: state.draining, on_request=state.arrived)
     return app
 
