@@ -25,7 +25,7 @@ __all__ = ['MLFLOW_DTYPES', 'NUMBER_KINDS', 'INTEGER_KINDS', 'DATETIME_RANGE', '
            'ERROR_RESPONSE', 'ERROR_STATUSES', 'LOOPBACK', 'OPEN_PATHS', 'RETRY_AFTER', 'ServeError', 'RequestError',
            'numpy_dtype', 'Column', 'input_columns', 'Protocol', 'served_columns', 'read_json', 'records_to_columns',
            'split_to_columns', 'payload_columns', 'check_values', 'check_columns', 'frame_of', 'concat_columns',
-           'predict_schemas', 'openapi_document', 'json_response', 'error_body', 'Guard', 'Closing', 'unread_bytes',
+           'predict_schemas', 'openapi_document', 'json_response', 'error_body', 'Guard', 'FrontDoor', 'unread_bytes',
            'read_body', 'check_content_type', 'failure']
 
 # %% ../nbs/18_payload.ipynb #d97a0705
@@ -290,12 +290,11 @@ def error_body(path: str, status: int, message: str) -> tuple:
     return status, {"error": message}
 
 class Guard:
-    "ASGI middleware: Host allow-list, bearer token, body-size limit, and a busy server's 503."
+    "ASGI middleware: Host allow-list, bearer token, and the body-size limit on the declared length."
     def __init__(self, app, allowed_hosts: tuple, token: str | None, max_body_bytes: int, on_refusal=None,
-                 shape=error_body, # (path, status, message) -> (status, body): the route's error shape
-                 busy=None): # (path) -> why a request to `path` gets a 503 now, or None
+                 shape=error_body): # (path, status, message) -> (status, body): the route's error shape
         self.app, self.any_host, self.max_body_bytes, self.on_refusal = app, "*" in allowed_hosts, max_body_bytes, on_refusal
-        self.hosts, self.shape, self.busy = {h.lower() for h in allowed_hosts}, shape, busy
+        self.hosts, self.shape = {h.lower() for h in allowed_hosts}, shape
         self.token = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope, receive, send):
@@ -305,8 +304,6 @@ class Guard:
             if self.on_refusal: self.on_refusal(scope["path"], refusal[0])
             status, body = self.shape(scope["path"], refusal[0], refusal[1]["error"])
             return await json_response(status, body)(scope, receive, send)
-        if self.busy and (why := self.busy(scope["path"])):  # before routing: a refusal costs little
-            return await json_response(*self.shape(scope["path"], 503, why))(scope, receive, send)
         await self.app(scope, receive, send)
 
 # %% ../nbs/18_payload.ipynb #608b4a5d
@@ -331,15 +328,18 @@ def refusal(self: Guard, scope) -> tuple | None:
 # %% ../nbs/18_payload.ipynb #16a0e005
 RETRY_AFTER = b"1"  # seconds a refused client should wait before it tries again
 
-class Closing:
-    "ASGI middleware: a 503 says when to retry; once `closing()`, answers close their connection."
+class FrontDoor:
+    "ASGI middleware, outermost: a busy server's 503s, Retry-After, Connection: close once closing."
     def __init__(self, app, closing, # () -> True once the server is shutting down
-                 on_request=None): # callback() as each request arrives
-        self.app, self.closing, self.on_request = app, closing, on_request
+                 on_request=None, # callback() as each request arrives
+                 busy=None, # (path) -> why a request to `path` must get a 503 now, or None
+                 shape=error_body): # (path, status, message) -> (status, body): the route's error shape
+        self.app, self.closing, self.on_request, self.busy, self.shape = app, closing, on_request, busy, shape
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
         if self.on_request: self.on_request()
+        if self.busy and (why := self.busy(scope["path"])): return await self.refuse(scope["path"], why, send)
         async def send_with_headers(message):
             starts = message["type"] == "http.response.start"
             await send(self.headers_for(message) if starts else message)
@@ -352,6 +352,14 @@ class Closing:
         if self.closing():
             headers = [h for h in headers if h[0] != b"connection"] + [(b"connection", b"close")]
         return {**start, "headers": headers}
+
+    async def refuse(self, path: str, why: str, send):
+        "A 503 in the shape of `path`'s protocol, sent at once: nothing routed, no body read."
+        status, body = self.shape(path, 503, why)
+        content = orjson.dumps(body)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+        await send(self.headers_for({"type": "http.response.start", "status": status, "headers": headers}))
+        await send({"type": "http.response.body", "body": content})
 
 # %% ../nbs/18_payload.ipynb #16a0e00b
 def unread_bytes(transport) -> int:

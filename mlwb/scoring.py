@@ -187,7 +187,7 @@ OVERLOADED = "overloaded: the requests in flight already fill the server's queue
 
 def refusal(state: ServerState) -> str | None:
     "Why a scoring request must get a 503 before it is read (loading, draining, overloaded), if so."
-    # the server's Guard asks before routing; the route asks again for callers without one
+    # the server's FrontDoor asks before routing; the route asks again for callers without one
     if not state.ready: return NOT_READY
     if not state.overloaded(): return None
     state.metrics.observe("", 503, 0.0, "overload")

@@ -21,7 +21,7 @@ from .config import Settings, load_settings
 from .core import quiet_mlflow
 from .model_store import ModelRef, ModelStore, resolve_model, settle_heap
 from .oip import oip_routes
-from .payload import (Closing, Guard, ServeError, json_response, openapi_document,
+from .payload import (FrontDoor, Guard, ServeError, json_response, openapi_document,
                           served_columns, unread_bytes)
 from .protocols import document_protocols, error_for_path, mlflow_routes, mlwb_routes
 from .request_log import RequestLog, request_log_folder
@@ -55,9 +55,10 @@ def create_app(state: ServerState, load=None):
     options = state.options
     app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
                        max_body_bytes=options.max_body_bytes, on_refusal=state.refused,
-                       shape=error_for_path,
-                       busy=lambda path: refusal(state) if scoring_path(path) else None)
-    app.add_middleware(Closing, closing=lambda: state.draining, on_request=state.arrived)
+                       shape=error_for_path)
+    app.add_middleware(FrontDoor, closing=lambda: state.draining, on_request=state.arrived,
+                       busy=lambda path: refusal(state) if scoring_path(path) else None,
+                       shape=error_for_path)
     return app
 
 def _openapi(app, state: ServerState) -> dict:

@@ -16,7 +16,8 @@ Why wrk: on a 2-core machine the load generator competes with the server for CPU
 ~100 µs of interpreter time per request -- as much as the server it measures -- so it caps and distorts the numbers;
 wrk is a C event loop that costs a few µs per request and reports latency percentiles itself. The overload part needs
 what wrk cannot give -- a fixed offered rate whatever the answers, and the latency of the accepted requests alone --
-so it uses hey (also compiled, Go): 512 clients each rate-limited, every request's status and time in its CSV.
+so it uses hey (also compiled, Go): 500 clients each rate-limited, every request's status and time in its CSV
+(500: hey keeps at most 500 idle connections, so more clients would keep dialing new ones).
 """
 import argparse
 import json
@@ -362,11 +363,11 @@ def torch_part(wrk: str, d: Path, env: dict, mlwb_serve, concurrencies: list, se
     return results
 
 
-def offered_load(url: str, body: Path, rate: float, seconds: float, workers: int = 512) -> dict:
+def offered_load(url: str, body: Path, rate: float, seconds: float, workers: int = 500) -> dict:
     """Offer `rate` requests/s for `seconds` with hey (a Go load generator, a few µs a request): `workers`
     clients each sending rate/workers a second, so the offered rate holds while an answer takes under
     workers/rate seconds (85 ms at 6,000 req/s); its CSV gives every request's status and latency.
-    `steady_p99` leaves out the first second, while hey dials its 512 connections at once."""
+    `steady_p99` leaves out the first second, while hey dials its 500 connections at once."""
     import csv
     import numpy as np
     hey = ensure_tool("hey", "hey")
