@@ -29,12 +29,12 @@ from .scoring import (ServeOptions, ServerState, check_binding, refusal, scoring
                           scoring_route)
 
 # %% auto #0
-__all__ = ['SERVER_OPTIONS', 'create_app', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model', 'server_options',
-           'serve_command']
+__all__ = ['SERVER_OPTIONS', 'create_app', 'ScoringLane', 'drained', 'drain', 'run_server', 'serving_state', 'serve_model',
+           'server_options', 'serve_command']
 
 # %% ../nbs/26_serve.ipynb #a1a027c8
 def create_app(state: ServerState, load=None):
-    "The FastAPI app serving `state`'s store; `load()`, if given, fills it on a thread at start-up."
+    "The ASGI app serving `state`'s store; `load()`, if given, fills it on a thread at start-up."
     from contextlib import asynccontextmanager
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
@@ -53,13 +53,21 @@ def create_app(state: ServerState, load=None):
     app.add_exception_handler(RequestValidationError, lambda request, e: invalid)
     app.openapi = lambda: _openapi(app, state)
     options = state.options
-    app.add_middleware(Guard, allowed_hosts=check_binding(options), token=options.token,
-                       max_body_bytes=options.max_body_bytes, on_refusal=state.refused,
-                       shape=error_for_path)
-    app.add_middleware(FrontDoor, closing=lambda: state.draining, on_request=state.arrived,
-                       busy=lambda path: refusal(state) if scoring_path(path) else None,
-                       shape=error_for_path)
-    return app
+    guarded = Guard(ScoringLane(app), allowed_hosts=check_binding(options), token=options.token,
+                    max_body_bytes=options.max_body_bytes, on_refusal=state.refused, shape=error_for_path)
+    return FrontDoor(guarded, closing=lambda: state.draining, on_request=state.arrived,
+                     busy=lambda path: refusal(state) if scoring_path(path) else None,
+                     shape=error_for_path)
+
+class ScoringLane:
+    "ASGI app: a scoring request straight to its route, past the framework's middleware; the rest to `app`."
+    def __init__(self, app):
+        from starlette.routing import Route, Router
+        scoring = [r for r in app.router.routes if type(r) is Route and scoring_path(r.path)]
+        self.app, self.router = app, Router(scoring, default=app)
+
+    async def __call__(self, scope, receive, send):
+        await (self.router if scope["type"] == "http" else self.app)(scope, receive, send)
 
 def _openapi(app, state: ServerState) -> dict:
     "The OpenAPI document of every protocol's routes, with the served model's columns."
