@@ -176,8 +176,12 @@ class TorchScriptPredictor:
         frame = frame_of(data, self.columns)
         return self.features.transform(frame) if self.features is not None else frame
 
+    def _network_input(self, data: dict):
+        "The network's input tensor: the feature steps' output, checked by the estimator."
+        return self.estimator._prepare_X(self._features(data))
+
     def predict(self, data: dict) -> Scores:
-        X = self.estimator._prepare_X(self._features(data))
+        X = self._network_input(data)
         if self.module is None: self._trace(X)
         with self.torch.inference_mode(): out = self.module(X).double()
         if self.classes is None:
@@ -195,8 +199,11 @@ class OnnxTorchScriptPredictor(TorchScriptPredictor):
         if self.features is None: raise ServeError("no feature steps in front of the network")
         self.session = onnx_session(onnx_graph(self.features, columns))
 
-    def _features(self, data: dict):
-        return self.session.run(None, onnx_feeds(data, self.columns))[0]
+    def _network_input(self, data: dict):
+        "ONNX Runtime's features as the network's float32 tensor, past scikit-learn's per-call checks."
+        X = self.session.run(None, onnx_feeds(data, self.columns))[0]
+        if not np.isfinite(X).all(): return self.estimator._prepare_X(X)  # for its error message
+        return self.torch.from_numpy(X.astype(np.float32))
 
 register_fast_path("onnx+torchscript", OnnxTorchScriptPredictor)
 register_fast_path("torchscript", TorchScriptPredictor)  # when the feature steps do not convert
