@@ -12,6 +12,7 @@ import os
 import socket
 import tempfile
 import time
+import http.client
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,7 @@ from .config import MlwbError
 
 # %% auto #0
 __all__ = ['atomic_path', 'write_atomically', 'NotReadyError', 'free_port', 'log_tail', 'answers', 'wait_until_ready',
-           'quiet_mlflow', 'check_keys', 'Registry']
+           'serve_on_free_port', 'quiet_mlflow', 'check_keys', 'Registry']
 
 # %% ../nbs/01_core.ipynb #5af75d21
 def _fsync(path: Path):
@@ -81,7 +82,7 @@ def answers(url: str, timeout: float = 5) -> bool:
     "Whether `url` answers 200 now."
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response: return response.status == 200
-    except OSError: return False
+    except (OSError, http.client.HTTPException): return False  # nobody there, or not an HTTP server
 
 # %% ../nbs/01_core.ipynb #82434051
 def wait_until_ready(url: str, # a URL that answers 200 once the server is ready, e.g. .../health
@@ -99,6 +100,21 @@ def wait_until_ready(url: str, # a URL that answers 200 once the server is ready
         if answers(url): return url
         time.sleep(0.1)  # polling a condition, not waiting for it to become true by itself
     raise NotReadyError(f"{url} did not answer within {timeout:.0f} s: {log_tail(log)}")
+
+def serve_on_free_port(start, # (port) -> the server's `subprocess.Popen`, told to listen on `port`
+                       ready_path: str = "/health/ready", # the path that answers 200 once it is ready
+                       timeout: float = 120, # seconds each try may take
+                       log: Path | str | None = None, # the server's log file, read when it exits
+                       tries: int = 3) -> tuple:
+    """`(url, process)` of a server `start`ed on a free port, once it is ready. A free port is free
+    only when asked: another process may take it before the server binds it. The server then exits
+    with "address already in use", and another port is tried."""
+    for attempt in range(1, tries + 1):
+        url = f"http://127.0.0.1:{free_port()}"
+        process = start(int(url.rsplit(":", 1)[1]))
+        try: return wait_until_ready(url + ready_path, timeout, process, log).removesuffix(ready_path), process
+        except NotReadyError as e:
+            if attempt == tries or "address already in use" not in str(e).lower(): raise
 
 # %% ../nbs/01_core.ipynb #18eebc15
 def quiet_mlflow():

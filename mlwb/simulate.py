@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .config import MlwbError, Settings
-from .core import free_port, wait_until_ready, write_atomically
+from .core import serve_on_free_port, write_atomically
 from .client import Client, ClientError
 from .model_store import load_model
 from .request_log import read_request_log
@@ -105,15 +105,17 @@ def apply_plan(sim: Simulation, plan: dict, wait: bool = True) -> dict:
 def start_server(sim: Simulation) -> subprocess.Popen:
     "Start `mlwb release serve` for the project's model; return the process once it is ready."
     apply_plan(sim, CHAMPION_ONLY, wait=False)
-    port = free_port()
-    sim.url, log = f"http://127.0.0.1:{port}", open(sim.out / "server.log", "w")
-    command = [sys.executable, "-c", "from mlwb.cli import main; main()", "release", "serve",
-               f"models:/{sim.name}", "--plan", str(sim.out / "plan.json"), "--port", str(port),
-               "--log-dir", str(sim.out / "requests"), "--follow-every", str(POLL_SECONDS)]
-    command += [] if sim.scenario["server"]["fast_path"] else ["--no-fast-path"]
-    sim.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  cwd=sim.settings.workspace)
-    wait_until_ready(f"{sim.url}/health/ready", 180, sim.server, sim.out / "server.log")
+    log = sim.out / "server.log"
+    def start(port: int) -> subprocess.Popen:
+        command = [sys.executable, "-c", "from mlwb.cli import main; main()", "release", "serve",
+                   f"models:/{sim.name}", "--plan", str(sim.out / "plan.json"), "--port", str(port),
+                   "--log-dir", str(sim.out / "requests"), "--follow-every", str(POLL_SECONDS)]
+        command += [] if sim.scenario["server"]["fast_path"] else ["--no-fast-path"]
+        with open(log, "w") as out:
+            sim.server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                          cwd=sim.settings.workspace)
+        return sim.server
+    sim.url, _ = serve_on_free_port(start, "/health/ready", 180, log)
     sim.client = Client(sim.url, retries=3)
     return sim.server
 

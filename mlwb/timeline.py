@@ -87,12 +87,12 @@ def open_run(sim: Simulation):
 
 def stop_server(sim: Simulation):
     "Stop the server gracefully (it drains and closes its log)."
-    server = getattr(sim, "server", None)
-    if server is None or server.poll() is not None: return
+    server, client = getattr(sim, "server", None), getattr(sim, "client", None)
+    if client is not None: client.close()
+    if server is None or server.poll() is not None: return  # never started, or exited already
     server.terminate()
     try: server.wait(60)
     except subprocess.TimeoutExpired: server.kill(); server.wait()
-    sim.client.close()
 
 def finish(sim: Simulation, status: str):
     "Stop the server, write the events, log them and close the simulation's run with `status`."
