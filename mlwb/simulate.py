@@ -102,8 +102,8 @@ def apply_plan(sim: Simulation, plan: dict, wait: bool = True) -> dict:
     if wait: wait_for(said, f"the server to apply plan '{plan['name']}'")
     return plan
 
-def start_server(sim: Simulation) -> subprocess.Popen:
-    "Start `mlwb release serve` for the project's model; return the process once it is ready."
+def start_server(sim: Simulation):
+    "Start `mlwb release serve` for the project's model (`sim.server`); return once it is ready."
     apply_plan(sim, CHAMPION_ONLY, wait=False)
     log = sim.out / "server.log"
     def start(port: int) -> subprocess.Popen:
@@ -117,7 +117,6 @@ def start_server(sim: Simulation) -> subprocess.Popen:
         return sim.server
     sim.url, _ = serve_on_free_port(start, "/health/ready", 180, log)
     sim.client = Client(sim.url, retries=3)
-    return sim.server
 
 def serving(sim: Simulation, variant: str) -> str | None:
     "The version the server's `variant` serves now."
