@@ -110,8 +110,8 @@ def serve_on_free_port(start, # (port) -> the server's `subprocess.Popen`, told 
     only when asked: another process may take it before the server binds it. The server then exits
     with "address already in use", and another port is tried."""
     for attempt in range(1, tries + 1):
-        url = f"http://127.0.0.1:{free_port()}"
-        process = start(int(url.rsplit(":", 1)[1]))
+        port = free_port()
+        url, process = f"http://127.0.0.1:{port}", start(port)
         try: return wait_until_ready(url + ready_path, timeout, process, log).removesuffix(ready_path), process
         except NotReadyError as e:
             if attempt == tries or "address already in use" not in str(e).lower(): raise
