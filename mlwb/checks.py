@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MlwbError, Settings
-from .core import NotReadyError, Registry, free_port, wait_until_ready
+from .core import NotReadyError, Registry, serve_on_free_port, stop_process
 from .learn import LearnError
 from .tracking import mlflow_client, tracking_to, tracking_uri
 
@@ -27,7 +27,7 @@ __all__ = ['CHECKS', 'REGISTRY_CHECKS', 'SIMULATION_CLAIMS', 'CheckFailed', 'Che
            'check_file_exists', 'check_no_missing', 'stage_result', 'stage_metric', 'check_metric_at_least',
            'check_metric_at_most', 'check_stage_cached', 'read_windows', 'check_drift_alarm', 'simulation_folder',
            'check_simulation', 'load_served_model', 'check_model_registered', 'example_rows', 'mlwb_executable',
-           'server_ready', 'serving', 'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers',
+           'serving', 'same_predictions', 'model_predictions', 'post_rows', 'check_api_answers',
            'check_raw_event_answers']
 
 # %% ../nbs/50_checks.ipynb #edfee144
@@ -248,30 +248,23 @@ def mlwb_executable() -> list:
     script = Path(sys.executable).with_name("mlwb")
     return [str(script)] if script.exists() else [shutil.which("mlwb") or "mlwb"]
 
-def server_ready(url: str, process, log: Path):
-    "Return once `mlwb serve` answers `url`; CheckFailed with its output if it exits or never does."
-    try: wait_until_ready(url, timeout=120, process=process, log=log)
-    except NotReadyError as e: raise CheckFailed(f"`mlwb serve` did not start: {e}") from None
-
 # %% ../nbs/50_checks.ipynb #9eeab674
 @contextmanager
 def serving(settings: Settings, model: str):
     "`mlwb serve` of `model` on a free loopback port for the block; yields its base URL."
-    port, log = free_port(), settings.workspace / ".mlwb" / "check-serve.log"
+    log = settings.workspace / ".mlwb" / "check-serve.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = mlwb_executable() + ["serve", model, "--host", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "MLWB_WORKSPACE": str(settings.workspace),
            "MLFLOW_TRACKING_URI": tracking_uri(settings)}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=settings.workspace, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        server_ready(f"http://127.0.0.1:{port}/health/ready", process, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None: os.killpg(process.pid, signal.SIGTERM)
-        try: process.wait(timeout=30)
-        except subprocess.TimeoutExpired: os.killpg(process.pid, signal.SIGKILL); process.wait()
+    def start(port: int) -> subprocess.Popen:
+        command = mlwb_executable() + ["serve", model, "--host", "127.0.0.1", "--port", str(port)]
+        with open(log, "w") as out:
+            return subprocess.Popen(command, cwd=settings.workspace, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    try: url, process = serve_on_free_port(start, "/health/ready", 120, log)
+    except NotReadyError as e: raise CheckFailed(f"`mlwb serve` did not start: {e}") from None
+    try: yield url
+    finally: stop_process(process)
 
 # %% ../nbs/50_checks.ipynb #42e3c2c0
 def same_predictions(served: list, expected) -> bool:

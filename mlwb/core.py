@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import http.client
@@ -23,7 +25,7 @@ from .config import MlwbError
 
 # %% auto #0
 __all__ = ['atomic_path', 'write_atomically', 'NotReadyError', 'free_port', 'log_tail', 'answers', 'wait_until_ready',
-           'serve_on_free_port', 'quiet_mlflow', 'check_keys', 'Registry']
+           'serve_on_free_port', 'stop_process', 'quiet_mlflow', 'check_keys', 'Registry']
 
 # %% ../nbs/01_core.ipynb #5af75d21
 def _fsync(path: Path):
@@ -108,13 +110,26 @@ def serve_on_free_port(start, # (port) -> the server's `subprocess.Popen`, told 
                        tries: int = 3) -> tuple:
     """`(url, process)` of a server `start`ed on a free port, once it is ready. A free port is free
     only when asked: another process may take it before the server binds it. The server then exits
-    with "address already in use", and another port is tried."""
+    saying the address or port is "already in use", and another port is tried."""
     for attempt in range(1, tries + 1):
         port = free_port()
         url, process = f"http://127.0.0.1:{port}", start(port)
         try: return wait_until_ready(url + ready_path, timeout, process, log).removesuffix(ready_path), process
-        except NotReadyError as e:
-            if attempt == tries or "address already in use" not in str(e).lower(): raise
+        except BaseException as e:  # a server that never got ready (or Ctrl-C) is not left running
+            stop_process(process)
+            if attempt == tries or "already in use" not in str(e).lower(): raise
+
+def stop_process(process, # a `subprocess.Popen`; its whole group if it leads one (start_new_session)
+                 grace: float = 30, # seconds to exit after SIGTERM before SIGKILL
+                ) -> int:
+    "Stop `process` as `kill` would, then by force after `grace`; its exit status."
+    if process.poll() is not None: return process.returncode
+    group = os.getpgid(process.pid) == process.pid  # it leads a group: stop its children too
+    send = (lambda sig: os.killpg(process.pid, sig)) if group else process.send_signal
+    try: send(signal.SIGTERM)
+    except ProcessLookupError: pass  # it exited between the two lines
+    try: return process.wait(grace)
+    except subprocess.TimeoutExpired: send(signal.SIGKILL); return process.wait()
 
 # %% ../nbs/01_core.ipynb #18eebc15
 def quiet_mlflow():

@@ -116,12 +116,8 @@ def start_tracking_server(backend_uri: str, artifacts: str | Path, host: str = "
     return TrackingServer(process, url, log)
 
 def stop_tracking_server(server: TrackingServer, timeout: float = 30) -> None:
-    "Stop the server and the workers it started."
-    if server.process.poll() is not None: return
-    os.killpg(server.process.pid, signal.SIGTERM)
-    try: server.process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL); server.process.wait()
+    "Stop the server and the workers it started (its process group)."
+    core.stop_process(server.process, timeout)
 
 # %% ../nbs/48_server.ipynb #29e281f8
 POSTGRES_USER = "postgres"  # the system user that runs the cluster when we are root

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from html import escape
 from pathlib import Path
@@ -20,7 +19,7 @@ import pandas as pd
 
 from .checks import simulation_folder
 from .config import Settings, load_settings
-from .core import write_atomically
+from .core import stop_process, write_atomically
 from .monitor_figures import figure_png
 from .outcomes import cost_per_1000
 from .pipeline import find_project
@@ -89,10 +88,7 @@ def stop_server(sim: Simulation):
     "Stop the server gracefully (it drains and closes its log)."
     server, client = getattr(sim, "server", None), getattr(sim, "client", None)
     if client is not None: client.close()
-    if server is None or server.poll() is not None: return  # never started, or exited already
-    server.terminate()
-    try: server.wait(60)
-    except subprocess.TimeoutExpired: server.kill(); server.wait()
+    if server is not None: stop_process(server, grace=60)  # unless it never started
 
 def finish(sim: Simulation, status: str):
     "Stop the server, write the events, log them and close the simulation's run with `status`."

@@ -38,6 +38,36 @@ def wait_for(condition, timeout: float = 30, what: str = "the condition"):
     return value
 
 
+class ServerProcess:
+    """A server command in a subprocess on a free loopback port, its output in `log`. A free port is free only
+    when asked: if another process binds it before the server does, the server exits with "address already in
+    use" and `running()` starts it again on another port (see `mlwb.core.serve_on_free_port`)."""
+    def __init__(self, command, log: Path, env: dict | None = None, tries: int = 3):
+        "`command(port)` is the server's command line, told to listen on `port`."
+        self.command, self.log_path, self.env, self.tries_left = command, Path(log), env, tries
+        self.start()
+
+    def start(self):
+        from mlwb.core import free_port
+        self.port, self.tries_left = free_port(), self.tries_left - 1
+        self.url = f"http://127.0.0.1:{self.port}"
+        with open(self.log_path, "w") as out:
+            self.process = subprocess.Popen(self.command(self.port), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                            text=True)
+
+    def output(self) -> str: return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        "True while the server runs; False once it was restarted on another port; an error if it exited otherwise."
+        if self.process.poll() is None: return True
+        if "already in use" in self.output().lower() and self.tries_left > 0: self.start(); return False
+        raise RuntimeError(f"server exited with status {self.process.returncode}: {self.output()}")
+
+    def stop(self, grace: float = 15):
+        from mlwb.core import stop_process
+        stop_process(self.process, grace)
+
+
 MLFLOW_STATE = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID")
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import REPO, new_workspace, run_mlwb, set_stage_parameters, stage_runs
 from mlwb.config import load_settings
-from mlwb.core import free_port
+from mlwb.core import stop_process
 from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
 from conftest import ARTIFACTS
-from test_lab import start, stop, wait_for
+from test_lab import serve
 
 PROJECT = "house-prices"
 FIGURES = ["figures/residuals.png", "figures/importance.png"]
@@ -59,10 +59,10 @@ def run_all_cells(page):
 def test_jupyterlab_runs_the_evaluate_notebook_and_shows_its_figures_inline(browser, house_prices,
                                                                             tmp_path):
     ws, env = house_prices
-    port, token, log = free_port(), "mlwb-test-token", tmp_path / "lab.log"
-    lab = start(["lab", "--port", str(port), "--token", token, "--no-browser"], ws, env, log)
+    token, log = "mlwb-test-token", tmp_path / "lab.log"
+    port, lab = serve(lambda port: ["lab", "--port", str(port), "--token", token, "--no-browser"], ws, env, log,
+                      f"/api/status?token={token}")
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/status?token={token}", lab, log)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         notebook = f"projects/{PROJECT}/05_evaluate.ipynb"
         page.goto(lab_url(port, token, notebook), timeout=120_000)
@@ -83,4 +83,4 @@ def test_jupyterlab_runs_the_evaluate_notebook_and_shows_its_figures_inline(brow
         assert all(p.strip() not in ("[ ]:", "[*]:") for p in prompts), prompts  # every cell ran
         page.close()
     finally:
-        stop(lab)
+        stop_process(lab)

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ARTIFACTS, MLWB, REPO, new_workspace, run_mlwb
 from mlwb.config import load_settings
-from mlwb.core import free_port
+from mlwb.core import serve_on_free_port, stop_process
 from mlwb.learn import lab_url
 from mlwb.tracking import mlflow_client
 
@@ -36,19 +36,6 @@ def project_workspace(tmp_path_factory):
     return ws, env
 
 
-def wait_for(url, process, log, seconds=180):
-    "Return when `url` answers 200; fail with the server's output if it exits or takes too long."
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200: return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"nothing answered at {url} within {seconds} s:\n{log.read_text()[-3000:]}")
-
-
 def start(args, ws, env, log):
     "Start `mlwb ARGS` in `ws`, its output going to the file `log`."
     with open(log, "w") as out:
@@ -56,18 +43,18 @@ def start(args, ws, env, log):
                                 start_new_session=True)
 
 
-def stop(process):
-    os.killpg(process.pid, signal.SIGTERM)
-    try: process.wait(timeout=30)
-    except subprocess.TimeoutExpired: os.killpg(process.pid, signal.SIGKILL); process.wait()
+def serve(args, ws, env, log, ready_path: str):
+    "Start `mlwb ARGS(port)` on a free port, output to `log`; `(port, process)` once `ready_path` answers."
+    url, process = serve_on_free_port(lambda port: start(args(port), ws, env, log), ready_path, 180, log)
+    return int(url.rsplit(":", 1)[1]), process
 
 
 def test_jupyterlab_runs_a_stage_notebook_and_shows_its_outputs(browser, project_workspace, tmp_path):
     ws, env = project_workspace
-    port, token, log = free_port(), "mlwb-test-token", tmp_path / "lab.log"
-    lab = start(["lab", "--port", str(port), "--token", token, "--no-browser"], ws, env, log)
+    token, log = "mlwb-test-token", tmp_path / "lab.log"
+    port, lab = serve(lambda port: ["lab", "--port", str(port), "--token", token, "--no-browser"], ws, env, log,
+                      f"/api/status?token={token}")
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/status?token={token}", lab, log)
         assert lab_url(port, token) in log.read_text()  # the URL it printed carries the token
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(lab_url(port, token, "projects/demo/01_prepare.ipynb"), timeout=120_000)
@@ -86,7 +73,7 @@ def test_jupyterlab_runs_a_stage_notebook_and_shows_its_outputs(browser, project
         assert (ws / "projects" / "demo" / "data" / "prepared.parquet").is_file()  # it ran in the project folder
         page.close()
     finally:
-        stop(lab)
+        stop_process(lab)
 
 
 def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, tmp_path):
@@ -95,10 +82,9 @@ def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, 
     experiment = client.get_experiment_by_name("demo")
     parent = next(r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
                   and "mlwb.by_hand" not in r.data.tags)
-    port, log = free_port(), tmp_path / "ui.log"
-    ui = start(["ui", "--port", str(port)], ws, env, log)
+    log = tmp_path / "ui.log"
+    port, ui = serve(lambda port: ["ui", "--port", str(port)], ws, env, log, "/health")
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", ui, log)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs", timeout=120_000)  # the "Training runs" tab
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=120_000)
@@ -109,7 +95,7 @@ def test_mlflow_ui_shows_the_projects_pipeline_runs(browser, project_workspace, 
         page.screenshot(path=str(ARTIFACTS / "mlflow-ui-pipeline-run.png"), full_page=True)
         page.close()
     finally:
-        stop(ui)
+        stop_process(ui)
 
 
 def still_running(processes):
@@ -133,11 +119,11 @@ def test_mlwb_lab_stopped_by_a_signal_leaves_no_process_behind(tmp_path, signum)
     ws = tmp_path / "ws"
     (ws / "projects").mkdir(parents=True)
     (ws / "settings.ini").write_text((REPO / "settings.ini").read_text())
-    port, token, log = free_port(), "mlwb-test-token", tmp_path / "lab.log"
-    lab = start(["lab", "--port", str(port), "--token", token, "--no-browser"], ws, {"MLWB_WORKSPACE": str(ws)}, log)
+    token, log = "mlwb-test-token", tmp_path / "lab.log"
+    port, lab = serve(lambda port: ["lab", "--port", str(port), "--token", token, "--no-browser"], ws, {"MLWB_WORKSPACE": str(ws)}, log,
+                      f"/api/status?token={token}")
     family = []
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/status?token={token}", lab, log)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/api/kernels?token={token}", method="POST",
                                          data=json.dumps({"name": "python3"}).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response: assert response.status == 201
@@ -155,5 +141,5 @@ def test_mlwb_lab_stopped_by_a_signal_leaves_no_process_behind(tmp_path, signum)
             assert time.monotonic() < deadline, f"left running: {still_running(family)}\n{log.read_text()[-3000:]}"
             time.sleep(0.1)
     finally:
-        if lab.poll() is None: stop(lab)
+        if lab.poll() is None: stop_process(lab)
         for leftover in still_running(family): leftover.kill()  # not to outlive a failed test

@@ -2,12 +2,9 @@
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import new_workspace, wait_for
+from conftest import ServerProcess, new_workspace, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
@@ -31,12 +28,6 @@ class Threshold(mlflow.pyfunc.PythonModel):
 
 mlflow.models.set_model(Threshold())
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_of(ws: Path):
@@ -157,32 +148,27 @@ def test_routing_is_sticky_and_splits_within_tolerance():
 
 # --- a real server ---------------------------------------------------------------------------------------------------
 
-class Server:
+class Server(ServerProcess):
     "`mlwb release serve models:/NAME --plan PLAN` in a subprocess on a free loopback port."
     def __init__(self, ws: Path, name: str, plan: dict):
-        self.port, self.log_dir = free_port(), ws / "requests" / name
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = ws / "requests" / name
         (ws / f"{name}-plan.json").write_text(json.dumps(plan))
         env = {**os.environ, "MLWB_WORKSPACE": str(ws)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        self.process = subprocess.Popen([str(MLWB), "release", "serve", f"models:/{name}", "--plan", str(ws / f"{name}-plan.json"), "--port", str(self.port),
-                                         "--log-dir", str(self.log_dir)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None: raise RuntimeError(f"server exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200 and len(httpx.get(f"{self.url}/metadata").json()["variants"]) == 2: return
-            except httpx.HTTPError: pass
-            time.sleep(0.1)
-        raise RuntimeError("server not ready in time")
+        command = lambda port: [str(MLWB), "release", "serve", f"models:/{name}", "--plan", str(ws / f"{name}-plan.json"),
+                                "--port", str(port), "--log-dir", str(self.log_dir)]
+        super().__init__(command, ws / f"{name}-server.log", env)
+        wait_for(self.both_variants_ready, 90, "the server to be ready with both variants")
+
+    def both_variants_ready(self) -> bool:
+        if not self.running(): return False
+        try:
+            return (httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200
+                    and len(httpx.get(f"{self.url}/metadata").json()["variants"]) == 2)
+        except httpx.HTTPError: return False
 
     def predict(self, x: float, key: str | None = None, http=httpx):
         return http.post(f"{self.url}/predict", json={"records": [{"x": x}]}, headers={"x-mlwb-key": key} if key else {}, timeout=10)
-
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        try: self.process.wait(15)
-        except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def records(self) -> list:
         from mlwb.request_log import read_log_file

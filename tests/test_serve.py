@@ -3,10 +3,9 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,17 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import new_workspace
+from conftest import ServerProcess, new_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
 COLUMNS = ["amount", "hour", "distance", "category"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def card_rows(n: int, seed: int) -> pd.DataFrame:
@@ -98,34 +91,25 @@ def log_slow(folder: Path):
                                            input_example=example, pip_requirements=[])
 
 
-class Server:
+class Server(ServerProcess):
     "`mlwb serve` in a subprocess; records the readiness answers it saw while starting."
     def __init__(self, ws: Path, uri: str, *args, env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_dir = ws / "requests"
+        self.log_dir, self.ready_seen = ws / "requests", []
         environment = {**os.environ, "MLWB_WORKSPACE": str(ws), **(env or {})}
         environment.pop("MLFLOW_TRACKING_URI", None)
-        self.process = subprocess.Popen([str(MLWB), "serve", uri, "--port", str(self.port), "--log-dir", str(self.log_dir), *map(str, args)],
-                                        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.ready_seen = []
+        command = lambda port: [str(MLWB), "serve", uri, "--port", str(port), "--log-dir", str(self.log_dir), *map(str, args)]
+        super().__init__(command, tempfile.mkstemp(dir=ws, prefix="serve-", suffix=".log")[1], environment)
 
     def wait_ready(self, timeout: float = 180.0):  # a loaded 2-core machine takes minutes to import and warm up
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None: raise RuntimeError(f"server exited: {self.process.stderr.read()}")
+            if not self.running(): continue
             try: status = httpx.get(f"{self.url}/health/ready", timeout=1).status_code
             except httpx.HTTPError: time.sleep(0.01); continue
             self.ready_seen.append(status)
             if status == 200: return self
             time.sleep(0.005)
         raise RuntimeError("server not ready in time")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try: self.process.wait(15)
-            except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
 
     def log_records(self) -> list:
         from mlwb.request_log import read_log_file

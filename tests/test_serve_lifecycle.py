@@ -7,8 +7,8 @@ tests wait on conditions, never on sleeps. `LOAD_TEST_REPEAT=10` runs each load 
 import os
 import shutil
 import signal
-import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,23 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import new_workspace
-
-from mlwb.core import free_port
+from conftest import ServerProcess, new_workspace, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MLWB = Path(sys.executable).parent / "mlwb"
 NAME = "lifecycle"
 REPEAT = range(int(os.environ.get("LOAD_TEST_REPEAT", "1")))
 ROW = {"records": [{"amount": 80.0, "hour": 3}]}
-
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    "Wait until `condition()` is true; fail naming `what` after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline: raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def log_version(C: float):
@@ -75,24 +65,21 @@ def champion_is(settings, version: str):
     mlflow_client(settings).set_registered_model_alias(NAME, "champion", version)
 
 
-class Server:
+class Server(ServerProcess):
     "`mlwb serve models:/lifecycle@champion` in a subprocess."
     def __init__(self, ws: Path, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MLWB_WORKSPACE": str(ws)}
         env.pop("MLFLOW_TRACKING_URI", None)
-        command = [str(MLWB), "serve", f"models:/{NAME}@champion", "--port", str(self.port),
-                   "--log-dir", str(ws / "requests"), *map(str, args)]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
-        self.log = []  # the lines of its stderr
-        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
-        wait_for(self.ready, "the server to be ready", timeout=120)
+        command = lambda port: [str(MLWB), "serve", f"models:/{NAME}@champion", "--port", str(port),
+                                "--log-dir", str(ws / "requests"), *map(str, args)]
+        super().__init__(command, tempfile.mkstemp(dir=ws, prefix="serve-", suffix=".log")[1], env)
+        wait_for(self.ready, 120, "the server to be ready")
+
+    @property
+    def log(self) -> list: return self.output().splitlines()  # the lines of its output
 
     def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"server exited: {''.join(self.log)}")
+        if not self.running(): return False
         try: return httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200
         except httpx.HTTPError: return False
 
@@ -100,11 +87,7 @@ class Server:
 
     def metrics(self) -> str: return httpx.get(f"{self.url}/metrics", timeout=5).text
 
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try: self.process.wait(30)
-            except subprocess.TimeoutExpired: self.process.kill(); self.process.wait()
+    def stop(self): super().stop(grace=30)
 
 
 class Load:
@@ -161,15 +144,15 @@ def test_an_alias_move_reaches_the_server_under_load(registry, run):
     server = Server(ws, "--follow-every", 0.2)
     load = Load(server.url)
     try:
-        wait_for(lambda: all(len(a) >= 5 for a in load.answers), "every client to be answered")
+        wait_for(lambda: all(len(a) >= 5 for a in load.answers), 60, "every client to be answered")
         move_alias(NAME, "champion", "2", reason="lifecycle test", force=True, settings=settings)
-        wait_for(lambda: server.metadata()["version"] == "2", "/metadata to report version 2")
+        wait_for(lambda: server.metadata()["version"] == "2", 60, "/metadata to report version 2")
         mark = time.monotonic()
-        wait_for(lambda: seen_since(load, mark, "2"), "answers from version 2")
+        wait_for(lambda: seen_since(load, mark, "2"), 60, "answers from version 2")
         rollback(NAME, "lifecycle test", settings=settings)
-        wait_for(lambda: server.metadata()["version"] == "1", "/metadata to report version 1 again")
+        wait_for(lambda: server.metadata()["version"] == "1", 60, "/metadata to report version 1 again")
         mark = time.monotonic()
-        wait_for(lambda: seen_since(load, mark, "1"), "answers from version 1 again")
+        wait_for(lambda: seen_since(load, mark, "1"), 60, "answers from version 1 again")
     finally:
         load.finish()
         meta, metrics = server.metadata(), server.metrics()
@@ -195,7 +178,7 @@ def test_a_failed_load_keeps_the_old_model_serving(registry):
         champion_is(settings, "3")  # its files are gone: every load fails
         errors = 'mlwb_model_load_errors_total{variant="champion"}'
         failed = lambda: metric(server.metrics(), errors)
-        wait_for(lambda: failed() >= 2, "two failed loads (one per look at the registry)")
+        wait_for(lambda: failed() >= 2, 60, "two failed loads (one per look at the registry)")
         answer = httpx.post(f"{server.url}/predict", json=ROW, timeout=10)
         assert answer.status_code == 200 and answer.json()["version"] == "1"
         assert server.metadata()["version"] == "1"
@@ -212,9 +195,9 @@ def test_sigterm_under_load_answers_or_refuses_every_request(registry, run):
     server = Server(ws, "--follow-every", 0)
     load = Load(server.url, refusals=20)  # clients come back after a refusal: retries, stragglers
     try:
-        wait_for(lambda: all(len(a) >= 5 for a in load.answers), "every client to be answered")
+        wait_for(lambda: all(len(a) >= 5 for a in load.answers), 60, "every client to be answered")
         server.process.send_signal(signal.SIGTERM)
-        wait_for(lambda: not any(t.is_alive() for t in load.threads), "every client to be refused")
+        wait_for(lambda: not any(t.is_alive() for t in load.threads), 60, "every client to be refused")
     finally: load.finish()
     assert server.process.wait(30) == 0
     assert load.errors == [], load.errors  # no reset, no connection refused, no read error
