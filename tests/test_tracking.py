@@ -5,10 +5,10 @@ import re
 from pathlib import Path
 
 from conftest import REPO
-from mlwb.core import free_port
+from mlwb.core import stop_process
 from mlwb.config import load_settings
 from mlwb.tracking import embedded_artifact_root, ensure_experiment, mlflow_client, project_ui_url, run_url
-from test_lab import start, stop, wait_for
+from test_lab import serve
 
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 
@@ -57,16 +57,15 @@ def test_the_embedded_store_keeps_artifacts_in_its_own_workspace(workspace, tmp_
 
 
 def test_mlwb_ui_opens_the_projects_runs_list_in_the_model_training_view(browser, workspace, tmp_path):
-    port, log = free_port(), tmp_path / "ui.log"
-    settings = load_settings(workspace, environ={"MLWB_UI_PORT": str(port)})
+    log, settings = tmp_path / "ui.log", load_settings(workspace, environ={})
     client = mlflow_client(settings)
     experiment_id = ensure_experiment(client, settings.default_project, settings)
     run = client.create_run(experiment_id, run_name="a-training-run")
     client.log_metric(run.info.run_id, "auc", 0.97)
     client.set_terminated(run.info.run_id)
-    ui = start(["ui", "--port", str(port)], workspace, {}, log)
+    port, ui = serve(lambda port: ["ui", "--port", str(port)], workspace, {}, log, "/health")
+    settings = load_settings(workspace, environ={"MLWB_UI_PORT": str(port)})  # the port it serves on
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", ui, log)
         printed = re.search(r"MLflow UI on (\S+)", log.read_text()).group(1)
         assert printed == project_ui_url(settings, port), f"`mlwb ui` printed {printed}"
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -81,4 +80,4 @@ def test_mlwb_ui_opens_the_projects_runs_list_in_the_model_training_view(browser
         assert page.get_by_text("Judges").count() == 0
         page.close()
     finally:
-        stop(ui)
+        stop_process(ui)
