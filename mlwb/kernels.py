@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from jupyter_client import KernelManager
+from jupyter_core.paths import secure_write
 from jupyter_client.asynchronous import AsyncKernelClient
 
 if "jsonschema" not in sys.modules:
@@ -28,8 +29,8 @@ if sys.modules.get("rfc3987_syntax", False) is None: del sys.modules["rfc3987_sy
 from traitlets import Integer, Unicode
 
 # %% auto #0
-__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'setup_code', 'KernelSetupError', 'MlwbNotebookClient', 'BatchedSaves', 'MlwbEngine',
-           'execute_stage_notebook', 'close_thread_loop', 'start_kernel', 'stop_kernel', 'release_kernel',
+__all__ = ['TRACE_IMPORTS', 'QUIET_KERNEL', 'PORTS', 'setup_code', 'KernelSetupError', 'MlwbNotebookClient', 'BatchedSaves',
+           'MlwbEngine', 'execute_stage_notebook', 'close_thread_loop', 'start_kernel', 'stop_kernel', 'release_kernel',
            'warm_imports', 'process_alive', 'ForkedKernel', 'kernel_pid', 'QuickKernelClient']
 
 # %% ../nbs/41_kernels.ipynb #bb006d5b
@@ -204,10 +205,40 @@ def process_alive(pid: int) -> bool:
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError): return True
 
+PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
 class ForkedKernel(KernelManager):
     ("A kernel that is not our child process (a template forked it): "
      "known by its connection details and process id.")
     pid = Integer(0)
+    def write_unbound_connection_file(self):
+        ("The connection file for a kernel about to be forked: a fresh signing key and every port 0: "
+         "the kernel binds free ports itself and writes them back.")
+        self.write_connection_file()  # key, address and transport, as jupyter_client writes them
+        info = json.loads(Path(self.connection_file).read_text()) | dict.fromkeys(PORTS, 0)
+        with secure_write(self.connection_file) as f: f.write(json.dumps(info, indent=2))
+        for port in PORTS: setattr(self, port, 0)
+
+    def get_connection_info(self, session: bool = False) -> dict:
+        "What a client connects to: the ports the kernel bound (waiting for them)."
+        self.wait_for_ports()
+        return super().get_connection_info(session)
+
+    def wait_for_ports(self, timeout: float = 60):
+        "Return once the kernel has written the ports it bound to its connection file."
+        deadline = time.monotonic() + timeout
+        while not self._ports_known():
+            if not self.is_alive():
+                raise KernelSetupError(f"kernel {self.pid} exited before it bound its ports")
+            if time.monotonic() > deadline:
+                raise KernelSetupError(f"kernel {self.pid} bound no ports in {timeout:.0f} s")
+            time.sleep(0.01)  # polling a condition
+
+    def _ports_known(self) -> bool:
+        try: self.load_connection_info(json.loads(Path(self.connection_file).read_text()))
+        except (OSError, ValueError): return False  # the kernel is rewriting it
+        return all(getattr(self, port) for port in PORTS)
+
     @property
     def has_kernel(self) -> bool: return True
     def is_alive(self) -> bool: return self.pid > 0 and process_alive(self.pid)

@@ -278,7 +278,9 @@ class PostgresStore:
         import psycopg
         self.url, self.lock = url, threading.Lock()
         self.db = psycopg.connect(url, autocommit=False)
-        with self.db.transaction(): self.db.execute(CREATE_STATE.format(blob="BYTEA"))
+        with self.db.transaction():  # replicas that start together create the table in turn
+            self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended('mlwb online_state', 0))")
+            self.db.execute(CREATE_STATE.format(blob="BYTEA"))
 
     @contextmanager
     def states(self, namespace: str, keys, write: bool = True):

@@ -230,8 +230,7 @@ def fork(self: KernelTemplate, cwd: Path, env: dict, arguments: list,
     Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
     connection_file = Path(jupyter_runtime_dir()) / f"kernel-mlwb-{secrets.token_hex(8)}.json"
     km = ForkedKernel(kernel_name=kernel_name, connection_file=str(connection_file))
-    # free ports and a fresh signing key, as jupyter_client writes them for a kernel it starts
-    km.write_connection_file()
+    km.write_unbound_connection_file()  # the kernel binds free ports and writes them back
     km.client_class = "mlwb.kernels.QuickKernelClient"
     try: km.pid = self.request(do="fork", cwd=str(cwd), env=env, arguments=arguments,
                                connection_file=km.connection_file,

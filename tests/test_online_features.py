@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,7 +19,7 @@ from conftest import new_workspace, wait_for
 from test_serve import Server, log_sklearn, register
 from test_server import installed_postgres, postgres  # noqa: F401 (fixtures)
 
-from mlwb.online_features import feature_names, definitions_from, offline_features, online_spec
+from mlwb.online_features import PostgresStore, feature_names, definitions_from, offline_features, online_spec
 from mlwb.skew import check_skew, first_skew
 
 MLWB = os.path.join(os.path.dirname(sys.executable), "mlwb")
@@ -190,6 +192,23 @@ def test_two_replicas_share_one_postgres_store(models, postgres):  # noqa: F811
         assert last["count_1h"] == [24.0]  # both replicas' events, none lost
     finally:
         for replica in replicas: replica.stop()
+
+
+def test_replicas_that_start_together_each_open_a_new_postgres_store(postgres):  # noqa: F811
+    "Eight stores opened at once on a schema with no table yet: each opens (the table is created in turn)."
+    import psycopg
+    dsn, _ = postgres
+    schema = f"new_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as db: db.execute(f"CREATE SCHEMA {schema}")
+    together = threading.Barrier(8)
+    def open_at_once(_):
+        together.wait(timeout=60)
+        return PostgresStore(f"{dsn}?options=-csearch_path%3D{schema}")
+    with ThreadPoolExecutor(8) as pool: stores = list(pool.map(open_at_once, range(8)))
+    for store in stores: store.close()
+    with psycopg.connect(dsn) as db:
+        tables = db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = %s", [schema]).fetchone()
+    assert tables == (1,)
 
 
 def test_a_shadow_scores_the_answer_features_and_adds_no_event_twice(models, tmp_path, monkeypatch):
