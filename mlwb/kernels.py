@@ -227,7 +227,7 @@ class ForkedKernel(KernelManager):
     def wait_for_ports(self, timeout: float = 60):
         "Return once the kernel has written the ports it bound to its connection file."
         deadline = time.monotonic() + timeout
-        while not self._ports_known():
+        while not (all(getattr(self, port) for port in PORTS) or self._ports_known()):
             if not self.is_alive():
                 raise KernelSetupError(f"kernel {self.pid} exited before it bound its ports")
             if time.monotonic() > deadline:
